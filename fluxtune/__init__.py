@@ -1,0 +1,46 @@
+"""fluxtune: measured, budget-constrained profiles for diffusion transformer pipelines.
+
+``import fluxtune`` stays light (no torch); the heavy parts load on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from fluxtune.errors import (
+    BudgetExceededError,
+    FluxtuneError,
+    IncompatibleKnobsError,
+    MissingDependencyError,
+    PipelineError,
+    ProfileError,
+    UnsupportedHardwareError,
+)
+from fluxtune.presets import list_presets, load_profile, save_profile
+from fluxtune.profile import Profile
+
+if TYPE_CHECKING:
+    from fluxtune.tuning import ApplyReport
+
+__version__ = "0.1.0"
+__all__ = [
+    "BudgetExceededError",
+    "FluxtuneError",
+    "IncompatibleKnobsError",
+    "MissingDependencyError",
+    "PipelineError",
+    "Profile",
+    "ProfileError",
+    "UnsupportedHardwareError",
+    "apply",
+    "list_presets",
+    "load_profile",
+    "save_profile",
+]
+
+
+def apply(profile: Any, pipe: Any, **kwargs: Any) -> ApplyReport:
+    """Make ``pipe`` obey ``profile``; see :func:`fluxtune.tuning.apply`."""
+    from fluxtune.tuning import apply as _apply
+
+    return _apply(profile, pipe, **kwargs)

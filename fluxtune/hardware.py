@@ -1,0 +1,347 @@
+"""What machine are we on: GPU, driver, memory, library versions.
+
+This is the only module that imports ``pynvml`` (nvidia-ml-py). Everything else receives a frozen
+:class:`HardwareInfo` instead of looking the hardware up itself, so tests can pass a fake one.
+``torch`` and ``pynvml`` are imported inside functions: importing this module stays instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.metadata
+import os
+import platform
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+
+from fluxtune.errors import UnsupportedHardwareError
+
+__all__ = [
+    "HardwareInfo",
+    "detect_hardware",
+    "device_memory_used",
+    "library_versions",
+    "process_memory_used",
+]
+
+_GIB = 2**30
+
+# Distribution names reported by library_versions(), in display order.
+_LIBRARIES = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "torchao",
+    "accelerate",
+    "optuna",
+    "pydantic",
+    "fluxtune",
+)
+
+
+@dataclass(frozen=True)
+class HardwareInfo:
+    """The machine a profile is tuned or applied on.
+
+    GPU fields are ``None`` when torch in this process cannot use a CUDA GPU (CPU-only build,
+    no GPU, or all GPUs hidden by ``CUDA_VISIBLE_DEVICES``).
+    ``gpu_index`` is the torch device index (after ``CUDA_VISIBLE_DEVICES``), not the NVML index.
+    """
+
+    gpu_index: int | None
+    gpu_name: str | None
+    total_memory_bytes: int | None
+    compute_capability: tuple[int, int] | None
+    driver: str | None
+    cuda_version: str | None
+    torch_version: str
+    host_ram_bytes: int
+    cpu_count: int
+
+    @property
+    def has_cuda(self) -> bool:
+        """True when torch can run on a CUDA GPU here."""
+        return self.gpu_index is not None
+
+    @property
+    def supports_fp8(self) -> bool:
+        """True on SM 8.9+ (Ada, Hopper, Blackwell): float8 matmuls (tensorwise scales)."""
+        return self.compute_capability is not None and self.compute_capability >= (8, 9)
+
+    @property
+    def supports_fp8_rowwise(self) -> bool:
+        """True on SM 9.0+: torchao's row-wise float8 scaling needs Hopper or newer."""
+        return self.compute_capability is not None and self.compute_capability >= (9, 0)
+
+    def fingerprint(self) -> dict[str, object]:
+        """The hardware identity stored next to measured numbers (JSON/YAML-safe plain types).
+
+        Returns:
+            ``{"gpu_name", "gpu_memory_bytes", "compute_capability" ("9.0"), "driver", "cuda"}``;
+            values are ``None`` on a CPU-only machine.
+        """
+        cc = self.compute_capability
+        return {
+            "gpu_name": self.gpu_name,
+            "gpu_memory_bytes": self.total_memory_bytes,
+            "compute_capability": f"{cc[0]}.{cc[1]}" if cc is not None else None,
+            "driver": self.driver,
+            "cuda": self.cuda_version,
+        }
+
+    def describe(self) -> str:
+        """One human line, e.g. ``GPU 0: NVIDIA H200, 139.8 GiB, SM 9.0, driver 570.86, CUDA 12.8; ...``."""
+        host = (
+            f"torch {self.torch_version}, {self.cpu_count} CPUs, "
+            f"{self.host_ram_bytes / _GIB:.1f} GiB host RAM"
+        )
+        if not self.has_cuda:
+            return f"no CUDA GPU (CPU only); {host}"
+        parts = [f"GPU {self.gpu_index}: {self.gpu_name or 'unknown GPU'}"]
+        if self.total_memory_bytes is not None:
+            parts.append(f"{self.total_memory_bytes / _GIB:.1f} GiB")
+        if self.compute_capability is not None:
+            parts.append(f"SM {self.compute_capability[0]}.{self.compute_capability[1]}")
+        if self.driver is not None:
+            parts.append(f"driver {self.driver}")
+        if self.cuda_version is not None:
+            parts.append(f"CUDA {self.cuda_version}")
+        return f"{', '.join(parts)}; {host}"
+
+
+# --------------------------------------------------------------------------------------------- NVML
+
+
+@functools.cache
+def _nvml() -> Any | None:
+    """The initialised ``pynvml`` module, or None when NVML cannot be used here.
+
+    Initialised once per process and never shut down: measurement code polls NVML often and
+    nvmlInit/nvmlShutdown pairs cost milliseconds each.
+    """
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:  # no driver library (CPU machine), driver/library mismatch, ...
+        return None
+    return pynvml
+
+
+def _as_str(value: str | bytes) -> str:
+    # Old pynvml releases return bytes, new ones str.
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _torch_cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+@functools.cache
+def _nvml_index(gpu_index: int) -> int | None:
+    """Map a torch device index to the NVML index of the same physical GPU.
+
+    torch indices follow CUDA_VISIBLE_DEVICES and CUDA_DEVICE_ORDER while NVML always enumerates
+    every GPU in PCI order, so the two only agree by accident. Matching on the PCI address torch
+    reports is exact; without torch CUDA we can only assume the indices agree.
+    """
+    nvml = _nvml()
+    if nvml is None:
+        return None
+    try:
+        count = int(nvml.nvmlDeviceGetCount())
+    except nvml.NVMLError:
+        return None
+    pci: tuple[int, int, int] | None = None
+    if _torch_cuda_available():
+        import torch
+
+        props = torch.cuda.get_device_properties(gpu_index)
+        # pci_* are missing from the type stubs and from some builds (e.g. ROCm): stay defensive.
+        fields = (getattr(props, "pci_domain_id", None), getattr(props, "pci_bus_id", None),
+                  getattr(props, "pci_device_id", None))
+        if all(isinstance(f, int) for f in fields):
+            pci = (int(fields[0]), int(fields[1]), int(fields[2]))  # type: ignore[arg-type]
+    if pci is not None:
+        for i in range(count):
+            try:
+                info = nvml.nvmlDeviceGetPciInfo(nvml.nvmlDeviceGetHandleByIndex(i))
+            except nvml.NVMLError:
+                continue
+            if (int(info.domain), int(info.bus), int(info.device)) == pci:
+                return i
+    return gpu_index if 0 <= gpu_index < count else None
+
+
+def _nvml_handle(gpu_index: int) -> Any | None:
+    nvml = _nvml()
+    index = _nvml_index(gpu_index)
+    if nvml is None or index is None:
+        return None
+    try:
+        return nvml.nvmlDeviceGetHandleByIndex(index)
+    except nvml.NVMLError:
+        return None
+
+
+def _nvml_gpu_fields(gpu_index: int) -> dict[str, Any]:
+    """Name, memory, compute capability and driver from NVML; {} when NVML cannot tell."""
+    nvml = _nvml()
+    handle = _nvml_handle(gpu_index)
+    if nvml is None or handle is None:
+        return {}
+    fields: dict[str, Any] = {}
+    # Each query may be unsupported on some GPUs (MIG slices, vGPU): take what answers.
+    try:
+        fields["gpu_name"] = _as_str(nvml.nvmlDeviceGetName(handle))
+    except nvml.NVMLError:
+        pass
+    try:
+        fields["total_memory_bytes"] = int(nvml.nvmlDeviceGetMemoryInfo(handle).total)
+    except nvml.NVMLError:
+        pass
+    try:
+        major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
+        fields["compute_capability"] = (int(major), int(minor))
+    except nvml.NVMLError:
+        pass
+    try:
+        fields["driver"] = _as_str(nvml.nvmlSystemGetDriverVersion())
+    except nvml.NVMLError:
+        pass
+    return fields
+
+
+# ------------------------------------------------------------------------------------------ public
+
+
+def detect_hardware(gpu_index: int = 0) -> HardwareInfo:
+    """Describe this machine and the CUDA GPU torch would use as ``cuda:<gpu_index>``.
+
+    NVML is asked first (name, memory, compute capability, driver); torch.cuda fills what NVML
+    cannot say. On a machine without a usable CUDA GPU the GPU fields are None: this never fails
+    because the NVIDIA driver or pynvml is missing. Note that asking torch initialises CUDA in
+    this process (worker processes should be spawned, not forked, afterwards).
+
+    Args:
+        gpu_index: torch device index, i.e. counted after ``CUDA_VISIBLE_DEVICES``.
+
+    Returns:
+        A frozen :class:`HardwareInfo`.
+
+    Raises:
+        UnsupportedHardwareError: CUDA is available but ``gpu_index`` is not a visible device.
+    """
+    import torch
+
+    host = {
+        "torch_version": str(torch.__version__),
+        "cuda_version": torch.version.cuda,
+        "host_ram_bytes": int(psutil.virtual_memory().total),
+        "cpu_count": int(os.cpu_count() or 1),
+    }
+    # GPU fields describe what torch in this process can use; a GPU that NVML sees but torch
+    # cannot (CPU-only wheel, CUDA_VISIBLE_DEVICES="") is useless for running a pipeline.
+    if not _torch_cuda_available():
+        return HardwareInfo(
+            gpu_index=None, gpu_name=None, total_memory_bytes=None, compute_capability=None, driver=None,
+            **host,
+        )
+    count = torch.cuda.device_count()
+    if not 0 <= gpu_index < count:
+        raise UnsupportedHardwareError(
+            f"gpu_index={gpu_index} is not a visible CUDA device; use 0..{count - 1} "
+            "(indices count after CUDA_VISIBLE_DEVICES)"
+        )
+    nvml_fields = _nvml_gpu_fields(gpu_index)
+    props = torch.cuda.get_device_properties(gpu_index)
+    return HardwareInfo(
+        gpu_index=gpu_index,
+        gpu_name=nvml_fields.get("gpu_name", str(props.name)),
+        total_memory_bytes=nvml_fields.get("total_memory_bytes", int(props.total_memory)),
+        compute_capability=nvml_fields.get("compute_capability", (int(props.major), int(props.minor))),
+        driver=nvml_fields.get("driver"),
+        **host,
+    )
+
+
+def device_memory_used(gpu_index: int = 0) -> int | None:
+    """Bytes in use on the whole GPU (all processes, plus the driver's reservation), from NVML.
+
+    Args:
+        gpu_index: torch device index.
+
+    Returns:
+        Used bytes, or None when NVML is unavailable or does not answer.
+    """
+    nvml = _nvml()
+    handle = _nvml_handle(gpu_index)
+    if nvml is None or handle is None:
+        return None
+    try:
+        return int(nvml.nvmlDeviceGetMemoryInfo(handle).used)
+    except nvml.NVMLError:
+        return None
+
+
+def process_memory_used(gpu_index: int = 0, pid: int | None = None) -> int | None:
+    """GPU memory NVML attributes to a process and its children (CUDA context included).
+
+    Inside a container NVML often reports host PIDs, which never match ours: then the answer is
+    None ("NVML cannot tell"), not 0, and callers should fall back to :func:`device_memory_used`.
+
+    Args:
+        gpu_index: torch device index.
+        pid: process id; this process by default.
+
+    Returns:
+        Bytes used by the matching processes, or None when NVML is unavailable, no listed process
+        matches, or the driver does not report per-process usage.
+    """
+    nvml = _nvml()
+    handle = _nvml_handle(gpu_index)
+    if nvml is None or handle is None:
+        return None
+    pid = os.getpid() if pid is None else pid
+    pids = {pid}
+    try:
+        pids.update(child.pid for child in psutil.Process(pid).children(recursive=True))
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        pass
+    try:
+        procs = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+    except nvml.NVMLError:
+        return None
+    used = [p.usedGpuMemory for p in procs if p.pid in pids]
+    # pynvml turns NVML_VALUE_NOT_AVAILABLE into None (e.g. under some vGPU / WDDM setups).
+    if not used or any(u is None for u in used):
+        return None
+    return int(sum(used))
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries that change speed or behaviour.
+
+    Returns:
+        ``{"python": ..., "torch": ..., "diffusers": ..., ..., "fluxtune": ...}``; ``"missing"``
+        for a library that is not installed.
+    """
+    versions = {"python": platform.python_version()}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "missing"
+    if versions["fluxtune"] == "missing":
+        # Running from a source checkout without `pip install -e`: the package still knows itself.
+        version = getattr(importlib.import_module("fluxtune"), "__version__", None)
+        if isinstance(version, str):
+            versions["fluxtune"] = version
+    return versions

@@ -1,0 +1,328 @@
+"""The knobs a profile sets, as frozen pydantic models. No torch here.
+
+Variants of one knob (offload modes, quantization methods, caches) are discriminated unions keyed by
+``mode`` / ``method`` / ``kind``; a bare string is accepted as shorthand (``offload: model``,
+``quantize: int8_weight``, ``cache: first_block``) so that dotted overrides stay short.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
+
+from fluxtune.units import format_bytes, parse_bytes
+
+
+class Knob(BaseModel):
+    """Base of every profile section: immutable and strict about unknown keys."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+def _bytes_in(value: Any) -> Any:
+    return value if value is None else parse_bytes(value)
+
+
+def _bytes_out(value: int | None) -> str | int | None:
+    # Human form only when it round-trips exactly, so a saved profile reloads to the same bytes.
+    if value is None:
+        return None
+    text = format_bytes(value)
+    return text if parse_bytes(text) == value else value
+
+
+ByteSize = Annotated[int, BeforeValidator(_bytes_in), PlainSerializer(_bytes_out)]
+"""Bytes; accepts ``"12GB"``, ``"11.5GiB"``, ``"800MB"`` or an int; saved as ``"12GB"`` when exact."""
+
+
+def _shorthand(key: str) -> Any:
+    def convert(value: Any) -> Any:
+        return {key: value} if isinstance(value, str) else value
+
+    return BeforeValidator(convert)
+
+
+# --------------------------------------------------------------------------------------- budget
+
+
+class Budget(Knob):
+    """Memory the pipeline may use. ``vram`` is enforced by capping the process when ``enforce``."""
+
+    vram: ByteSize | None = None
+    enforce: bool = True
+    host_ram: ByteSize | None = Field(
+        default=None,
+        description="host memory the offload modes may pin (streamed offload keeps a host copy of every "
+        "offloaded weight); None = what the machine has",
+    )
+
+
+# -------------------------------------------------------------------------------------- offload
+
+
+class NoOffload(Knob):
+    mode: Literal["none"] = "none"
+
+
+class ModelOffload(Knob):
+    """The whole component moves to the GPU when it runs and back to the host after (accelerate hook)."""
+
+    mode: Literal["model"] = "model"
+
+
+class SequentialOffload(Knob):
+    """Every leaf module moves to the GPU for its own forward only. Slowest, smallest."""
+
+    mode: Literal["sequential"] = "sequential"
+
+
+class GroupOffload(Knob):
+    """diffusers group offloading: groups of blocks (``block``) or single layers (``leaf``) are streamed."""
+
+    mode: Literal["group"] = "group"
+    level: Literal["block", "leaf"] = "leaf"
+    blocks_per_group: int = Field(default=1, ge=1)
+    use_stream: bool = True
+    record_stream: bool = False
+    low_cpu_mem_usage: bool = False
+    disk_path: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> GroupOffload:
+        if self.record_stream and not self.use_stream:
+            raise ValueError("record_stream=true needs use_stream=true")
+        return self
+
+
+class PartialResidency(Knob):
+    """Keep the first transformer blocks resident on the GPU and stream the rest with prefetch.
+
+    Exactly one of ``resident`` (bytes of blocks to keep) and ``resident_blocks`` (a count) is set.
+    The streamed blocks live in pinned host memory and are copied on a side stream one block ahead.
+    """
+
+    mode: Literal["partial"] = "partial"
+    resident: ByteSize | None = None
+    resident_blocks: int | None = Field(default=None, ge=0)
+    prefetch: int = Field(default=1, ge=1, le=4, description="streamed blocks in flight ahead of compute")
+
+    @model_validator(mode="after")
+    def _check(self) -> PartialResidency:
+        if (self.resident is None) == (self.resident_blocks is None):
+            raise ValueError("set exactly one of resident (a size such as 7GB) and resident_blocks (a count)")
+        return self
+
+
+Offload = Annotated[
+    NoOffload | ModelOffload | SequentialOffload | GroupOffload | PartialResidency,
+    Field(discriminator="mode"),
+    _shorthand("mode"),
+]
+OFFLOAD_MODES = ("none", "model", "sequential", "group", "partial")
+
+# --------------------------------------------------------------------------------- quantization
+
+QUANT_METHODS = ("int8_weight", "int8_dynamic", "fp8_dynamic", "fp8_weight", "int4_weight")
+
+
+class Quantize(Knob):
+    """torchao ``quantize_`` on the component's Linear layers.
+
+    ``exclude`` holds regular expressions (``re.search`` on the module's qualified name) of layers kept
+    in the compute dtype, e.g. the sensitive AdaLN modulation (``norm1\\.linear``) or ``proj_out``.
+    """
+
+    method: Literal["int8_weight", "int8_dynamic", "fp8_dynamic", "fp8_weight", "int4_weight"]
+    granularity: Literal["row", "tensor"] = "row"
+    group_size: int = Field(default=128, ge=16, description="int4_weight only")
+    exclude: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _check(self) -> Quantize:
+        for pattern in self.exclude:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"exclude pattern {pattern!r} is not a regular expression: {e}") from e
+        if self.granularity == "tensor" and self.method in ("int8_weight", "fp8_weight", "int4_weight"):
+            raise ValueError(f"granularity=tensor applies to int8_dynamic and fp8_dynamic, not {self.method}")
+        return self
+
+    @property
+    def needs_fp8(self) -> bool:
+        return self.method.startswith("fp8")
+
+    @property
+    def min_compute_capability(self) -> tuple[int, int] | None:
+        """fp8 needs SM 8.9 (Ada); rowwise-scaled fp8 matmuls need SM 9.0 (Hopper)."""
+        if self.method == "fp8_dynamic":
+            return (9, 0) if self.granularity == "row" else (8, 9)
+        if self.method == "fp8_weight":
+            return (8, 9)
+        return None
+
+
+class LayerwiseCasting(Knob):
+    """Store weights in fp8, upcast per layer for compute (memory only; cannot be undone)."""
+
+    storage: Literal["float8_e4m3fn", "float8_e5m2"] = "float8_e4m3fn"
+    skip: tuple[str, ...] | None = Field(
+        default=None, description="module patterns kept in the compute dtype; None = diffusers defaults"
+    )
+
+
+DType = Literal["bfloat16", "float16", "float32"]
+
+
+def _dtype_alias(value: Any) -> Any:
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    return aliases.get(value, value) if isinstance(value, str) else value
+
+
+class Component(Knob):
+    """Per-component knobs: where its weights live, in which precision, quantized or not."""
+
+    dtype: Annotated[DType | None, BeforeValidator(_dtype_alias)] = Field(
+        default=None, description="compute dtype; None = as loaded"
+    )
+    offload: Offload = NoOffload()
+    layerwise_casting: LayerwiseCasting | None = None
+    quantize: Annotated[Quantize | None, _shorthand("method")] = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Component:
+        if self.layerwise_casting is not None and self.quantize is not None:
+            raise ValueError(
+                "layerwise_casting and quantize do not combine (casting already-quantized weights "
+                "is meaningless): keep one"
+            )
+        if isinstance(self.offload, GroupOffload) and self.offload.disk_path and self.quantize is not None:
+            raise ValueError("group offload to disk cannot store torchao-quantized weights: drop disk_path or quantize")
+        return self
+
+
+class Vae(Component):
+    """The VAE: component knobs plus tiling, slicing and memory format."""
+
+    tiling: bool = False
+    tile_size: int | None = Field(default=None, ge=64, description="pixels; None = the VAE's own sample_size")
+    slicing: bool = False
+    channels_last: bool = False
+
+    @model_validator(mode="after")
+    def _tile(self) -> Vae:
+        if self.tile_size is not None and not self.tiling:
+            raise ValueError("tile_size is set but tiling is false: set tiling=true")
+        return self
+
+
+# --------------------------------------------------------------------------------------- caches
+
+
+class NoCache(Knob):
+    kind: Literal["none"] = "none"
+
+
+class FirstBlockCache(Knob):
+    """Skip the remaining blocks when the first block's residual barely changed (ParaAttention FBCache)."""
+
+    kind: Literal["first_block"] = "first_block"
+    threshold: float = Field(default=0.08, gt=0.0, le=1.0)
+
+
+class TaylorSeerCache(Knob):
+    kind: Literal["taylorseer"] = "taylorseer"
+    cache_interval: int = Field(default=5, ge=2)
+    disable_cache_before_step: int = Field(default=10, ge=0)
+    disable_cache_after_step: int | None = Field(default=None, ge=0)
+    max_order: int = Field(default=1, ge=1, le=4)
+
+
+class MagCache(Knob):
+    kind: Literal["magcache"] = "magcache"
+    threshold: float = Field(default=0.06, gt=0.0, le=1.0)
+    max_skip_steps: int = Field(default=3, ge=1)
+    retention_ratio: float = Field(default=0.2, ge=0.0, le=1.0)
+
+
+Cache = Annotated[
+    NoCache | FirstBlockCache | TaylorSeerCache | MagCache, Field(discriminator="kind"), _shorthand("kind")
+]
+CACHE_KINDS = ("none", "first_block", "taylorseer", "magcache")
+
+# ------------------------------------------------------------------------------ compile, attention
+
+
+class Compile(Knob):
+    """torch.compile of the transformer: ``regional`` compiles each repeated block, ``full`` the model."""
+
+    mode: Literal["off", "regional", "full"] = "off"
+    inductor_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    fullgraph: bool = False
+    dynamic: bool | None = None
+    inductor_flags: bool = Field(
+        default=True, description="conv_1x1_as_mm, coordinate_descent_tuning, epilogue_fusion=False (flux-fast)"
+    )
+    fuse_qkv: bool = Field(default=False, description="fuse Q/K/V projections (before quantization)")
+    vae_decode: bool = False
+    recompile_limit: int | None = Field(default=None, ge=1)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+
+class Attention(Knob):
+    backend: str = Field(default="native", description="a diffusers attention backend name")
+
+    @model_validator(mode="after")
+    def _name(self) -> Attention:
+        if not re.fullmatch(r"[a-z0-9_]+", self.backend):
+            raise ValueError(f"backend {self.backend!r} is not a diffusers attention backend name")
+        return self
+
+
+# ----------------------------------------------------------------------------------- generation
+
+
+class Generation(Knob):
+    """The call the profile was validated for; ``apply`` makes these the pipeline's defaults."""
+
+    steps: int = Field(default=28, ge=1, le=1000)
+    guidance: float = Field(default=3.5, ge=0.0)
+    height: int | None = Field(default=None, ge=16, description="pixels, multiple of 16; None = model default")
+    width: int | None = Field(default=None, ge=16, description="pixels, multiple of 16; None = model default")
+    max_sequence_length: int = Field(default=512, ge=1, le=512)
+    images_per_prompt: int = Field(default=1, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> Generation:
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and value % 16:
+                lo, hi = value // 16 * 16, (value // 16 + 1) * 16
+                raise ValueError(f"{name}={value} is not a multiple of 16; use {max(lo, 16)} or {hi}")
+        return self
+
+
+class Measured(Knob):
+    """What a search or bench measured for this profile, and where."""
+
+    status: Literal["measured", "unmeasured"] = "measured"
+    source: str | None = None
+    date: str | None = None
+    hardware: dict[str, Any] = Field(default_factory=dict)
+    versions: dict[str, str] = Field(default_factory=dict)
+    model: str | None = None
+    workload: dict[str, Any] = Field(default_factory=dict)
+    latency_s: float | None = None
+    first_call_s: float | None = None
+    peak_allocated: ByteSize | None = None
+    peak_reserved: ByteSize | None = None
+    peak_nvml: ByteSize | None = None
+    quality: dict[str, float] = Field(default_factory=dict)
+    study: str | None = None
+    trial: int | None = None
+    notes: str | None = None

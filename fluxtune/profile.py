@@ -1,0 +1,230 @@
+"""The Profile: a declarative, frozen description of how a diffusers pipeline runs. No torch here.
+
+A profile is data. It validates on construction (unknown keys, wrong types, bad sizes fail with one
+line naming the field, the value and what would work) and is checked against a concrete pipeline and
+machine by :func:`fluxtune.apply` before anything is changed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from fluxtune.errors import ProfileError
+from fluxtune.knobs import (
+    Attention,
+    Budget,
+    Cache,
+    Compile,
+    Component,
+    Generation,
+    GroupOffload,
+    Knob,
+    Measured,
+    ModelOffload,
+    NoCache,
+    NoOffload,
+    PartialResidency,
+    SequentialOffload,
+    Vae,
+)
+
+SCHEMA_VERSION = 1
+COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
+"""Component sections a profile may carry (diffusers attribute names; DiT has transformer and vae)."""
+
+
+class Profile(Knob):
+    """How a pipeline runs: budget, per-component placement and precision, attention, cache, compile,
+    VAE and the generation call it was validated for, plus what was measured."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str = "custom"
+    description: str = ""
+    family: Literal["flux", "dit", "any"] = Field(default="any", description="pipelines this profile targets")
+    budget: Budget = Budget()
+    transformer: Component = Component()
+    text_encoder: Component = Component()
+    text_encoder_2: Component = Component()
+    vae: Vae = Vae()
+    attention: Attention = Attention()
+    cache: Cache = NoCache()
+    compile: Compile = Compile()
+    generation: Generation = Generation()
+    measured: Measured | None = None
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Profile:
+        for name in COMPONENTS:
+            offload = self.component(name).offload
+            if isinstance(offload, PartialResidency) and name != "transformer":
+                raise ValueError(f"{name}.offload.mode=partial: partial residency applies to the transformer only")
+        modes = {type(self.component(n).offload) for n in COMPONENTS}
+        if modes & {ModelOffload, SequentialOffload} and modes & {GroupOffload, PartialResidency}:
+            raise ValueError(
+                "offload: model/sequential offload (accelerate hooks) and group/partial offload (diffusers "
+                "hooks) do not combine in one pipeline; pick one family for all components"
+            )
+        hooked = self.cache.kind != "none" or any(
+            self.component(n).layerwise_casting is not None
+            or isinstance(self.component(n).offload, GroupOffload | PartialResidency | SequentialOffload)
+            for n in ("transformer",)
+        )
+        if self.compile.enabled and self.compile.fullgraph and hooked:
+            raise ValueError(
+                "compile.fullgraph=true cannot trace through the hooks of caches, group/partial/sequential "
+                "offload or layerwise casting on the transformer: set compile.fullgraph=false or drop those knobs"
+            )
+        if self.compile.fuse_qkv and self.transformer.layerwise_casting is not None:
+            raise ValueError("compile.fuse_qkv with transformer.layerwise_casting: fuse only unquantized weights")
+        return self
+
+    def component(self, name: str) -> Component:
+        """The section of component ``name`` (one of COMPONENTS)."""
+        if name not in COMPONENTS:
+            raise ProfileError(f"component {name!r} is not one of {', '.join(COMPONENTS)}")
+        return getattr(self, name)  # type: ignore[no-any-return]
+
+    def min_compute_capability(self) -> tuple[tuple[int, int], str] | None:
+        """The highest GPU architecture any knob needs, with the field that needs it."""
+        best: tuple[tuple[int, int], str] | None = None
+        for name in COMPONENTS:
+            q = self.component(name).quantize
+            if q is not None and q.min_compute_capability is not None:
+                if best is None or q.min_compute_capability > best[0]:
+                    best = (q.min_compute_capability, f"{name}.quantize.method={q.method}")
+        return best
+
+    def needs_gpu(self) -> str | None:
+        """The first field that only works on a GPU, or None when the profile runs on CPU."""
+        for name in COMPONENTS:
+            c = self.component(name)
+            if not isinstance(c.offload, NoOffload):
+                return f"{name}.offload.mode={c.offload.mode}"
+            if c.quantize is not None and c.quantize.needs_fp8:
+                return f"{name}.quantize.method={c.quantize.method}"
+            if c.layerwise_casting is not None:
+                # fp8 storage with upcast compute works on CPU too, but is pointless there.
+                continue
+        if self.budget.vram is not None and self.budget.enforce:
+            return "budget.vram (enforced)"
+        return None
+
+    def to_dict(self, *, exclude_defaults: bool = False) -> dict[str, Any]:
+        """A plain, YAML-safe dict (sizes as "12GB"); ``exclude_defaults`` keeps only what differs."""
+        full = self.model_dump(mode="json")
+        return _minimal(self, full) if exclude_defaults else full
+
+    def replace(self, **changes: Any) -> Profile:
+        """A copy with top-level sections replaced, re-validated."""
+        return validate_profile({**self.model_dump(mode="json"), **_dump(changes)})
+
+
+_TAGS = ("mode", "kind", "method", "schema_version")
+
+
+def _minimal(model: Knob, dumped: dict[str, Any]) -> dict[str, Any]:
+    # Like exclude_defaults, but a union's tag (mode/kind/method) is always kept so the YAML reloads.
+    out: dict[str, Any] = {}
+    for name, field in type(model).model_fields.items():
+        value, default = getattr(model, name), field.get_default(call_default_factory=True)
+        if isinstance(value, Knob):
+            sub = _minimal(value, dumped[name])
+            if sub and (set(sub) - set(_TAGS) or type(value) is not type(default)):
+                out[name] = sub
+            elif type(value) is not type(default):
+                out[name] = sub
+        elif name in _TAGS or value != default:
+            out[name] = dumped[name]
+    return out
+
+
+def _dump(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.model_dump(mode="json") if isinstance(v, Knob) else v for k, v in values.items()}
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    # pydantic puts the union tag into the location (offload.group.level); users wrote offload.level.
+    parts = [str(p) for p in loc if not (isinstance(p, str) and p in _UNION_TAGS)]
+    return ".".join(parts) or "profile"
+
+
+_UNION_TAGS = {
+    "none", "model", "sequential", "group", "partial", "first_block", "taylorseer", "magcache",
+    "function-after[_check(), GroupOffload]", "function-after[_check(), PartialResidency]",
+}
+
+
+def format_validation_error(error: ValidationError, source: str = "profile") -> str:
+    """One line: the field, the value and what would work (the first problem; a count of the rest)."""
+    first = error.errors()[0]
+    loc = _loc(first.get("loc", ()))
+    msg = first.get("msg", "invalid").removeprefix("Value error, ")
+    inp = first.get("input")
+    kind = first.get("type", "")
+    if kind == "extra_forbidden":
+        text = f"{source}: unknown key {loc!r}"
+        parent_model = _model_at(loc.rsplit(".", 1)[0] if "." in loc else "")
+        if parent_model is not None:
+            text += f"; allowed here: {', '.join(parent_model.model_fields)}"
+    elif kind == "union_tag_invalid":
+        text = f"{source}: {loc}={_short(inp)}: {msg}"
+    elif loc == "profile" or kind == "value_error" and "." not in loc and loc in ("profile",):
+        text = f"{source}: {msg}"
+    else:
+        shown = "" if isinstance(inp, dict) else f"={_short(inp)}"
+        text = f"{source}: {loc}{shown}: {msg}"
+    more = len(error.errors()) - 1
+    return text + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _model_at(dotted: str) -> type[Knob] | None:
+    model: Any = Profile
+    for part in [p for p in dotted.split(".") if p]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        args = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, Knob)]
+        if len(args) != 1:
+            return None
+        model = args[0]
+    return model if isinstance(model, type) and issubclass(model, Knob) else None
+
+
+def validate_profile(data: dict[str, Any] | Profile, source: str = "profile") -> Profile:
+    """Build a :class:`Profile` from plain data.
+
+    Raises:
+        ProfileError: one line naming the field, the value and what would work.
+    """
+    if isinstance(data, Profile):
+        return data
+    if not isinstance(data, dict):
+        raise ProfileError(f"{source}: expected a mapping of profile sections, got {type(data).__name__}")
+    version = data.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise ProfileError(
+            f"{source}: schema_version={version!r} is not supported; this fluxtune reads schema_version {SCHEMA_VERSION}"
+        )
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as e:
+        raise ProfileError(format_validation_error(e, source)) from None
+
+
+__all__ = [
+    "COMPONENTS",
+    "SCHEMA_VERSION",
+    "Generation",
+    "Profile",
+    "Vae",
+    "format_validation_error",
+    "validate_profile",
+]

@@ -1,0 +1,161 @@
+"""``apply(profile, pipe)``: make a loaded diffusers pipeline obey a profile (one handler module per knob).
+
+The package is not called ``apply`` so that importing it never shadows ``fluxtune.apply()``.
+
+The whole profile is checked against the pipeline and the machine first; only then are the knobs
+applied, one handler each, in the phase order of :mod:`fluxtune.tuning.base`. A second profile on an
+already-tuned pipeline reverts the reversible knobs (offload, cache, attention, VAE, budget, call
+defaults) and re-applies them; the irreversible ones (precision, fused QKV, quantization, layerwise
+casting, compile) must match, or the call refuses before changing anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fluxtune.tuning import (  # noqa: F401  (importing registers the handlers)
+    attention,
+    budget,
+    cache,
+    compile,
+    fuse,
+    generation,
+    layerwise,
+    placement,
+    precision,
+    quantize,
+    vae,
+)
+from fluxtune.tuning.base import HANDLERS, IRREVERSIBLE, Context
+from fluxtune.tuning.generation import CallState
+from fluxtune.tuning.report import Action, ApplyReport
+from fluxtune.errors import IncompatibleKnobsError, UnsupportedHardwareError
+from fluxtune.hardware import HardwareInfo, detect_hardware
+from fluxtune.profile import COMPONENTS, Profile
+
+__all__ = ["Action", "ApplyReport", "apply", "irreversible_signature", "is_tuned"]
+
+
+def irreversible_signature(profile: Profile) -> dict[str, Any]:
+    """The parts of a profile that change weights or code in place (must match on re-apply)."""
+    sig: dict[str, Any] = {}
+    for name in COMPONENTS:
+        c = profile.component(name)
+        sig[f"{name}.dtype"] = c.dtype
+        sig[f"{name}.quantize"] = c.quantize.model_dump() if c.quantize else None
+        sig[f"{name}.layerwise_casting"] = c.layerwise_casting.model_dump() if c.layerwise_casting else None
+    sig["compile"] = profile.compile.model_dump()
+    return sig
+
+
+def is_tuned(pipe: Any) -> bool:
+    """Whether ``apply`` has already run on this pipeline."""
+    return getattr(pipe, "_fluxtune", None) is not None
+
+
+def _device(hardware: HardwareInfo, device: str | None) -> Any:
+    import torch
+
+    if device is not None:
+        return torch.device(device)
+    if hardware.has_cuda and torch.cuda.is_available():
+        return torch.device("cuda", hardware.gpu_index or 0)
+    return torch.device("cpu")
+
+
+def _check_machine(profile: Profile, hardware: HardwareInfo, device: Any) -> None:
+    if device.type != "cuda":
+        field = profile.needs_gpu()
+        if field is not None:
+            raise UnsupportedHardwareError(
+                f"{field} needs a CUDA GPU and this run is on {device} ({hardware.describe()}); "
+                "on CPU use offload none, bf16/float32 and int8 quantization"
+            )
+        return
+    need = profile.min_compute_capability()
+    cc = hardware.compute_capability
+    if need is not None and cc is not None and cc < need[0]:
+        arch = "Hopper (SM 9.0)" if need[0] >= (9, 0) else "Ada (SM 8.9)"
+        raise UnsupportedHardwareError(
+            f"{need[1]} needs compute capability {need[0][0]}.{need[0][1]} ({arch}); {hardware.gpu_name} has "
+            f"{cc[0]}.{cc[1]}: use int8_weight, or fp8 with granularity=tensor on SM 8.9"
+        )
+
+
+def _check_family(profile: Profile, family: str, pipe: Any) -> None:
+    if profile.family != "any" and profile.family != family:
+        raise IncompatibleKnobsError(
+            f"family={profile.family}: profile {profile.name!r} is for {profile.family} pipelines and this is a "
+            f"{type(pipe).__name__}; use a {family} profile or set family=any"
+        )
+
+
+def apply(
+    profile: Profile | str | Path | dict[str, Any],
+    pipe: Any,
+    *,
+    overrides: Sequence[str] = (),
+    hardware: HardwareInfo | None = None,
+    device: str | None = None,
+    strict: bool = False,
+) -> ApplyReport:
+    """Make ``pipe`` obey ``profile``.
+
+    Args:
+        profile: a Profile, a YAML path, a preset name, or plain data.
+        pipe: a loaded diffusers pipeline (FluxPipeline, DiTPipeline, or another transformer pipeline).
+        overrides: dotted ``KEY=VALUE`` overrides of the profile.
+        hardware: the machine (detected when None); passed in so nothing deep inside looks it up.
+        device: the execution device (default: the detected GPU, else CPU).
+        strict: turn every skipped knob into an error.
+
+    Returns:
+        What was done to each component, in order, with reasons for anything skipped.
+
+    Raises:
+        ProfileError: the profile is malformed.
+        IncompatibleKnobsError: a knob does not exist on this pipeline or knobs do not combine.
+        UnsupportedHardwareError: the profile needs a GPU or an architecture this machine lacks.
+        BudgetExceededError: the placed weights alone exceed ``budget.vram``.
+    """
+    from fluxtune.pipelines import family as pipeline_family
+    from fluxtune.presets import load_profile
+
+    prof = load_profile(profile, overrides)
+    hw = hardware if hardware is not None else detect_hardware()
+    dev = _device(hw, device)
+    fam = pipeline_family(pipe)
+    _check_family(prof, fam, pipe)
+    _check_machine(prof, hw, dev)
+
+    previous: CallState | None = getattr(pipe, "_fluxtune", None)
+    if previous is not None:
+        old, new = irreversible_signature(previous.profile), irreversible_signature(prof)
+        changed = [k for k in new if old[k] != new[k]]
+        if changed:
+            raise IncompatibleKnobsError(
+                f"this pipeline is already tuned by profile {previous.profile.name!r}, and "
+                f"{', '.join(changed)} cannot be changed in place (weights were cast, quantized or compiled); "
+                "reload the pipeline (fluxtune.pipelines.load) before applying this profile"
+            )
+
+    ctx = Context(pipe=pipe, profile=prof, hardware=hw, device=dev, family=fam,
+                  report=ApplyReport(profile=prof.name, device=str(dev)), strict=strict)
+    problems = [p for h in HANDLERS for p in h.check(ctx)]
+    if problems:
+        raise IncompatibleKnobsError("; ".join(problems))
+
+    handlers = HANDLERS
+    if previous is not None:
+        for _, undo in reversed(previous.undo):
+            undo()
+        handlers = [h for h in HANDLERS if h.reversible]
+        kept = [h.name for h in HANDLERS if not h.reversible and h.name in IRREVERSIBLE]
+        ctx.report.add("reapply", "pipeline", f"reverted the previous reversible knobs; kept {', '.join(kept)}")
+        # undo callbacks of irreversible knobs do not exist, so nothing else carries over.
+    for handler in handlers:
+        handler.apply(ctx)
+    pipe._fluxtune = CallState(ctx)
+    return ctx.report

@@ -1,0 +1,93 @@
+"""cache: reuse transformer computation across denoising steps (first-block, TaylorSeer, MagCache)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fluxtune.tuning.base import CACHE, Context, Handler, register
+from fluxtune.knobs import FirstBlockCache, MagCache, TaylorSeerCache
+
+_HOOKS = {
+    "first_block": ("fbc_leader_block_hook", "fbc_block_hook"),
+    "taylorseer": ("taylorseer_cache",),
+    "magcache": ("mag_cache_leader_block_hook", "mag_cache_block_hook"),
+}
+
+
+def diffusers_cache_config(ctx: Context) -> Any:
+    """The diffusers config object for the profile's cache section."""
+    import torch
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+
+    c = ctx.profile.cache
+    if isinstance(c, FirstBlockCache):
+        return FirstBlockCacheConfig(threshold=c.threshold)
+    if isinstance(c, TaylorSeerCache):
+        return TaylorSeerCacheConfig(
+            cache_interval=c.cache_interval,
+            disable_cache_before_step=c.disable_cache_before_step,
+            disable_cache_after_step=c.disable_cache_after_step,
+            max_order=c.max_order,
+            taylor_factors_dtype=torch.float32,  # bf16 factors lose the small differences TaylorSeer needs
+        )
+    assert isinstance(c, MagCache)
+    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+    # Retention is counted against num_inference_steps, so it must be the steps the pipeline runs.
+    return MagCacheConfig(
+        threshold=c.threshold, max_skip_steps=c.max_skip_steps, retention_ratio=c.retention_ratio,
+        num_inference_steps=ctx.profile.generation.steps, mag_ratios=FLUX_MAG_RATIOS,
+    )
+
+
+@register
+class CacheHandler(Handler):
+    name = "cache"
+    phase = CACHE
+
+    def check(self, ctx: Context) -> list[str]:
+        kind = ctx.profile.cache.kind
+        if kind == "none":
+            return []
+        t = ctx.components().get("transformer")
+        if t is None:
+            return [f"cache.kind={kind}: this pipeline has no transformer to cache; use cache.kind=none"]
+        if kind == "magcache" and ctx.family != "flux":
+            return ["cache.kind=magcache needs magnitude ratios, which diffusers ships for FLUX only; "
+                    "use first_block or taylorseer"]
+        if ctx.family not in ("flux", "dit"):
+            if not hasattr(t, "enable_cache"):
+                return [f"cache.kind={kind}: {type(t).__name__} has no cache support; use cache.kind=none"]
+        return []
+
+    def apply(self, ctx: Context) -> None:
+        kind = ctx.profile.cache.kind
+        if kind == "none":
+            return
+        t = ctx.components()["transformer"]
+        config = diffusers_cache_config(ctx)
+        if hasattr(t, "enable_cache"):
+            t.enable_cache(config)
+            ctx.undo.append((self.name, t.disable_cache))
+        else:
+            # DiT is no CacheMixin: apply the hooks directly, give them a context, reset them per call.
+            from diffusers.hooks import HookRegistry, apply_first_block_cache, apply_taylorseer_cache
+            from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+            {"first_block": apply_first_block_cache, "taylorseer": apply_taylorseer_cache}[kind](t, config)
+            registry = HookRegistry.check_if_exists_or_initialize(t)
+
+            def fresh_state() -> None:
+                # Resetting also clears the context, so set it again after (DiT runs one batched pass: "cond").
+                registry.reset_stateful_hooks()
+                _set_cache_context(t, CacheContext("cond"))
+
+            ctx.before_call.append(fresh_state)
+
+            def undo() -> None:
+                for hook in _HOOKS[kind]:
+                    registry.remove_hook(hook, recurse=True)
+
+            ctx.undo.append((self.name, undo))
+        detail = ", ".join(f"{k}={v}" for k, v in ctx.profile.cache.model_dump().items() if k != "kind")
+        ctx.report.add(self.name, "transformer", f"{kind} ({detail})")

@@ -1,0 +1,84 @@
+"""compile: torch.compile of the transformer (regional or full) and optionally the VAE decoder."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fluxtune.tuning.base import COMPILE, Context, Handler, register
+
+# flux-fast's inductor flags (diffusers-knobs.md §4.2); set by fluxtune, not by torchao's quantize_.
+INDUCTOR_FLAGS: dict[str, Any] = {
+    "conv_1x1_as_mm": True,
+    "epilogue_fusion": False,
+    "coordinate_descent_tuning": True,
+    "coordinate_descent_check_all_directions": True,
+}
+
+
+def _kwargs(ctx: Context) -> dict[str, Any]:
+    c = ctx.profile.compile
+    kw: dict[str, Any] = {"fullgraph": c.fullgraph, "dynamic": c.dynamic}
+    if c.inductor_mode != "default":
+        kw["mode"] = c.inductor_mode
+    return kw
+
+
+@register
+class CompileHandler(Handler):
+    name = "compile"
+    phase = COMPILE
+    reversible = False
+
+    def check(self, ctx: Context) -> list[str]:
+        c = ctx.profile.compile
+        if not c.enabled:
+            return []
+        if ctx.components().get("transformer") is None:
+            return [f"compile.mode={c.mode}: this pipeline has no transformer"]
+        if c.inductor_mode in ("reduce-overhead", "max-autotune") and not ctx.on_gpu:
+            return [f"compile.inductor_mode={c.inductor_mode} uses CUDA graphs; on CPU use default"]
+        return []
+
+    def apply(self, ctx: Context) -> None:
+        import torch
+
+        c = ctx.profile.compile
+        if not c.enabled:
+            return
+        if c.inductor_flags:
+            for key, value in INDUCTOR_FLAGS.items():
+                setattr(torch._inductor.config, key, value)
+        if c.recompile_limit is not None:
+            torch._dynamo.config.recompile_limit = c.recompile_limit
+        if c.dynamic:
+            # Without this, shapes that happen to be equal are specialised together and recompile later.
+            torch.fx.experimental._config.use_duck_shape = False
+        t = ctx.components()["transformer"]
+        t0 = time.perf_counter()
+        kw = _kwargs(ctx)
+        streamed = getattr(t, "_fluxtune_streamer", None) is not None
+        if c.mode == "full":
+            t.compile(**kw)
+            detail = "whole transformer"
+        elif hasattr(t, "compile_repeated_blocks") and t._repeated_blocks and not streamed:
+            t.compile_repeated_blocks(**kw)
+            detail = f"repeated blocks ({', '.join(t._repeated_blocks)})"
+        else:
+            # DiT has no _repeated_blocks; streamed blocks keep their hooks outside the compiled code.
+            from fluxtune.tuning.streaming import transformer_blocks
+
+            blocks = transformer_blocks(t)
+            for _, block in blocks:
+                if streamed:
+                    block.forward = torch.compile(block.forward, **kw)
+                else:
+                    block.compile(**kw)
+            detail = f"{len(blocks)} blocks one by one"
+        mode = c.inductor_mode
+        ctx.report.add(self.name, "transformer", f"{c.mode}: {detail}, mode={mode}, fullgraph={c.fullgraph} "
+                       "(compiles lazily on the first call)", seconds=time.perf_counter() - t0)
+        vae = ctx.components().get("vae")
+        if c.vae_decode and vae is not None:
+            vae.decode = torch.compile(vae.decode, **kw)
+            ctx.report.add(self.name, "vae", "decode compiled")

@@ -1,0 +1,148 @@
+"""generation: the profile's call settings become the pipeline's defaults, and oversize calls are refused.
+
+``pipe(prompt)`` then runs with the profile's steps, guidance and size; explicit arguments still win.
+The instance's class is swapped for a same-named subclass whose ``__call__`` fills the defaults,
+because Python looks ``__call__`` up on the type, never on the instance.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from fluxtune.tuning.base import GENERATION, Context, Handler, register
+from fluxtune.errors import BudgetExceededError
+
+_KWARG = {  # profile field -> pipeline __call__ parameter
+    "steps": "num_inference_steps",
+    "guidance": "guidance_scale",
+    "height": "height",
+    "width": "width",
+    "max_sequence_length": "max_sequence_length",
+    "images_per_prompt": "num_images_per_prompt",
+}
+_TUNED: dict[type, type] = {}
+
+
+def base_class(pipe: Any) -> type:
+    """The pipeline's own class, under fluxtune's call wrapper if there is one."""
+    return getattr(type(pipe), "_fluxtune_base", type(pipe))
+
+
+def _count(value: Any) -> int:
+    if value is None:
+        return 1
+    return len(value) if isinstance(value, list | tuple) else 1
+
+
+def _tuned_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+    state = self._fluxtune
+    base = base_class(self)
+    sig = inspect.signature(base.__call__)
+    bound = sig.bind_partial(self, *args, **kwargs).arguments
+    bound.pop("self", None)
+    for key, value in state.defaults.items():
+        bound.setdefault(key, value)
+    state.guard(bound)
+    for fn in state.before_call:
+        fn()
+    try:
+        return base.__call__(self, **bound)
+    finally:
+        for fn in state.after_call:
+            fn()
+
+
+def tuned_class(cls: type) -> type:
+    """A subclass of ``cls`` with the same name whose ``__call__`` applies the profile's defaults."""
+    if hasattr(cls, "_fluxtune_base"):
+        return cls
+    if cls not in _TUNED:
+        _TUNED[cls] = type(cls.__name__, (cls,), {
+            "__call__": _tuned_call, "_fluxtune_base": cls, "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__, "__doc__": cls.__doc__,
+        })
+    return _TUNED[cls]
+
+
+@register
+class GenerationHandler(Handler):
+    name = "generation"
+    phase = GENERATION
+
+    def check(self, ctx: Context) -> list[str]:
+        g = ctx.profile.generation
+        if ctx.family == "dit":
+            t = ctx.components().get("transformer")
+            native = int(t.config.sample_size) * 8 if t is not None else None
+            for field in ("height", "width"):
+                value = getattr(g, field)
+                if value is not None and native is not None and value != native:
+                    return [f"generation.{field}={value}: this DiT draws {native}x{native} only (its sample_size); "
+                            f"set generation.{field}={native} or leave it unset"]
+        params = inspect.signature(base_class(ctx.pipe).__call__).parameters
+        if g.max_sequence_length != 512 and "max_sequence_length" not in params:
+            return [f"generation.max_sequence_length={g.max_sequence_length}: this pipeline has no text sequence "
+                    "length; leave it at 512"]
+        return []
+
+    def apply(self, ctx: Context) -> None:
+        g = ctx.profile.generation
+        params = inspect.signature(base_class(ctx.pipe).__call__).parameters
+        defaults: dict[str, Any] = {}
+        for field, kwarg in _KWARG.items():
+            value = getattr(g, field)
+            if value is not None and kwarg in params:
+                defaults[kwarg] = value
+        ctx.pipe.__class__ = tuned_class(type(ctx.pipe))
+        ctx.report.add(self.name, "pipeline", "call defaults: " + ", ".join(f"{k}={v}" for k, v in defaults.items()))
+        ctx.call_defaults.update(defaults)
+
+
+class CallState:
+    """What the wrapped ``__call__`` needs: defaults, hooks around the call, and the size guard."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.profile = ctx.profile
+        self.family = ctx.family
+        self.defaults = dict(ctx.call_defaults)
+        self.before_call = list(ctx.before_call)
+        self.after_call = list(ctx.after_call)
+        self.undo = list(ctx.undo)
+        self.report = ctx.report
+
+    def guard(self, kwargs: dict[str, Any]) -> None:
+        """Refuse a call larger than the one the profile's budget was validated for."""
+        p = self.profile
+        g = p.generation
+        if p.budget.vram is None:
+            return
+        if self.family == "dit":
+            images, limit = _count(kwargs.get("class_labels")), g.images_per_prompt
+            if images > limit:
+                raise BudgetExceededError(
+                    f"this call asks for {images} images; the profile was validated for at most "
+                    f"generation.images_per_prompt={limit} within budget.vram"
+                )
+            return
+        prompts = kwargs.get("prompt")
+        n_prompts = _count(prompts) if prompts is not None else 1
+        images = n_prompts * int(kwargs.get("num_images_per_prompt") or 1)
+        if images > g.images_per_prompt:
+            raise BudgetExceededError(
+                f"this call asks for {images} images at once; the profile was validated for "
+                f"generation.images_per_prompt={g.images_per_prompt} within budget.vram"
+            )
+        if g.height is not None and g.width is not None:
+            h, w = kwargs.get("height") or g.height, kwargs.get("width") or g.width
+            if h * w > g.height * g.width:
+                raise BudgetExceededError(
+                    f"this call asks for {w}x{h} pixels; the profile was validated for at most "
+                    f"{g.width}x{g.height} (generation.width x generation.height) within budget.vram"
+                )
+        seq = kwargs.get("max_sequence_length")
+        if seq is not None and seq > g.max_sequence_length:
+            raise BudgetExceededError(
+                f"this call asks for max_sequence_length={seq}; the profile was validated for "
+                f"generation.max_sequence_length={g.max_sequence_length}"
+            )

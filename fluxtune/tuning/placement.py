@@ -1,0 +1,134 @@
+"""offload: where each component's weights live (GPU, host with hooks, or partially resident)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fluxtune.tuning.base import PLACEMENT, Context, Handler, register
+from fluxtune.knobs import GroupOffload, ModelOffload, NoOffload, PartialResidency, SequentialOffload
+from fluxtune.units import format_bytes
+
+_GROUP_HOOKS = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
+
+
+def _param_bytes(module: Any) -> int:
+    from fluxtune.tuning.streaming import module_bytes
+
+    return module_bytes(module)
+
+
+def _remove_group_offload(module: Any) -> None:
+    # diffusers has no disable_group_offload (diffusers-knobs.md §1.3): remove the three hooks by name.
+    from diffusers.hooks import HookRegistry
+
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    for name in _GROUP_HOOKS:
+        registry.remove_hook(name, recurse=True)
+
+
+@register
+class PlacementHandler(Handler):
+    name = "offload"
+    phase = PLACEMENT
+
+    def check(self, ctx: Context) -> list[str]:
+        problems: list[str] = []
+        offloaded = 0
+        for name, module in ctx.components().items():
+            off = ctx.profile.component(name).offload
+            if isinstance(off, PartialResidency):
+                from fluxtune.tuning.streaming import transformer_blocks
+
+                if not transformer_blocks(module):
+                    problems.append(f"{name}.offload.mode=partial: {type(module).__name__} has no repeated blocks")
+            if isinstance(off, GroupOffload) and off.level == "block":
+                import torch
+
+                if not any(isinstance(c, torch.nn.ModuleList | torch.nn.Sequential) for c in module.children()):
+                    problems.append(f"{name}.offload.level=block: {type(module).__name__} has no block lists; "
+                                    "use level=leaf")
+            if not isinstance(off, NoOffload):
+                offloaded += _param_bytes(module)
+            if isinstance(off, PartialResidency | GroupOffload) and ctx.profile.compile.inductor_mode in (
+                "reduce-overhead", "max-autotune") and ctx.profile.compile.enabled and name == "transformer":
+                problems.append(f"compile.inductor_mode={ctx.profile.compile.inductor_mode} uses CUDA graphs, "
+                                f"which need fixed weight addresses; with {name}.offload.mode={off.mode} use "
+                                "max-autotune-no-cudagraphs or default")
+        host = ctx.profile.budget.host_ram or ctx.hardware.host_ram_bytes
+        if offloaded and host and offloaded > host:
+            problems.append(f"budget.host_ram={format_bytes(host)}: the offloaded components need "
+                            f"{format_bytes(offloaded)} of host memory; quantize them or raise the host budget")
+        return problems
+
+    def apply(self, ctx: Context) -> None:
+        import torch
+
+        comps = ctx.components()
+        modes = {n: ctx.profile.component(n).offload for n in comps}
+        # Model offload: chain accelerate hooks in the pipeline's own order, so each component leaves
+        # the GPU when the next one starts (what enable_model_cpu_offload does, per component here).
+        seq = [n for n in (getattr(ctx.pipe, "model_cpu_offload_seq", "") or "").split("->") if n in comps]
+        seq += [n for n in comps if n not in seq]
+        model_hooks: list[Any] = []
+        for name in seq:
+            off, module = modes[name], comps[name]
+            t0 = time.perf_counter()
+            if isinstance(off, NoOffload):
+                module.to(ctx.device)
+                ctx.report.add(self.name, name, f"resident on {ctx.device}", seconds=time.perf_counter() - t0)
+                continue
+            if isinstance(off, ModelOffload):
+                from accelerate import cpu_offload_with_hook
+
+                _, hook = cpu_offload_with_hook(module, ctx.device, prev_module_hook=model_hooks[-1] if model_hooks else None)
+                model_hooks.append(hook)
+                ctx.undo.append((self.name, lambda m=module: _remove_accelerate(m)))
+                detail = "model offload (on the GPU only while it runs)"
+            elif isinstance(off, SequentialOffload):
+                from accelerate import cpu_offload
+
+                cpu_offload(module, execution_device=ctx.device, offload_buffers=len(module._parameters) > 0)
+                ctx.undo.append((self.name, lambda m=module: _remove_accelerate(m)))
+                detail = "sequential offload (each layer on the GPU only for its forward)"
+            elif isinstance(off, GroupOffload):
+                detail = self._group(ctx, name, module, off)
+            else:
+                assert isinstance(off, PartialResidency)
+                from fluxtune.tuning.streaming import BlockStreamer
+
+                streamer = BlockStreamer(module, ctx.device, resident_bytes=off.resident,
+                                         resident_blocks=off.resident_blocks, prefetch=off.prefetch)
+                ctx.undo.append((self.name, streamer.remove))
+                module._fluxtune_streamer = streamer
+                detail = f"partial residency: {streamer.describe()}"
+            if ctx.on_gpu:
+                torch.cuda.synchronize(ctx.device)
+            ctx.report.add(self.name, name, detail, seconds=time.perf_counter() - t0)
+        if model_hooks:
+            # The last hooked component stays on the GPU after a call unless somebody offloads it.
+            ctx.after_call.append(lambda: [h.offload() for h in model_hooks])
+
+    def _group(self, ctx: Context, name: str, module: Any, off: GroupOffload) -> str:
+        import torch
+        from diffusers.hooks import apply_group_offloading
+
+        kwargs = dict(
+            onload_device=ctx.device, offload_device=torch.device("cpu"),
+            offload_type="block_level" if off.level == "block" else "leaf_level",
+            num_blocks_per_group=off.blocks_per_group if off.level == "block" else None,
+            non_blocking=off.use_stream, use_stream=off.use_stream, record_stream=off.record_stream,
+            low_cpu_mem_usage=off.low_cpu_mem_usage, offload_to_disk_path=off.disk_path,
+        )
+        # apply_group_offloading skips the _supports_group_offloading check, so it also serves DiT and
+        # the transformers text encoders.
+        apply_group_offloading(module, **kwargs)
+        ctx.undo.append((self.name, lambda: _remove_group_offload(module)))
+        level = f"block level, {off.blocks_per_group} block(s)/group" if off.level == "block" else "leaf level"
+        return f"group offload, {level}{', streams' if off.use_stream else ''}"
+
+
+def _remove_accelerate(module: Any) -> None:
+    from accelerate.hooks import remove_hook_from_module
+
+    remove_hook_from_module(module, recurse=True)

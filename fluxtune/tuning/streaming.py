@@ -1,0 +1,212 @@
+"""Partial residency: keep most transformer blocks on the GPU and stream the others, one step ahead.
+
+diffusers' group offloading streams *every* block, so under a 12 GB cap FLUX.1-dev moves its whole
+22 GiB transformer across PCIe at every step. Here the blocks that fit stay resident, and the streamed
+ones are spread evenly between them, so each streamed block's copy (on a side CUDA stream, from pinned
+host memory) overlaps the compute of the resident blocks before it. At most ``prefetch + 1`` streamed
+blocks are on the GPU at once. Works with plain and torchao-quantized weights (tensor subclasses are
+pinned and moved through their inner tensors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor occupies, looking through tensor subclasses (torchao) at their inner tensors."""
+    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter or not hasattr(t, "__tensor_flatten__"):
+        return t.numel() * t.element_size()
+    names, _ = t.__tensor_flatten__()
+    return sum(tensor_bytes(getattr(t, n)) for n in names)
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (quantized sizes for torchao weights)."""
+    return sum(tensor_bytes(p.data) for p in module.parameters()) + sum(tensor_bytes(b) for b in module.buffers())
+
+
+def _pin(t: torch.Tensor) -> torch.Tensor:
+    if not torch.cuda.is_available():
+        return t
+    if type(t) is torch.Tensor or not hasattr(t, "__tensor_flatten__"):
+        return t.pin_memory()
+    names, ctx = t.__tensor_flatten__()
+    inner = {n: _pin(getattr(t, n)) for n in names}
+    return type(t).__tensor_unflatten__(inner, ctx, t.shape, t.stride())  # type: ignore[attr-defined, no-any-return]
+
+
+def _record(t: torch.Tensor, stream: torch.cuda.Stream) -> None:
+    # Tells the caching allocator the compute stream uses memory the copy stream allocated, so it is
+    # not handed out again while a kernel may still read it.
+    if type(t) is torch.Tensor or not hasattr(t, "__tensor_flatten__"):
+        t.record_stream(stream)
+        return
+    for n in t.__tensor_flatten__()[0]:
+        _record(getattr(t, n), stream)
+
+
+def transformer_blocks(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The repeated blocks in execution order: every ModuleList child, in definition order."""
+    out: list[tuple[str, torch.nn.Module]] = []
+    for name, child in transformer.named_children():
+        if isinstance(child, torch.nn.ModuleList):
+            out.extend((f"{name}.{i}", block) for i, block in enumerate(child))
+    return out
+
+
+def choose_streamed(sizes: list[int], resident_bytes: int | None, resident_blocks: int | None) -> list[int]:
+    """Indices of the blocks to stream: as few as possible, spread evenly between resident ones.
+
+    Args:
+        sizes: bytes of each block in execution order.
+        resident_bytes: how many bytes of blocks may stay resident (or None).
+        resident_blocks: how many blocks may stay resident (or None).
+    """
+    n = len(sizes)
+    for k in range(n + 1):
+        streamed = sorted({min(n - 1, int((j + 0.5) * n / k)) for j in range(k)}) if k else []
+        if len(streamed) < k:  # rounding collided: fall back to the last k blocks
+            streamed = list(range(n - k, n))
+        kept = [i for i in range(n) if i not in set(streamed)]
+        if resident_blocks is not None and len(kept) <= resident_blocks:
+            return streamed
+        if resident_bytes is not None and sum(sizes[i] for i in kept) <= resident_bytes:
+            return streamed
+    return list(range(n))
+
+
+@dataclass
+class _Streamed:
+    block: torch.nn.Module
+    homes: list[tuple[torch.nn.Module, str, torch.Tensor]] = field(default_factory=list)
+    event: torch.cuda.Event | None = None
+    loaded: bool = False
+
+
+class BlockStreamer:
+    """Hooks that stream the chosen blocks of a transformer; ``remove()`` undoes everything."""
+
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        device: torch.device,
+        *,
+        resident_bytes: int | None = None,
+        resident_blocks: int | None = None,
+        prefetch: int = 1,
+    ) -> None:
+        self.transformer, self.device, self.prefetch = transformer, device, prefetch
+        blocks = transformer_blocks(transformer)
+        if not blocks:
+            raise ValueError(f"{type(transformer).__name__} has no repeated blocks to stream")
+        sizes = [module_bytes(b) for _, b in blocks]
+        streamed = set(choose_streamed(sizes, resident_bytes, resident_blocks))
+        self.names = [blocks[i][0] for i in sorted(streamed)]
+        self.resident_bytes = sum(s for i, s in enumerate(sizes) if i not in streamed)
+        self.streamed_bytes = sum(sizes[i] for i in streamed)
+        self.n_blocks = len(blocks)
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._handles: list[Any] = []
+
+        # Everything but the streamed blocks moves to the device for good.
+        streamed_ids = {id(m) for i in streamed for m in blocks[i][1].modules()}
+        for module in transformer.modules():
+            if id(module) in streamed_ids:
+                continue
+            for p in module.parameters(recurse=False):
+                p.data = p.data.to(device)
+            for name, b in list(module.named_buffers(recurse=False)):
+                if b is not None:
+                    module._buffers[name] = b.to(device)
+        # Streamed blocks keep a pinned host copy as their home.
+        self.items: list[_Streamed] = []
+        for i in sorted(streamed):
+            item = _Streamed(blocks[i][1])
+            for module in item.block.modules():
+                for name, p in module.named_parameters(recurse=False):
+                    home = _pin(p.data.to("cpu"))
+                    p.data = home
+                    item.homes.append((module, name, home))
+            self.items.append(item)
+            for module in item.block.modules():  # buffers are small: keep them on the device
+                for name, b in list(module.named_buffers(recurse=False)):
+                    if b is not None:
+                        module._buffers[name] = b.to(device)
+        for j, item in enumerate(self.items):
+            self._handles.append(item.block.register_forward_pre_hook(self._pre_hook(j)))
+            self._handles.append(item.block.register_forward_hook(self._post_hook(j)))
+        self._handles.append(transformer.register_forward_pre_hook(self._root_pre_hook))
+
+    # -- moving one block -----------------------------------------------------------------------
+    def _load(self, j: int) -> None:
+        item = self.items[j]
+        if item.loaded:
+            return
+        if self.stream is None:
+            for module, name, home in item.homes:
+                module._parameters[name].data = home.to(self.device)  # type: ignore[union-attr]
+        else:
+            with torch.cuda.stream(self.stream):
+                for module, name, home in item.homes:
+                    module._parameters[name].data = home.to(self.device, non_blocking=True)  # type: ignore[union-attr]
+                item.event = torch.cuda.Event()
+                item.event.record(self.stream)
+        item.loaded = True
+
+    def _release(self, j: int) -> None:
+        item = self.items[j]
+        if not item.loaded:
+            return
+        for module, name, home in item.homes:
+            module._parameters[name].data = home  # type: ignore[union-attr]
+        item.loaded, item.event = False, None
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _root_pre_hook(self, module: torch.nn.Module, args: Any) -> None:
+        # A cache may have skipped blocks last step, leaving them loaded: start every forward clean.
+        for j in range(len(self.items)):
+            self._release(j)
+        for j in range(min(self.prefetch, len(self.items))):
+            self._load(j)
+
+    def _pre_hook(self, j: int) -> Callable[..., None]:
+        @torch.compiler.disable
+        def hook(module: torch.nn.Module, args: Any) -> None:
+            self._load(j)  # no-op when prefetched
+            item = self.items[j]
+            if self.stream is not None and item.event is not None:
+                current = torch.cuda.current_stream(self.device)
+                current.wait_event(item.event)
+                for m, name, _ in item.homes:
+                    _record(m._parameters[name].data, current)  # type: ignore[union-attr]
+            if j + self.prefetch < len(self.items):
+                self._load(j + self.prefetch)
+
+        return hook
+
+    def _post_hook(self, j: int) -> Callable[..., None]:
+        @torch.compiler.disable
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            self._release(j)
+
+        return hook
+
+    def remove(self) -> None:
+        """Remove the hooks; streamed blocks go back to their (pinned) host copies."""
+        for h in self._handles:
+            h.remove()
+        for j in range(len(self.items)):
+            self._release(j)
+        self._handles.clear()
+
+    def describe(self) -> str:
+        gb = 1e9
+        return (
+            f"{self.n_blocks - len(self.items)}/{self.n_blocks} blocks resident ({self.resident_bytes / gb:.2f}GB), "
+            f"{len(self.items)} streamed ({self.streamed_bytes / gb:.2f}GB per step, prefetch {self.prefetch})"
+        )

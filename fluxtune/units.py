@@ -1,0 +1,61 @@
+"""Human sizes ("12GB", "11.5GiB", 1_000_000) and image sizes ("1024x768"). No torch here."""
+
+from __future__ import annotations
+
+import re
+
+_UNITS = {
+    "": 1, "B": 1,
+    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+    "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*$")
+
+
+def parse_bytes(value: str | int | float, *, field: str = "size") -> int:
+    """Parse a memory size into bytes.
+
+    Args:
+        value: an int/float number of bytes, or a string such as ``"12GB"``, ``"11.5GiB"``, ``"800MB"``.
+        field: the name used in the error message.
+
+    Raises:
+        ValueError: with the field, the value and the accepted forms.
+    """
+    hint = "use a positive size such as 12GB, 11.5GiB, 800MB or a number of bytes"
+    # Inside a pydantic model the field name is already in the location: say only the value then.
+    field = "" if field == "size" else f"{field}="
+    if isinstance(value, bool):
+        raise ValueError(f"{field}{value!r} is not a size; {hint}")
+    if isinstance(value, int | float):
+        if value <= 0:
+            raise ValueError(f"{field}{value!r} must be positive; {hint}")
+        return int(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{field}{value!r} is not a size; {hint}")
+    m = _SIZE_RE.match(value)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"{field}{value!r} is not a size; {hint}")
+    n = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if n <= 0:
+        raise ValueError(f"{field}{value!r} must be positive; {hint}")
+    return int(n)
+
+
+def format_bytes(n: int | float) -> str:
+    """Format bytes in decimal units, as GPU vendors and the budget flag do (12GB = 12e9)."""
+    n = float(n)
+    for unit, div in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}" if n / div < 100 else f"{n / div:.0f}{unit}"
+    return f"{int(n)}B"
+
+
+def parse_image_size(value: str, *, field: str = "size") -> tuple[int, int]:
+    """Parse ``"1024x768"`` (width x height) into ``(height, width)``."""
+    m = re.match(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$", str(value))
+    if not m:
+        raise ValueError(f"{field}={value!r} is not an image size; use WIDTHxHEIGHT such as 1024x1024")
+    width, height = int(m.group(1)), int(m.group(2))
+    return height, width
