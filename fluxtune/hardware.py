@@ -7,6 +7,7 @@ This is the only module that imports ``pynvml`` (nvidia-ml-py). Everything else 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.metadata
@@ -80,13 +81,13 @@ class HardwareInfo:
         """The hardware identity stored next to measured numbers (JSON/YAML-safe plain types).
 
         Returns:
-            ``{"gpu_name", "gpu_memory_bytes", "compute_capability" ("9.0"), "driver", "cuda"}``;
-            values are ``None`` on a CPU-only machine.
+            ``{"name", "memory_bytes", "compute_capability" ("9.0"), "driver", "cuda"}`` about the
+            GPU; values are ``None`` on a CPU-only machine.
         """
         cc = self.compute_capability
         return {
-            "gpu_name": self.gpu_name,
-            "gpu_memory_bytes": self.total_memory_bytes,
+            "name": self.gpu_name,
+            "memory_bytes": self.total_memory_bytes,
             "compute_capability": f"{cc[0]}.{cc[1]}" if cc is not None else None,
             "driver": self.driver,
             "cuda": self.cuda_version,
@@ -199,23 +200,15 @@ def _nvml_gpu_fields(gpu_index: int) -> dict[str, Any]:
         return {}
     fields: dict[str, Any] = {}
     # Each query may be unsupported on some GPUs (MIG slices, vGPU): take what answers.
-    try:
+    with contextlib.suppress(nvml.NVMLError):
         fields["gpu_name"] = _as_str(nvml.nvmlDeviceGetName(handle))
-    except nvml.NVMLError:
-        pass
-    try:
+    with contextlib.suppress(nvml.NVMLError):
         fields["total_memory_bytes"] = int(nvml.nvmlDeviceGetMemoryInfo(handle).total)
-    except nvml.NVMLError:
-        pass
-    try:
+    with contextlib.suppress(nvml.NVMLError):
         major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
         fields["compute_capability"] = (int(major), int(minor))
-    except nvml.NVMLError:
-        pass
-    try:
+    with contextlib.suppress(nvml.NVMLError):
         fields["driver"] = _as_str(nvml.nvmlSystemGetDriverVersion())
-    except nvml.NVMLError:
-        pass
     return fields
 
 
@@ -241,19 +234,17 @@ def detect_hardware(gpu_index: int = 0) -> HardwareInfo:
     """
     import torch
 
-    host = {
-        "torch_version": str(torch.__version__),
-        "cuda_version": torch.version.cuda,
-        "host_ram_bytes": int(psutil.virtual_memory().total),
-        "cpu_count": int(os.cpu_count() or 1),
-    }
+    host = functools.partial(
+        HardwareInfo,
+        torch_version=str(torch.__version__),
+        cuda_version=torch.version.cuda,
+        host_ram_bytes=int(psutil.virtual_memory().total),
+        cpu_count=int(os.cpu_count() or 1),
+    )
     # GPU fields describe what torch in this process can use; a GPU that NVML sees but torch
     # cannot (CPU-only wheel, CUDA_VISIBLE_DEVICES="") is useless for running a pipeline.
     if not _torch_cuda_available():
-        return HardwareInfo(
-            gpu_index=None, gpu_name=None, total_memory_bytes=None, compute_capability=None, driver=None,
-            **host,
-        )
+        return host(gpu_index=None, gpu_name=None, total_memory_bytes=None, compute_capability=None, driver=None)
     count = torch.cuda.device_count()
     if not 0 <= gpu_index < count:
         raise UnsupportedHardwareError(
@@ -262,13 +253,12 @@ def detect_hardware(gpu_index: int = 0) -> HardwareInfo:
         )
     nvml_fields = _nvml_gpu_fields(gpu_index)
     props = torch.cuda.get_device_properties(gpu_index)
-    return HardwareInfo(
+    return host(
         gpu_index=gpu_index,
         gpu_name=nvml_fields.get("gpu_name", str(props.name)),
         total_memory_bytes=nvml_fields.get("total_memory_bytes", int(props.total_memory)),
         compute_capability=nvml_fields.get("compute_capability", (int(props.major), int(props.minor))),
         driver=nvml_fields.get("driver"),
-        **host,
     )
 
 
@@ -311,10 +301,8 @@ def process_memory_used(gpu_index: int = 0, pid: int | None = None) -> int | Non
         return None
     pid = os.getpid() if pid is None else pid
     pids = {pid}
-    try:
+    with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
         pids.update(child.pid for child in psutil.Process(pid).children(recursive=True))
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        pass
     try:
         procs = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
     except nvml.NVMLError:

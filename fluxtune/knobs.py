@@ -207,7 +207,7 @@ class Vae(Component):
     """The VAE: component knobs plus tiling, slicing and memory format."""
 
     tiling: bool = False
-    tile_size: int | None = Field(default=None, ge=64, description="pixels; None = the VAE's own sample_size")
+    tile_size: int | None = Field(default=None, ge=16, description="pixels; None = the VAE's own sample_size")
     slicing: bool = False
     channels_last: bool = False
 

@@ -254,7 +254,7 @@ def _uninitialized(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def _fill_random_(module: torch.nn.Module, seed: int) -> None:
+def _fill_random_(module: Any, seed: int) -> None:
     """Give uninitialised parameters sane random values in place.
 
     N(0, 0.02) everywhere except normalisation layers (weight 1, bias 0), so activations keep
@@ -298,6 +298,16 @@ def _require_device_for(name: str, device: torch.device, n_params: int, dtype: t
         )
 
 
+def _move(model: Any, device: torch.device, dtype: torch.dtype) -> None:
+    """Cast a freshly built tiny model (same weights, rounded) and put it in eval mode."""
+    import torch
+
+    # nn.Module.to, not ModelMixin.to: the latter warns about _keep_in_fp32_modules on every dtype
+    # cast, even when that list is empty, and there is nothing to keep in fp32 in these models.
+    torch.nn.Module.to(model, device=device, dtype=dtype)
+    model.eval()
+
+
 def _build_tiny_flux(device: str | None = None, dtype: str = "float32", *, seed: int = 0) -> DiffusionPipeline:
     """tiny-flux: a FluxPipeline with a real (tiny) CLIP + T5 text stack; 64x64 images by default.
 
@@ -332,14 +342,11 @@ def _build_tiny_flux(device: str | None = None, dtype: str = "float32", *, seed:
         ))
         text_encoder_2 = T5EncoderModel(T5Config(
             vocab_size=len(t5_tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-            relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new",
-            is_gated_act=True, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-            tie_word_embeddings=False,
+            relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
         ))
     for model in (transformer, vae, text_encoder, text_encoder_2):
-        model.to(device=dev, dtype=torch_dtype)
-        model.eval()
-    pipe = FluxPipeline(
+        _move(model, dev, torch_dtype)
+    pipe: Any = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER_CONFIG), vae=vae,
         text_encoder=text_encoder, tokenizer=clip_tokenizer, text_encoder_2=text_encoder_2,
         tokenizer_2=t5_tokenizer, transformer=transformer,
@@ -370,9 +377,8 @@ def _build_tiny_dit(device: str | None = None, dtype: str = "float32", *, seed: 
             latent_channels=4, norm_num_groups=1, sample_size=128, scaling_factor=0.18215,
         )
     for model in (transformer, vae):
-        model.to(device=dev, dtype=torch_dtype)
-        model.eval()
-    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler(**DIT_SCHEDULER_CONFIG))
+        _move(model, dev, torch_dtype)
+    pipe: Any = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler(**DIT_SCHEDULER_CONFIG))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -395,10 +401,11 @@ def _build_flux_replica(
         text_encoder_2 = T5EncoderModel(T5Config(**T5_XXL_CONFIG))
     for text_model in (text_encoder, text_encoder_2):
         text_model.tie_weights()  # skipped with init; without it T5 carries a second 131M-param embedding
-    for i, model in enumerate((transformer, vae, text_encoder, text_encoder_2)):
+    models: tuple[Any, ...] = (transformer, vae, text_encoder, text_encoder_2)
+    for i, model in enumerate(models):
         _fill_random_(model, seed + i)
         model.eval()
-    pipe = FluxPipeline(
+    pipe: Any = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(
             **(FLUX_SCHNELL_SCHEDULER_CONFIG if schnell else FLUX_DEV_SCHEDULER_CONFIG)
         ),
@@ -437,10 +444,11 @@ def _build_dit_xl_2(
     with _uninitialized(dev, torch_dtype):
         transformer = DiTTransformer2DModel(**dit_xl_2_config(resolution))
         vae = AutoencoderKL(**SD_VAE_FT_EMA_CONFIG)
-    for i, model in enumerate((transformer, vae)):
+    models: tuple[Any, ...] = (transformer, vae)
+    for i, model in enumerate(models):
         _fill_random_(model, seed + i)
         model.eval()
-    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler(**DIT_SCHEDULER_CONFIG))
+    pipe: Any = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler(**DIT_SCHEDULER_CONFIG))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -577,7 +585,8 @@ def load(
 
     Args:
         spec: a built-in name (see :func:`list_builtins`), a local directory written by
-            ``save_pretrained``, or a Hugging Face Hub id ``org/name``.
+            ``save_pretrained``, or a Hugging Face Hub id ``org/name``, tried in that order (write
+            ``./tiny-flux`` for a directory that shares a built-in's name).
         device: where to put it. Built-ins use their own default (CPU for tiny models, CUDA for
             replicas); loaded pipelines stay where ``from_pretrained`` puts them (CPU) if None.
         dtype: ``bfloat16``/``bf16``, ``float16``/``fp16`` or ``float32``/``fp32``.

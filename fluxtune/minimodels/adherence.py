@@ -176,7 +176,12 @@ def analyse(image: Any) -> Analysis:
     h, w, _ = img.shape
     band = max(1, min(h, w) // 32)
     border = np.concatenate(
-        [img[:band].reshape(-1, 3), img[-band:].reshape(-1, 3), img[:, :band].reshape(-1, 3), img[:, -band:].reshape(-1, 3)]
+        [
+            img[:band].reshape(-1, 3),
+            img[-band:].reshape(-1, 3),
+            img[:, :band].reshape(-1, 3),
+            img[:, -band:].reshape(-1, 3),
+        ]
     )
     bg = np.median(border, axis=0)
     background = _color_probs(bg)
@@ -241,7 +246,9 @@ def analyse(image: Any) -> Analysis:
 
     log_extent = np.log(np.sqrt(area / FILL_RATIOS[best_shape]) / side)
     size = _soft(np.asarray([log_extent - np.log(EXTENTS[s]) for s in SIZES]), SIZE_SIGMA, SIZES)
-    return Analysis(background=background, color=color, position=position, size=size, shape=shape, found_shape=True)
+    return Analysis(
+        background=background, color=color, position=position, size=size, shape=shape, found_shape=True
+    )
 
 
 def score(analysis: Analysis, target: Scene) -> AdherenceScore:
@@ -295,7 +302,9 @@ def mean_adherence(images: Sequence[Any], prompts: Sequence[str | Scene]) -> Adh
         ValueError: the sequences differ in length or are empty, or a prompt cannot be parsed.
     """
     if len(images) != len(prompts) or not images:
-        raise ValueError(f"need as many images as prompts (and at least one), got {len(images)} and {len(prompts)}")
+        raise ValueError(
+            f"need as many images as prompts (and at least one), got {len(images)} and {len(prompts)}"
+        )
     scores = [adherence(im, p) for im, p in zip(images, prompts, strict=True)]
     out: dict[str, float | None] = {}
     for f in fields(AdherenceScore):

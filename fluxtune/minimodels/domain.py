@@ -79,7 +79,9 @@ class Scene:
             if value is not None and value not in allowed:
                 raise ValueError(f"Scene.{field}={value!r} is not one of {', '.join(allowed)}")
         if self.color is not None and self.color == self.background:
-            raise ValueError(f"Scene colour and background are both {self.color!r}: the shape would be invisible")
+            raise ValueError(
+                f"Scene colour and background are both {self.color!r}: the shape would be invisible"
+            )
 
     @property
     def is_complete(self) -> bool:
@@ -198,7 +200,9 @@ def position_center(position: str) -> tuple[float, float]:
     return CELL_CENTERS[col], CELL_CENTERS[row]
 
 
-def shape_coverage(shape: str, cx: float, cy: float, extent: float, size: int = 64, ss: int = 4) -> np.ndarray:
+def shape_coverage(
+    shape: str, cx: float, cy: float, extent: float, size: int = 64, ss: int = 4
+) -> np.ndarray:
     """Anti-aliased coverage (float32 HxW in [0,1]) of a shape with centroid (cx, cy) and bounding-box
     side `extent`, all in pixels, by `ss`x`ss` supersampling."""
     if shape not in SHAPES:

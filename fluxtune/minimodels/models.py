@@ -38,11 +38,11 @@ VAE_CONFIG: dict[str, Any] = {
     "out_channels": 3,
     "down_block_types": ("DownEncoderBlock2D",) * 3,
     "up_block_types": ("UpDecoderBlock2D",) * 3,
-    "block_out_channels": (32, 64, 64),
+    "block_out_channels": (16, 32, 32),
     "layers_per_block": 1,
     "act_fn": "silu",
     "latent_channels": LATENT_CHANNELS,
-    "norm_num_groups": 16,
+    "norm_num_groups": 8,
     "sample_size": IMAGE_SIZE,
     # Replaced by the measured latent statistics after the VAE is trained (FluxPipeline decodes
     # latents / scaling_factor + shift_factor, so both must be set).
@@ -146,7 +146,9 @@ def build_vae(seed: int = 0, **overrides: Any) -> AutoencoderKL:
     return AutoencoderKL(**(VAE_CONFIG | overrides))
 
 
-def build_text_encoders(clip_tokenizer: Any, t5_tokenizer: Any, seed: int = 0) -> tuple[CLIPTextModel, T5EncoderModel]:
+def build_text_encoders(
+    clip_tokenizer: Any, t5_tokenizer: Any, seed: int = 0
+) -> tuple[CLIPTextModel, T5EncoderModel]:
     """Untrained CLIP and T5 encoders sized for the given (char-level) tokenizers."""
     torch.manual_seed(seed)
     clip = CLIPTextModel(
@@ -193,12 +195,17 @@ def build_dit_mini(vae: AutoencoderKL | None = None, seed: int = 0) -> DiTPipeli
     "red circle" resolve through `pipe.get_label_ids`."""
     torch.manual_seed(seed)
     transformer = DiTTransformer2DModel(**DIT_TRANSFORMER_CONFIG)
-    return DiTPipeline(
+    labels = id2label()
+    pipe = DiTPipeline(
         transformer=transformer,
         vae=vae if vae is not None else build_vae(seed),
         scheduler=DDIMScheduler(**DDIM_SCHEDULER_CONFIG),
-        id2label=id2label(),
+        id2label=labels,
     )
+    # DiTPipeline does not record id2label itself; in the config it is written to model_index.json
+    # and handed back to __init__ by from_pretrained (as hub DiT checkpoints do).
+    pipe.register_to_config(id2label={str(k): v for k, v in labels.items()})
+    return pipe
 
 
 def param_count(module: torch.nn.Module) -> int:

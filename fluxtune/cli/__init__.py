@@ -1,0 +1,75 @@
+"""The ``fluxtune`` command. One module per subcommand; heavy imports happen inside the commands,
+so ``fluxtune --help`` answers without importing torch."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from fluxtune.errors import (
+    FluxtuneError,
+    IncompatibleKnobsError,
+    PipelineError,
+    ProfileError,
+    UnsupportedHardwareError,
+)
+
+COMMANDS = {
+    "env": "hardware, library versions and which knobs this machine supports",
+    "show": "validate a profile (with overrides) and print it resolved",
+    "presets": "list the shipped profiles",
+    "generate": "apply a profile to a model and draw images; prints latency and peak memory",
+    "search": "find the best profile for a budget and objective by measuring real runs",
+    "report": "rebuild the tables and plots of a search study",
+}
+
+# Bad input exits 2, a failure while running exits 1 (DESIGN.md, CLI rules).
+_USAGE_ERRORS = (ProfileError, IncompatibleKnobsError, PipelineError, UnsupportedHardwareError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fluxtune",
+        description="Measured, budget-constrained profiles for diffusion transformer pipelines (FLUX, DiT).",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        module = importlib.import_module(f"fluxtune.cli.{name}")
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 failure, 2 bad usage or input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(f"fluxtune.cli.{args.command}")
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("fluxtune: interrupted", file=sys.stderr)
+        return 130
+    except FluxtuneError as e:
+        if args.debug:
+            raise
+        print(f"fluxtune {args.command}: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, _USAGE_ERRORS) else 1
+    except Exception as e:  # a bug or a library failure: one line unless --debug
+        if args.debug:
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(f"fluxtune {args.command}: failed: {type(e).__name__}: {first} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

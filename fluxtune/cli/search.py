@@ -1,0 +1,212 @@
+"""fluxtune search: find the best profile for a budget and an objective by measuring real runs."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any
+
+from fluxtune.errors import ProfileError, SearchError
+
+DEFAULT_MODEL = "flux-mini"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--budget", help="VRAM budget such as 12GB (on a CPU-only machine it bounds host memory)")
+    p.add_argument("--objective", choices=("latency", "quality", "pareto"), default="latency",
+                   help="latency: fastest above the quality floor; quality: best PSNR under --max-latency; "
+                   "pareto: the whole front, with a knee proposed (default latency)")
+    p.add_argument("--min-psnr", type=float, default=None, help="quality floor in dB against the reference")
+    p.add_argument("--max-latency", type=float, default=None, help="latency cap in seconds (quality objective)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in name, local path or hub id (default {DEFAULT_MODEL})")
+    p.add_argument("--profile", default=None, help="base profile whose fixed parts every trial keeps")
+    p.add_argument("--size", default=None, help="WIDTHxHEIGHT, e.g. 1024x1024 (default: the model's)")
+    p.add_argument("--steps", default=None, help="steps, pinned (28) or a range to search (20-50)")
+    p.add_argument("--trials", type=int, default=40, help="trials in the study, counting resumed ones (default 40)")
+    p.add_argument("--timeout", default=None, help="wall-clock limit such as 30m, 1h, 90s")
+    p.add_argument("--patience", type=int, default=15, help="stop after this many trials without improvement (0: never)")
+    p.add_argument("--images", type=int, default=None, help="amortise compile time over this many images")
+    p.add_argument("--ram-budget", default=None, help="host RAM the offload modes may use (default: all of it)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: journal file in .fluxtune/)")
+    p.add_argument("--study", default=None, help="study name (default derived from model, budget, objective)")
+    p.add_argument("--gpus", default=None, help="GPU indices to run one worker each on, e.g. 0,1 (default 0)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on CPU (default 1)")
+    p.add_argument("--space", default=None, help="YAML file pinning or narrowing dimensions")
+    p.add_argument("--pin", action="append", default=[], metavar="DIM=VALUE",
+                   help="pin or narrow a dimension, e.g. --pin transformer.offload=partial or --pin cache=[none,first_block]")
+    p.add_argument("--prompt", action="append", default=None, help="workload prompt (repeatable)")
+    p.add_argument("--runs", type=int, default=None, help="timed repeats per trial (default 3 on GPU, 2 on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed")
+    p.add_argument("--home", default=".fluxtune", help="folder for the journal, references and reports")
+    p.add_argument("--out", default=None, help="where to write the best profile (default: the study folder)")
+    p.add_argument("--dtype", default="bfloat16", help="load dtype for local/hub models")
+
+
+def parse_duration(text: str) -> float:
+    """'30m' -> 1800.0; '90s', '1.5h', or plain seconds."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", text or "")
+    if not m:
+        raise ProfileError(f"--timeout {text!r} is not a duration; use e.g. 30m, 1h, 90s")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def parse_steps(text: str) -> Any:
+    m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*", text)
+    if not m or int(m.group(1)) < 1:
+        raise ProfileError(f"--steps {text!r}: use a positive count (28) or a range (20-50)")
+    lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+    if hi < lo:
+        raise ProfileError(f"--steps {text!r}: the range is reversed; use {hi}-{lo}")
+    return lo if lo == hi else {"low": lo, "high": hi}
+
+
+def _devices(args: argparse.Namespace, has_cuda: bool) -> list[str]:
+    if args.gpus:
+        if not has_cuda:
+            raise SearchError(f"--gpus {args.gpus}: this machine has no CUDA GPU; drop --gpus to search on CPU")
+        try:
+            return [f"cuda:{int(i)}" for i in args.gpus.split(",")]
+        except ValueError:
+            raise ProfileError(f"--gpus {args.gpus!r}: use comma-separated indices such as 0,1") from None
+    if has_cuda:
+        return ["cuda:0"]
+    if args.workers < 1:
+        raise ProfileError(f"--workers {args.workers}: use 1 or more")
+    return ["cpu"] * args.workers
+
+
+def default_workload(model: str, family: str, prompts: list[str] | None, on_gpu: bool, runs: int | None) -> dict[str, Any]:
+    """A small fixed prompt (or class) set: the same for every trial and the reference."""
+    wl: dict[str, Any] = {"seeds": [0], "runs": runs or (3 if on_gpu else 2), "warmup": 1}
+    if family == "dit":
+        wl["class_labels"] = [1, 7] if "mini" in model else [207, 360]
+        return wl
+    if prompts:
+        wl["prompts"] = list(prompts)
+    elif "mini" in model:
+        from fluxtune.minimodels.domain import EVAL_PROMPTS
+
+        wl["prompts"] = list(EVAL_PROMPTS[:2])
+    else:
+        wl["prompts"] = ["a photo of a red fox in the snow, detailed fur, morning light"]
+    return wl
+
+
+def run(args: argparse.Namespace) -> int:
+    from fluxtune import pipelines
+    from fluxtune.hardware import detect_hardware
+    from fluxtune.presets import load_profile, save_profile
+    from fluxtune.search.runner import Search, SearchConfig
+    from fluxtune.search.space import load_space_file, parse_pins
+    from fluxtune.units import format_bytes, parse_bytes, parse_image_size
+
+    try:
+        budget = parse_bytes(args.budget, field="--budget") if args.budget else None
+        ram_budget = parse_bytes(args.ram_budget, field="--ram-budget") if args.ram_budget else None
+    except ValueError as e:
+        raise ProfileError(str(e)) from None
+    if args.objective == "quality" and args.max_latency is None:
+        raise ProfileError("--objective quality needs --max-latency SECONDS (the cap under which quality is maximised)")
+    if args.trials < 1:
+        raise ProfileError(f"--trials {args.trials}: use 1 or more")
+    hw = detect_hardware()
+    devices = _devices(args, hw.has_cuda)
+    on_gpu = devices[0].startswith("cuda")
+    spec = pipelines.BUILTINS.get(args.model)
+    if spec is not None and spec.needs_gpu and not on_gpu:
+        raise SearchError(f"--model {args.model} is built on a GPU; on this machine use flux-mini or tiny-flux")
+    family = spec.family if spec is not None else "flux"
+    base = load_profile(args.profile) if args.profile else load_profile({"name": "search-base", "family": family})
+    data = base.to_dict()
+    data["family"] = family
+    if args.size:
+        try:
+            h, w = parse_image_size(args.size, field="--size")
+        except ValueError as e:
+            raise ProfileError(str(e)) from None
+        data["generation"].update(height=h, width=w)
+    if budget is not None:
+        data["budget"] = {"vram": budget, "enforce": True, **({"host_ram": ram_budget} if ram_budget else {})}
+    narrow: dict[str, Any] = {}
+    if args.space:
+        narrow.update(load_space_file(args.space))
+    narrow.update(parse_pins(args.pin))
+    if args.steps:
+        steps = parse_steps(args.steps)
+        narrow["steps"] = steps
+        data["generation"]["steps"] = steps if isinstance(steps, int) else steps["high"]
+    base = load_profile(data)
+    workload = default_workload(args.model, family, args.prompt, on_gpu, args.runs)
+    g = base.generation
+    workload.update({k: v for k, v in (("height", g.height), ("width", g.width)) if v is not None})
+    name = args.study or f"{Path(args.model).name}-{format_bytes(budget) if budget else 'nobudget'}-{args.objective}"
+    cfg = SearchConfig(
+        model=args.model, base=base, workload=workload, budget_bytes=budget, objective=args.objective,
+        min_psnr=args.min_psnr, max_latency=args.max_latency, images=args.images, trials=args.trials,
+        timeout_s=parse_duration(args.timeout) if args.timeout else None, patience=args.patience or None,
+        storage=args.storage, study=name, devices=devices, dtype=args.dtype, narrow=narrow, seed=args.seed,
+        home=Path(args.home), ram_budget_bytes=ram_budget,
+    )
+    search = Search(cfg)
+    result = search.run()
+    from fluxtune import report as rep
+    from fluxtune.search.results import profile_of
+
+    files = rep.build(result.study, search.dir)
+    print(f"\nstopped: {search.stop_reason or 'done'}; {result.trials_run} trials run in {result.elapsed_s / 60:.1f} min")
+    _print_table(result.study, budget, on_gpu)
+    for key, path in files.items():
+        print(f"  {key}: {path}")
+    if result.best is None:
+        return _no_feasible(search, cfg)
+    prof = profile_of(result.best, result.study, name=f"{name}")
+    out = Path(args.out) if args.out else search.dir / "best.yaml"
+    save_profile(prof, out)
+    m = prof.measured
+    assert m is not None
+    ref_lat = result.reference.get("latency_s")
+    speed = f" ({ref_lat / m.latency_s:.2f}x the reference's {ref_lat:.2f}s)" if ref_lat and m.latency_s else ""
+    peak = m.peak_reserved if on_gpu else result.best.user_attrs.get("peak")
+    print(f"best: trial {result.best.number}: {m.latency_s:.3f}s{speed}, peak {format_bytes(peak or 0)}, "
+          f"PSNR {min(m.quality.get('psnr', float('nan')), 100):.1f} dB -> {out}")
+    return 0
+
+
+def _no_feasible(search: Any, cfg: Any) -> int:
+    from fluxtune.search.results import rows
+    from fluxtune.units import format_bytes
+
+    table = rows(search.study)
+    measured = [r for r in table if r.get("status") == "ok"]
+    if cfg.min_psnr is not None and measured:
+        fits = [r for r in measured if (r.get("constraints") or {}).get("memory_gb", 0) <= 0] or measured
+        top = max(fits, key=lambda r: r.get("psnr") or 0)
+        print(f"no trial reached --min-psnr {cfg.min_psnr} dB within the budget; the best quality found was "
+              f"{min(top.get('psnr') or 0, 100):.1f} dB (trial {top['trial']}); lower the floor or raise the budget")
+        return 1
+    peaks = [r.get("predicted_peak") or r.get("peak") for r in table]
+    peaks = [p for p in peaks if p]
+    smallest = min(peaks) if peaks else None
+    hint = f"; the smallest peak the memory model predicts among the trials is {format_bytes(smallest)}" if smallest else ""
+    print(f"no profile fits the budget {format_bytes(cfg.budget_bytes or 0)}{hint}")
+    return 1
+
+
+def _print_table(study: Any, budget: int | None, on_gpu: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fluxtune.search.results import rows
+    from fluxtune.units import format_bytes
+
+    table = Table("#", "config", "status", "latency", "first call", "peak", "predicted", "PSNR", title="trials")
+    for r in rows(study):
+        lat = f"{r['latency_s']:.3f}s" if r.get("latency_s") else "-"
+        first = f"{r['first_call_s']:.2f}s" if r.get("first_call_s") else "-"
+        peak = format_bytes(r["peak"]) if r.get("peak") else "-"
+        pred = format_bytes(r["predicted_peak"]) if r.get("predicted_peak") else "-"
+        psnr = f"{min(r['psnr'], 100):.1f}" if r.get("psnr") is not None else "-"
+        status = r["status"] + ("" if r["feasible"] or r["status"] != "ok" else " (infeasible)")
+        table.add_row(str(r["trial"]), str(r.get("config", ""))[:60], status, lat, first, peak, pred, psnr)
+    Console(width=160).print(table)

@@ -1,0 +1,144 @@
+"""Reading a study back: trial rows, the best trial or Pareto front with a knee, the winning profile."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from typing import Any
+
+from fluxtune.profile import Profile, validate_profile
+from fluxtune.search.study import CONFIG_KEY
+
+
+def rows(study: Any) -> list[dict[str, Any]]:
+    """One flat dict per trial, in trial order (what the CSV/JSON report holds)."""
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        a = t.user_attrs
+        m = a.get("measurement") or {}
+        q = a.get("quality") or {}
+        cons = a.get("constraints") or {}
+        out.append({
+            "trial": t.number,
+            "state": t.state.name,
+            "status": a.get("status", t.state.name.lower()),
+            "source": a.get("source", "sampler"),
+            "config": a.get("config", ""),
+            "feasible": bool(cons) and all(v <= 0 for v in cons.values()) if t.state.name == "COMPLETE" else False,
+            "latency_s": a.get("latency_s"),
+            "first_call_s": m.get("first_call_s"),
+            "step_s": m.get("step_s"),
+            "text_encode_s": m.get("text_encode_s"),
+            "decode_s": m.get("decode_s"),
+            "peak_reserved": m.get("peak_reserved"),
+            "peak_allocated": m.get("peak_allocated"),
+            "peak_nvml": m.get("peak_nvml"),
+            "host_ram_peak": m.get("host_ram_peak"),
+            "peak": a.get("peak"),
+            "predicted_peak": a.get("predicted_peak"),
+            "psnr": q.get("psnr"),
+            "ssim": q.get("ssim"),
+            "latent_rmse": q.get("latent_rmse"),
+            "adherence": q.get("adherence"),
+            "apply_s": a.get("apply_s"),
+            "error": a.get("error"),
+            "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
+            if t.datetime_complete and t.datetime_start else None,
+        })
+    return out
+
+
+def feasible_trials(study: Any) -> list[Any]:
+    from optuna.trial import TrialState
+
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        cons = t.user_attrs.get("constraints") or {}
+        if t.user_attrs.get("status") == "ok" and all(v <= 0 for v in cons.values()):
+            out.append(t)
+    return out
+
+
+def best_trial(study: Any) -> Any | None:
+    """The best feasible trial for single-objective studies; the knee of the front for pareto."""
+    feas = feasible_trials(study)
+    if not feas:
+        return None
+    objective = study.user_attrs.get(CONFIG_KEY, {}).get("objective", "latency")
+    if objective == "latency":
+        return min(feas, key=lambda t: t.values[0])
+    if objective == "quality":
+        return max(feas, key=lambda t: t.values[0])
+    return knee(pareto_front(study))
+
+
+def pareto_front(study: Any) -> list[Any]:
+    """Feasible trials no other feasible trial beats on both latency (lower) and PSNR (higher)."""
+    feas = [t for t in feasible_trials(study) if len(t.values) == 2]
+    front = []
+    for t in feas:
+        lat, q = t.values
+        dominated = any(o.values[0] <= lat and o.values[1] >= q and (o.values[0] < lat or o.values[1] > q) for o in feas)
+        if not dominated:
+            front.append(t)
+    return sorted(front, key=lambda t: t.values[0])
+
+
+def knee(front: list[Any]) -> Any | None:
+    """The front's knee: the point farthest from the line joining its two ends (normalised axes)."""
+    if len(front) <= 2:
+        return front[0] if front else None
+    lat = [t.values[0] for t in front]
+    q = [min(t.values[1], 100.0) for t in front]
+    lo_l, hi_l, lo_q, hi_q = min(lat), max(lat), min(q), max(q)
+    span_l, span_q = (hi_l - lo_l) or 1.0, (hi_q - lo_q) or 1.0
+    pts = [((x - lo_l) / span_l, (y - lo_q) / span_q) for x, y in zip(lat, q, strict=True)]
+    (x1, y1), (x2, y2) = pts[0], pts[-1]
+    norm = math.hypot(x2 - x1, y2 - y1) or 1.0
+    dist = [abs((y2 - y1) * x - (x2 - x1) * y + x2 * y1 - y2 * x1) / norm for x, y in pts]
+    return front[max(range(len(front)), key=dist.__getitem__)]
+
+
+def best_so_far(study: Any) -> list[tuple[int, float | None]]:
+    """(trial number, best feasible objective so far) for the progress curve (first objective)."""
+    feas = {t.number for t in feasible_trials(study)}
+    objective = study.user_attrs.get(CONFIG_KEY, {}).get("objective", "latency")
+    sign = -1.0 if objective == "quality" else 1.0
+    best: float | None = None
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        if t.number in feas:
+            v = t.values[0]
+            if best is None or sign * v < sign * best:
+                best = v
+        out.append((t.number, best))
+    return out
+
+
+def profile_of(trial: Any, study: Any, name: str | None = None) -> Profile:
+    """The trial's profile with its measured block filled in."""
+    cfg = study.user_attrs.get(CONFIG_KEY, {})
+    data = dict(trial.user_attrs["profile"])
+    m = trial.user_attrs.get("measurement") or {}
+    quality = {k: float(v) for k, v in (trial.user_attrs.get("quality") or {}).items() if isinstance(v, int | float)}
+    data["name"] = name or f"{study.study_name}-trial{trial.number}"
+    data["description"] = data.get("description") or (
+        f"found by fluxtune search ({cfg.get('objective')} objective) on {cfg.get('model')}")
+    data["measured"] = {
+        "status": "measured",
+        "source": "fluxtune search",
+        "date": dt.date.today().isoformat(),
+        "hardware": trial.user_attrs.get("hardware") or cfg.get("hardware", {}),
+        "versions": cfg.get("versions", {}),
+        "model": cfg.get("model"),
+        "workload": cfg.get("workload", {}),
+        "latency_s": m.get("latency_s"),
+        "first_call_s": m.get("first_call_s"),
+        "peak_allocated": m.get("peak_allocated"),
+        "peak_reserved": m.get("peak_reserved"),
+        "peak_nvml": m.get("peak_nvml"),
+        "quality": quality,
+        "study": study.study_name,
+        "trial": trial.number,
+    }
+    return validate_profile(data, source=f"trial {trial.number}")

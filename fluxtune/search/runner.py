@@ -1,0 +1,414 @@
+"""The search loop: ask Optuna, predict memory, run the trial in a worker, tell Optuna, repeat.
+
+One thread per worker process (one per GPU, or several on CPU) asks the shared study for trials,
+so many workers and many hosts (through a shared storage URL) cooperate on one study.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fluxtune.errors import SearchError
+from fluxtune.hardware import HardwareInfo, detect_hardware, library_versions
+from fluxtune.profile import Profile
+from fluxtune.search import objective as obj
+from fluxtune.search.space import SearchSpace
+from fluxtune.search.study import HOME, create_or_resume, open_storage, study_dir
+from fluxtune.search.worker import WorkerConfig, worker_main
+from fluxtune.units import format_bytes
+
+SKIP_MARGIN = 1.15
+"""Skip a trial without running it only when the memory model predicts 15 % over the budget."""
+
+
+@dataclass
+class SearchConfig:
+    """Everything ``fluxtune search`` was asked for."""
+
+    model: str
+    base: Profile
+    workload: dict[str, Any]
+    budget_bytes: int | None
+    objective: str = "latency"
+    min_psnr: float | None = None
+    max_latency: float | None = None
+    images: int | None = None
+    trials: int = 40
+    timeout_s: float | None = None
+    trial_timeout_s: float = 900.0
+    patience: int | None = 15
+    storage: str | None = None
+    study: str = "fluxtune"
+    devices: list[str] = field(default_factory=lambda: ["cpu"])
+    dtype: str = "bfloat16"
+    narrow: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = 0
+    home: Path = HOME
+    ram_budget_bytes: int | None = None
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "budget_bytes": self.budget_bytes, "objective": self.objective,
+            "workload": self.workload, "space": self.narrow, "min_psnr": self.min_psnr,
+            "max_latency": self.max_latency, "images": self.images,
+        }
+
+
+class WorkerDied(Exception):
+    """The worker process exited (crash, kill, OOM-killer) while it had a job."""
+
+
+class Worker:
+    """A worker process and the pipe to it."""
+
+    def __init__(self, cfg: WorkerConfig) -> None:
+        self.cfg = cfg
+        self.ready: dict[str, Any] = {}
+        self._start()
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")  # a fresh CUDA context and allocator per worker
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=worker_main, args=(child, self.cfg), daemon=True)
+        self.proc.start()
+        child.close()
+        msg = self._recv(timeout=1800.0)
+        if msg[0] == "fatal":
+            self.stop()
+            raise SearchError(f"worker on {self.cfg.device} could not load {self.cfg.model}: {msg[1]}")
+        self.ready = msg[1]
+
+    def _recv(self, timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.conn.poll(0.5):
+                try:
+                    return self.conn.recv()
+                except EOFError:
+                    break
+            if not self.proc.is_alive():
+                break
+        code = self.proc.exitcode
+        self.stop()
+        why = "timed out" if code is None else f"exited with code {code}"
+        raise WorkerDied(f"worker on {self.cfg.device} {why}")
+
+    def run(self, job: int, profile: dict[str, Any], timeout: float, **options: Any) -> dict[str, Any]:
+        self.conn.send(("run", job, profile, options))
+        msg = self._recv(timeout)
+        return msg[2]  # type: ignore[no-any-return]
+
+    def restart(self) -> None:
+        self.stop()
+        self._start()
+
+    def stop(self) -> None:
+        try:
+            if self.proc.is_alive():
+                self.conn.send(("stop",))
+                self.proc.join(5)
+        except (OSError, BrokenPipeError, ValueError):
+            pass
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+
+
+@dataclass
+class SearchResult:
+    study: Any
+    best: Any | None
+    reference: dict[str, Any]
+    elapsed_s: float
+    trials_run: int
+
+
+def reference_profile(cfg: SearchConfig, predicted_fits: bool) -> Profile:
+    """Lossless and within the budget: bf16, full steps, no cache, no compile; streamed if needed."""
+    data = cfg.base.to_dict()
+    for name in ("transformer", "text_encoder", "text_encoder_2", "vae"):
+        data[name].update(quantize=None, layerwise_casting=None)
+        data[name]["offload"] = {"mode": "none"}
+    if not predicted_fits:
+        for name in ("transformer", "text_encoder", "text_encoder_2"):
+            data[name]["offload"] = {"mode": "group", "level": "leaf", "use_stream": True}
+        data["vae"]["tiling"] = True
+    data["cache"] = {"kind": "none"}
+    data["compile"] = {"mode": "off"}
+    data["name"] = "reference"
+    from fluxtune.profile import validate_profile
+
+    return validate_profile(data, source="reference")
+
+
+class Search:
+    """One ``fluxtune search`` run (which may resume an existing study)."""
+
+    def __init__(self, cfg: SearchConfig, progress: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.say = progress
+        self.lock = threading.Lock()
+        self.started = time.monotonic()
+        self.hardware: HardwareInfo = detect_hardware()
+        self.on_gpu = any(d.startswith("cuda") for d in cfg.devices)
+        self.goal = obj.Goal(cfg.objective, cfg.budget_bytes if self.on_gpu else (cfg.budget_bytes or cfg.ram_budget_bytes),
+                             cfg.min_psnr, cfg.max_latency, cfg.images, self.on_gpu)
+        self.dir = study_dir(cfg.study, cfg.home)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ran = 0
+        self.stop_reason = ""
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def _workers(self) -> list[Worker]:
+        workers = []
+        for dev in self.cfg.devices:
+            wc = WorkerConfig(model=self.cfg.model, device=dev, dtype=self.cfg.dtype, workload=self.cfg.workload,
+                              budget_bytes=self.goal.budget_bytes if self.on_gpu else None, study_dir=str(self.dir))
+            self.say(f"starting worker on {dev} with {self.cfg.model} ...")
+            workers.append(Worker(wc))
+            self.say(f"  loaded in {workers[-1].ready['load_s']:.1f}s")
+        return workers
+
+    def _predict(self, profile: Profile) -> int | None:
+        if self.facts is None:
+            return None
+        from fluxtune.memory import predict
+
+        try:
+            pred = predict(profile, self.facts, calibration=self.calibration)
+        except Exception:  # the model is advice: never let it stop a search
+            return None
+        return int(pred.peak_vram if self.on_gpu else pred.host_ram)
+
+    def run(self) -> SearchResult:
+        import optuna
+
+        from fluxtune.memory import Calibration, ModelFacts
+        from fluxtune.search.recipes import warm_start
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage = open_storage(self.cfg.storage, self.cfg.home)
+        sampler = optuna.samplers.TPESampler(seed=self.cfg.seed, multivariate=True, group=True,
+                                             constant_liar=len(self.cfg.devices) > 1, n_startup_trials=8)
+        config = {**self.cfg.identity(), "hardware": self.hardware.fingerprint(), "versions": library_versions(),
+                  "devices": self.cfg.devices, "base": self.cfg.base.to_dict(exclude_defaults=True)}
+        study, resumed = create_or_resume(self.cfg.study, storage, config, sampler)
+        self.study = study
+        done = len([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
+        self.say(f"study {self.cfg.study!r} ({'resumed, ' + str(done) + ' trials done' if resumed else 'new'}) "
+                 f"in {self.cfg.storage or self.cfg.home / 'journal.log'}")
+        workers = self._workers()
+        try:
+            self.facts = ModelFacts.from_dict(workers[0].ready["facts"])
+            cal_path = self.dir / "calibration.json"
+            self.calibration = Calibration.load(cal_path) if cal_path.exists() else Calibration()
+            self.space = SearchSpace.create(self.hardware if self.on_gpu else _cpu_view(self.hardware),
+                                            _family(self.facts), self.cfg.base, self.cfg.narrow,
+                                            transformer_bytes=_block_bytes(self.facts))
+            reference = self._reference(workers[0])
+            if not resumed:
+                from fluxtune.presets import list_presets, load_profile
+
+                presets = []
+                for path in list_presets().values():
+                    try:
+                        p = load_profile(path)
+                    except Exception:
+                        continue
+                    if p.family in ("any", self.space.family):
+                        presets.append(p)
+                for label, params in warm_start(self.space, presets):
+                    study.enqueue_trial(params, user_attrs={"source": label}, skip_if_exists=True)
+            threads = [threading.Thread(target=self._loop, args=(w,), daemon=True) for w in workers]
+            for th in threads:
+                th.start()
+            for th in threads:
+                while th.is_alive():
+                    th.join(0.5)
+        finally:
+            for w in workers:
+                w.stop()
+            try:
+                self.calibration.save(self.dir / "calibration.json")
+            except Exception:
+                pass
+        from fluxtune.search.results import best_trial
+
+        return SearchResult(study, best_trial(study), reference, time.monotonic() - self.started, self.ran)
+
+    def _reference(self, worker: Worker) -> dict[str, Any]:
+        ref = self.study.user_attrs.get("fluxtune_reference")
+        if ref and worker.ready.get("reference"):
+            self.say(f"reference: reusing {self.dir / 'reference'} (noise floor PSNR "
+                     f"{ref.get('noise_floor', {}).get('psnr', float('nan')):.1f} dB)")
+            return dict(ref)
+        predicted = self._predict(reference_profile(self.cfg, True))
+        fits = predicted is None or self.goal.budget_bytes is None or predicted <= self.goal.budget_bytes
+        profile = reference_profile(self.cfg, fits)
+        self.say(f"reference: lossless run ({'resident' if fits else 'streamed: the bf16 model exceeds the budget'}) ...")
+        result = None
+        for w_profile in (profile, reference_profile(self.cfg, False)) if fits else (profile,):
+            result = worker.run(-1, w_profile.to_dict(), self.cfg.trial_timeout_s, reference=True)
+            if result["status"] == "ok":
+                profile = w_profile
+                break
+        assert result is not None
+        if result["status"] != "ok":
+            raise SearchError(f"the lossless reference could not run here ({result['status']}: {result.get('error')}); "
+                              "raise --budget or lower --size")
+        m = result["measurement"]
+        ref = {"profile": profile.to_dict(exclude_defaults=True), "latency_s": m.get("latency_s"),
+               "peak": obj.peak_of(m, self.on_gpu), "noise_floor": result.get("noise_floor", {})}
+        self.study.set_user_attr("fluxtune_reference", ref)
+        self.say(f"reference: {m.get('latency_s', 0):.2f}s, peak {format_bytes(ref['peak'] or 0)}, noise floor PSNR "
+                 f"{ref['noise_floor'].get('psnr', float('nan')):.1f} dB")
+        return ref
+
+    # -- the loop --------------------------------------------------------------------------------
+    def _finished(self) -> int:
+        return len([t for t in self.study.get_trials(deepcopy=False) if t.state.is_finished()])
+
+    def _should_stop(self) -> bool:
+        if self.stop_reason:
+            return True
+        if self._finished() >= self.cfg.trials:
+            self.stop_reason = f"reached {self.cfg.trials} trials"
+        elif self.cfg.timeout_s is not None and time.monotonic() - self.started > self.cfg.timeout_s:
+            self.stop_reason = f"reached the time limit ({self.cfg.timeout_s:.0f}s)"
+        elif self.cfg.patience and self._stale() >= self.cfg.patience:
+            self.stop_reason = f"no improvement in the last {self.cfg.patience} trials"
+        return bool(self.stop_reason)
+
+    def _stale(self) -> int:
+        from fluxtune.search.results import best_so_far
+
+        curve = best_so_far(self.study)
+        if not curve or curve[-1][1] is None:
+            return 0
+        last = curve[-1][1]
+        first_at = next(n for n, v in curve if v == last)
+        return curve[-1][0] - first_at
+
+    def _loop(self, worker: Worker) -> None:
+        while True:
+            with self.lock:
+                if self._should_stop():
+                    return
+                trial = self.study.ask()
+            try:
+                self._one(worker, trial)
+            except WorkerDied as e:
+                self.study.tell(trial, state=__import__("optuna").trial.TrialState.FAIL)
+                self.say(f"trial {trial.number}: {e}; starting a new worker")
+                try:
+                    worker.restart()
+                except SearchError as e2:
+                    self.stop_reason = str(e2)
+                    return
+            except Exception as e:
+                self.study.tell(trial, state=__import__("optuna").trial.TrialState.FAIL)
+                self.say(f"trial {trial.number}: failed in the search loop: {type(e).__name__}: {e}")
+
+    def _one(self, worker: Worker, trial: Any) -> None:
+        import optuna
+
+        profile = self.space.suggest(trial)
+        desc = self.space.describe(trial.params)
+        trial.set_user_attr("profile", profile.to_dict(exclude_defaults=True))
+        trial.set_user_attr("config", desc)
+        trial.set_user_attr("host_pid", f"{socket.gethostname()}:{os.getpid()}")
+        predicted = self._predict(profile)
+        trial.set_user_attr("predicted_peak", predicted)
+        n = trial.number
+        total = self.cfg.trials
+        if self.goal.budget_bytes is not None and predicted is not None and predicted > self.goal.budget_bytes * SKIP_MARGIN:
+            sc = obj.predicted_infeasible(self.goal, predicted)
+            self._tell(trial, sc, {"status": "skipped", "error": f"predicted peak {format_bytes(predicted)} > budget"})
+            self.say(f"[{n + 1}/{total}] {desc} | skipped: predicted {format_bytes(predicted)} > "
+                     f"{format_bytes(self.goal.budget_bytes)}")
+            return
+        result = worker.run(n, profile.to_dict(), self.cfg.trial_timeout_s, trial=n)
+        self.ran += 1
+        status = result.get("status")
+        if status in ("invalid", "error"):
+            trial.set_user_attr("status", status)
+            trial.set_user_attr("error", result.get("error"))
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            self.say(f"[{n + 1}/{total}] {desc} | {status}: {result.get('error')}")
+            return
+        sc = obj.score(self.goal, result)
+        m = result.get("measurement") or {}
+        if status == "ok" and predicted and sc.peak:
+            self.calibration.observe(profile, predicted, sc.peak) if hasattr(self.calibration, "observe") else None
+        self._tell(trial, sc, result)
+        self.say(self._line(n, desc, sc, result, m))
+
+    def _tell(self, trial: Any, sc: obj.Score, result: dict[str, Any]) -> None:
+        for key, value in sc.constraints.items():
+            trial.set_constraint(key, value)
+        attrs = {"status": result.get("status"), "error": result.get("error"), "constraints": sc.constraints,
+                 "latency_s": sc.latency, "peak": sc.peak, "quality": result.get("quality"),
+                 "measurement": result.get("measurement"), "apply_s": result.get("apply_s"),
+                 "hardware": self.hardware.fingerprint()}
+        for k, v in attrs.items():
+            if v is not None:
+                trial.set_user_attr(k, v)
+        self.study.tell(trial, sc.values)
+
+    def _line(self, n: int, desc: str, sc: obj.Score, result: dict[str, Any], m: dict[str, Any]) -> str:
+        from fluxtune.search.results import best_trial
+
+        status = result.get("status")
+        bits = [f"[{n + 1}/{self.cfg.trials}] {desc}"]
+        if status == "ok":
+            lat = f"{sc.latency:.2f}s" if sc.latency is not None else "?"
+            first = m.get("first_call_s")
+            bits.append(f"{lat}" + (f" (first {first:.1f}s)" if first and sc.latency and first > 1.5 * sc.latency else ""))
+            bits.append(f"peak {format_bytes(sc.peak or 0)}")
+            if sc.psnr is not None:
+                bits.append(f"PSNR {min(sc.psnr, 100):.1f}")
+            if not sc.feasible:
+                bits.append("infeasible (" + ", ".join(k for k, v in sc.constraints.items() if v > 0) + ")")
+        else:
+            bits.append(f"{status}: {str(result.get('error') or '')[:80]}")
+        best = best_trial(self.study)
+        if best is not None:
+            bits.append(f"best #{best.number} {best.user_attrs.get('latency_s', 0):.2f}s")
+        elapsed = time.monotonic() - self.started
+        done = max(1, self._finished())
+        left = (self.cfg.trials - done) * elapsed / done
+        if self.cfg.timeout_s:
+            left = min(left, self.cfg.timeout_s - elapsed)
+        bits.append(f"{elapsed / 60:.1f}m elapsed, ~{max(0.0, left) / 60:.1f}m left")
+        return " | ".join(bits)
+
+
+def _family(facts: Any) -> str:
+    return str(getattr(facts, "family", None) or "flux")
+
+
+def _block_bytes(facts: Any) -> int | None:
+    for attr in ("transformer_block_bytes", "block_bytes"):
+        v = getattr(facts, attr, None)
+        if v:
+            return int(v)
+    return None
+
+
+def _cpu_view(hw: HardwareInfo) -> HardwareInfo:
+    """Search on CPU: hide a GPU the user did not ask for, so only CPU knobs are offered."""
+    from dataclasses import replace
+
+    return replace(hw, gpu_index=None, gpu_name=None, total_memory_bytes=None, compute_capability=None)
+
+
+def config_summary(cfg: SearchConfig) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "base"}

@@ -1,0 +1,254 @@
+"""The search space: every profile knob as an Optuna dimension, conditional where it must be.
+
+``suggest(trial)`` is define-by-run and builds a :class:`~fluxtune.profile.Profile`; replaying the
+parameters of a finished trial through ``optuna.trial.FixedTrial`` gives the same profile back.
+Users pin or narrow any dimension from a YAML space file or ``--pin KEY=VALUE``. No torch here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from fluxtune.errors import ProfileError
+from fluxtune.hardware import HardwareInfo
+from fluxtune.profile import Profile, validate_profile
+
+Params = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One dimension: categorical ``choices`` or a numeric range ``low``..``high``."""
+
+    name: str
+    choices: tuple[Any, ...] = ()
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = False
+    when: Callable[[Params], bool] = field(default=lambda p: True, compare=False, repr=False)
+    help: str = ""
+
+    @property
+    def categorical(self) -> bool:
+        return bool(self.choices)
+
+    def suggest(self, trial: Any) -> Any:
+        if self.categorical:
+            return trial.suggest_categorical(self.name, list(self.choices))
+        assert self.low is not None and self.high is not None
+        if self.integer:
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(self.name, float(self.low), float(self.high), log=self.log)
+
+    def narrowed(self, spec: Any) -> Dim:
+        """This dimension pinned to one value, restricted to a list, or to a ``{low, high}`` range."""
+        if isinstance(spec, Mapping):
+            unknown = set(spec) - {"low", "high", "log"}
+            if unknown or self.categorical:
+                raise ProfileError(f"space: {self.name}: a range {{low, high}} only fits numeric dimensions; "
+                                   f"use one of {list(self.choices)} or a list of them")
+            lo, hi = spec.get("low", self.low), spec.get("high", self.high)
+            if lo is None or hi is None or lo > hi:
+                raise ProfileError(f"space: {self.name}: low={lo} high={hi} is not a range")
+            return replace(self, low=lo, high=hi, log=bool(spec.get("log", self.log)))
+        values = list(spec) if isinstance(spec, list | tuple) else [spec]
+        if not values:
+            raise ProfileError(f"space: {self.name}: an empty list leaves nothing to try")
+        if self.categorical:
+            bad = [v for v in values if v not in self.choices]
+            if bad:
+                raise ProfileError(f"space: {self.name}={bad[0]!r} is not a choice here; allowed: "
+                                   f"{', '.join(map(str, self.choices))}")
+            return replace(self, choices=tuple(values))
+        for v in values:
+            if not isinstance(v, int | float) or isinstance(v, bool):
+                raise ProfileError(f"space: {self.name}={v!r} is not a number; use a number in "
+                                   f"[{self.low}, {self.high}] or {{low, high}}")
+        if len(values) == 1:
+            return replace(self, low=values[0], high=values[0])
+        return replace(self, choices=tuple(values), low=None, high=None)
+
+
+def _q(p: Params) -> str:
+    return str(p.get("transformer.quantize", "none"))
+
+
+def _off(p: Params) -> str:
+    return str(p.get("transformer.offload", "none"))
+
+
+def default_dims(hardware: HardwareInfo, family: str) -> list[Dim]:
+    """All dimensions for this machine and pipeline family, before user narrowing."""
+    gpu = hardware.has_cuda
+    quant = ["none", "int8_weight", "int8_dynamic"]
+    if gpu:
+        quant += ["int4_weight"]
+        if hardware.supports_fp8:
+            quant += ["fp8_weight", "fp8_dynamic"]
+    offloads = ["none", "model", "sequential", "group", "partial"] if gpu else ["none"]
+    caches = ["none", "first_block", "taylorseer"] + (["magcache"] if family == "flux" else [])
+    hooks = lambda p: p.get("cache", "none") != "none" or _off(p) in ("group", "partial", "sequential")  # noqa: E731
+    dims = [
+        Dim("steps", low=28, high=28, integer=True, help="denoising steps (pin a range with --steps 20-50)"),
+        Dim("transformer.quantize", tuple(quant)),
+        Dim("transformer.granularity", ("row", "tensor") if hardware.supports_fp8_rowwise else ("tensor",),
+            when=lambda p: _q(p) == "fp8_dynamic"),
+        Dim("transformer.layerwise_fp8", (False, True), when=lambda p: _q(p) == "none"),
+        Dim("transformer.offload", tuple(offloads)),
+        Dim("transformer.group_level", ("leaf", "block"), when=lambda p: _off(p) == "group"),
+        Dim("transformer.blocks_per_group", low=1, high=4, integer=True,
+            when=lambda p: _off(p) == "group" and p.get("transformer.group_level") == "block"),
+        Dim("transformer.use_stream", (True, False), when=lambda p: _off(p) == "group"),
+        Dim("transformer.resident_fraction", low=0.05, high=0.98,
+            when=lambda p: _off(p) == "partial", help="share of the transformer's blocks kept resident"),
+        Dim("text_encoders.offload", ("none", "model", "group") if gpu else ("none",),
+            when=lambda p: family == "flux" and _off(p) != "model"),
+        Dim("text_encoder_2.quantize", ("none", "int8_weight"), when=lambda p: family == "flux"),
+        Dim("vae.tiling", (False, True)),
+        Dim("cache", tuple(caches)),
+        Dim("cache.threshold", low=0.02, high=0.4, log=True,
+            when=lambda p: p.get("cache") in ("first_block", "magcache")),
+        Dim("cache.interval", low=2, high=8, integer=True, when=lambda p: p.get("cache") == "taylorseer"),
+        Dim("cache.warmup", low=1, high=12, integer=True, when=lambda p: p.get("cache") == "taylorseer"),
+        Dim("compile", ("off", "regional") if gpu else ("off",)),
+        Dim("compile.fullgraph", (False, True), when=lambda p: p.get("compile") == "regional" and not hooks(p)),
+        Dim("compile.fuse_qkv", (False, True),
+            when=lambda p: p.get("compile") == "regional" and not p.get("transformer.layerwise_fp8")),
+    ]
+    return dims
+
+
+# Offload choices for the model-offload family must be uniform (accelerate and diffusers hooks don't mix).
+_ACCELERATE = ("model", "sequential")
+
+
+@dataclass
+class SearchSpace:
+    """The dimensions of a search plus the fixed parts of every profile it proposes."""
+
+    dims: list[Dim]
+    base: Profile
+    family: str
+    transformer_bytes: int | None = None
+    """Bytes of the transformer's repeated blocks (after the trial's quantization: scaled per method)."""
+
+    @classmethod
+    def create(
+        cls,
+        hardware: HardwareInfo,
+        family: str,
+        base: Profile,
+        narrow: Mapping[str, Any] | None = None,
+        transformer_bytes: int | None = None,
+    ) -> SearchSpace:
+        dims = default_dims(hardware, family)
+        by_name = {d.name: d for d in dims}
+        for key, spec in (narrow or {}).items():
+            if key not in by_name:
+                raise ProfileError(f"space: unknown dimension {key!r}; known: {', '.join(by_name)}")
+            by_name[key] = by_name[key].narrowed(spec)
+        return cls([by_name[d.name] for d in dims], base, family, transformer_bytes)
+
+    def suggest(self, trial: Any) -> Profile:
+        """Define-by-run: ask the trial for each active dimension, return the profile."""
+        params: dict[str, Any] = {}
+        for dim in self.dims:
+            if dim.when(params):
+                params[dim.name] = dim.suggest(trial)
+        return self.profile(params)
+
+    def profile(self, params: Params) -> Profile:
+        """The profile for a full parameter dict (as ``trial.params`` holds it)."""
+        data = self.base.to_dict()
+        g = data["generation"]
+        g["steps"] = int(params.get("steps", g["steps"]))
+        t = data["transformer"]
+        q = _q(params)
+        if q != "none":
+            t["quantize"] = {"method": q}
+            if q == "fp8_dynamic":
+                t["quantize"]["granularity"] = params.get("transformer.granularity", "row")
+        elif params.get("transformer.layerwise_fp8"):
+            t["layerwise_casting"] = {"storage": "float8_e4m3fn"}
+        off = _off(params)
+        t["offload"] = self._offload(off, params, q)
+        if self.family == "flux":
+            te = "model" if off == "model" else str(params.get("text_encoders.offload", "none"))
+            if off in _ACCELERATE:
+                te = off if te != "none" else "none"
+            elif te in _ACCELERATE and off in ("group", "partial"):
+                te = "group"
+            te_off = {"mode": te} if te != "group" else {"mode": "group", "level": "leaf", "use_stream": True}
+            data["text_encoder"]["offload"] = te_off
+            data["text_encoder_2"]["offload"] = te_off
+            if params.get("text_encoder_2.quantize", "none") != "none":
+                data["text_encoder_2"]["quantize"] = {"method": params["text_encoder_2.quantize"]}
+            if off in _ACCELERATE:
+                data["vae"]["offload"] = {"mode": off}
+        data["vae"]["tiling"] = bool(params.get("vae.tiling", False))
+        cache = str(params.get("cache", "none"))
+        if cache == "none":
+            data["cache"] = {"kind": "none"}
+        elif cache == "taylorseer":
+            data["cache"] = {"kind": cache, "cache_interval": int(params.get("cache.interval", 5)),
+                             "disable_cache_before_step": int(params.get("cache.warmup", 3))}
+        else:
+            data["cache"] = {"kind": cache, "threshold": round(float(params.get("cache.threshold", 0.08)), 4)}
+        comp = str(params.get("compile", "off"))
+        data["compile"] = {**data["compile"], "mode": comp,
+                           "fullgraph": bool(params.get("compile.fullgraph", False)),
+                           "fuse_qkv": bool(params.get("compile.fuse_qkv", False))}
+        return validate_profile(data, source="search space")
+
+    def _offload(self, off: str, params: Params, quant: str) -> dict[str, Any]:
+        if off == "group":
+            level = str(params.get("transformer.group_level", "leaf"))
+            out: dict[str, Any] = {"mode": "group", "level": level,
+                                   "use_stream": bool(params.get("transformer.use_stream", True))}
+            if level == "block":
+                out["blocks_per_group"] = int(params.get("transformer.blocks_per_group", 1))
+            return out
+        if off == "partial":
+            frac = float(params.get("transformer.resident_fraction", 0.5))
+            if self.transformer_bytes:
+                scale = {"none": 1.0, "int4_weight": 0.28}.get(quant, 0.5)
+                if quant == "none" and params.get("transformer.layerwise_fp8"):
+                    scale = 0.5
+                return {"mode": "partial", "resident": max(1, int(frac * self.transformer_bytes * scale))}
+            return {"mode": "partial", "resident_blocks": 0}
+        return {"mode": off}
+
+    def describe(self, params: Params) -> str:
+        """A short one-line summary of a trial's parameters."""
+        bits = []
+        for key, value in params.items():
+            if key in ("steps",) and value == self.base.generation.steps:
+                continue
+            short = key.replace("transformer.", "t.").replace("text_encoder_2.", "t5.").replace("text_encoders.", "te.")
+            bits.append(f"{short}={value:.3g}" if isinstance(value, float) else f"{short}={value}")
+        return " ".join(bits)
+
+
+def load_space_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML space file: ``dimension: value | [values] | {low, high}``."""
+    from fluxtune.presets import load_data
+
+    data = load_data(path)
+    return {str(k): v for k, v in data.items()}
+
+
+def parse_pins(pins: Sequence[str]) -> dict[str, Any]:
+    """``--pin KEY=VALUE`` items (VALUE parsed as YAML: lists and numbers work)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in pins:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ProfileError(f"--pin {item!r} is not KEY=VALUE; example: --pin transformer.offload=partial")
+        out[key.strip()] = yaml.safe_load(raw)
+    return out

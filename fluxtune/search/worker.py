@@ -1,0 +1,216 @@
+"""Trial workers: a process that owns one pipeline on one device and runs trials sent to it.
+
+The parent asks Optuna for trials and sends each profile here over a pipe; a worker that crashes or
+is killed takes only its current trial with it (the parent records it and starts a new worker).
+Inside, trials reuse the loaded pipeline: reversible knobs are re-applied in place, and a trial that
+needs different irreversible knobs (quantization, casting, fused QKV, compile) starts from pristine
+weights kept in host memory (or rebuilt, for the deterministic built-in models), never from disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class WorkerConfig:
+    """What a worker needs to start; plain data so it crosses the process boundary."""
+
+    model: str
+    device: str  # "cuda:0", "cpu"
+    dtype: str
+    workload: dict[str, Any]
+    budget_bytes: int | None
+    study_dir: str
+    gpu_index: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class TrialSession:
+    """Holds the pipeline between trials and runs one profile at a time; never raises."""
+
+    def __init__(self, cfg: WorkerConfig) -> None:
+        import torch
+
+        from fluxtune import pipelines
+        from fluxtune.hardware import detect_hardware
+        from fluxtune.measure import Workload
+
+        self.cfg = cfg
+        self.torch = torch
+        self.device = torch.device(cfg.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.hardware = detect_hardware(self.device.index or 0) if self.device.type == "cuda" else detect_hardware()
+        self.workload = Workload.from_dict(cfg.workload)
+        self.builtin = cfg.model in pipelines.BUILTINS
+        t0 = time.perf_counter()
+        self.pipe = self._fresh()
+        self.load_s = time.perf_counter() - t0
+        self.pristine: dict[str, Any] | None = None
+        if not self.builtin:
+            # Host copies of the untouched weights: restoring them beats re-reading the checkpoint.
+            self.pristine = {n: copy.deepcopy(m).to("cpu") for n, m in pipelines.module_components(self.pipe).items()}
+        self.dirty = False
+        self.reference: Any = None
+
+    def _fresh(self) -> Any:
+        from fluxtune import pipelines
+
+        device = self.cfg.device if self.builtin and pipelines.BUILTINS[self.cfg.model].needs_gpu else None
+        pipe = pipelines.load(self.cfg.model, device=device, dtype=self.cfg.dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def facts(self) -> dict[str, Any]:
+        from fluxtune.memory import ModelFacts
+
+        return ModelFacts.from_pipeline(self.pipe).to_dict()
+
+    # -- pipeline lifecycle ---------------------------------------------------------------------
+    def _restore(self) -> None:
+        """Give the next trial pristine weights and no fluxtune state."""
+        torch = self.torch
+        from fluxtune.tuning.generation import base_class
+
+        if self.device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0, self.device)
+        pipe, self.pipe = self.pipe, None
+        torch.compiler.reset()  # compiled code refers to the old modules
+        if self.pristine is None:
+            del pipe
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.pipe = self._fresh()
+        else:
+            pipe.__class__ = base_class(pipe)
+            pipe.__dict__.pop("_fluxtune", None)
+            pipe.register_modules(**{name: None for name in self.pristine})
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            pipe.register_modules(**{name: copy.deepcopy(m) for name, m in self.pristine.items()})
+            self.pipe = pipe
+        self.dirty = False
+
+    def _pipeline_for(self, profile: Any) -> Any:
+        from fluxtune.tuning import irreversible_signature, is_tuned
+
+        if self.dirty:
+            self._restore()
+        elif is_tuned(self.pipe):
+            same = irreversible_signature(self.pipe._fluxtune.profile) == irreversible_signature(profile)
+            if not same:
+                self._restore()
+        return self.pipe
+
+    # -- running -------------------------------------------------------------------------------
+    def run(self, profile_data: dict[str, Any], *, reference: bool = False, trial: int | None = None) -> dict[str, Any]:
+        """Apply and measure one profile; returns plain data (status, measurement, quality, timings)."""
+        torch = self.torch
+        from fluxtune.errors import BudgetExceededError, FluxtuneError
+        from fluxtune.measure import compare, measure
+        from fluxtune.presets import load_profile
+        from fluxtune.tuning import apply
+
+        out: dict[str, Any] = {"status": "error", "trial": trial}
+        try:
+            profile = load_profile(profile_data)
+            t0 = time.perf_counter()
+            pipe = self._pipeline_for(profile)
+            out["restore_s"] = time.perf_counter() - t0
+            self.dirty = True  # until apply finished cleanly
+            t0 = time.perf_counter()
+            report = apply(profile, pipe, hardware=self.hardware, device=str(self.device))
+            out["apply_s"] = time.perf_counter() - t0
+            out["quantize_s"] = report.seconds("quantize")
+            out["report"] = str(report)
+            self.dirty = False
+        except BudgetExceededError as e:
+            out.update(status="over_budget", error=str(e))
+            return out
+        except torch.OutOfMemoryError as e:
+            out.update(status="oom", error=f"out of memory while applying: {str(e).splitlines()[0]}")
+            return out
+        except FluxtuneError as e:
+            out.update(status="invalid", error=str(e))
+            return out
+        except Exception as e:  # a library bug on this combination: record it, keep the worker alive
+            out.update(status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                       traceback=traceback.format_exc(limit=8))
+            return out
+        m = measure(pipe, self.workload, budget_bytes=self.cfg.budget_bytes,
+                    device_index=self.device.index or 0 if self.device.type == "cuda" else 0)
+        if m.status in ("oom", "error"):
+            self.dirty = True
+        out["status"] = m.status
+        out["error"] = m.error
+        out["measurement"] = m.to_dict()
+        if m.status == "ok" or m.status == "over_budget":
+            if reference:
+                self.reference = m
+                self._save_reference(m)
+                floor = measure(pipe, self.workload, device_index=self.device.index or 0
+                                if self.device.type == "cuda" else 0)
+                out["noise_floor"] = compare(floor, m) if floor.status == "ok" else {}
+            elif self.reference is not None:
+                out["quality"] = compare(m, self.reference)
+            if trial is not None and m.images is not None:
+                self._save_images(m.images, f"trial_{trial:04d}.pt")
+        return out
+
+    def _save_reference(self, m: Any) -> None:
+        from fluxtune.measure import Reference
+
+        path = Path(self.cfg.study_dir) / "reference"
+        Reference.from_measurement(m, self.workload).save(path)
+
+    def load_reference(self) -> bool:
+        from fluxtune.measure import Reference
+
+        path = Path(self.cfg.study_dir) / "reference"
+        try:
+            ref = Reference.load(path)
+        except (FileNotFoundError, OSError):
+            return False
+        self.reference = ref.as_measurement()
+        return True
+
+    def _save_images(self, images: Any, name: str) -> None:
+        folder = Path(self.cfg.study_dir) / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        # The first image of the workload is enough for the finalists' grid; keep it small (uint8).
+        first = (images[:1].clamp(0, 1) * 255).round().to(self.torch.uint8).cpu()
+        self.torch.save(first, folder / name)
+
+
+def worker_main(conn: Any, cfg: WorkerConfig) -> None:
+    """Entry point of a worker process: report readiness, then serve ``run`` requests until ``stop``."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        session = TrialSession(cfg)
+        have_ref = session.load_reference()
+        conn.send(("ready", {"facts": session.facts(), "hardware": session.hardware.fingerprint(),
+                             "load_s": session.load_s, "reference": have_ref}))
+    except Exception as e:
+        conn.send(("fatal", f"{type(e).__name__}: {e}", traceback.format_exc(limit=8)))
+        return
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, KeyboardInterrupt):
+            return
+        if msg[0] == "stop":
+            return
+        if msg[0] == "run":
+            _, job, profile_data, options = msg
+            result = session.run(profile_data, reference=options.get("reference", False), trial=options.get("trial"))
+            conn.send(("result", job, result))

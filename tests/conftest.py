@@ -1,0 +1,37 @@
+"""Shared fixtures: the tiny built-in pipelines (a few thousand parameters, CPU, seconds)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_configure(config):
+    # The tiny models are launch-bound: one thread avoids oversubscribing the 2-core CI machine.
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def tiny_flux():
+    from fluxtune.pipelines import load
+
+    return load("tiny-flux", dtype="float32")
+
+
+@pytest.fixture
+def tiny_dit():
+    from fluxtune.pipelines import load
+
+    return load("tiny-dit", dtype="float32")
+
+
+def gen(seed: int = 0):
+    import torch
+
+    return torch.Generator().manual_seed(seed)

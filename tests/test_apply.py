@@ -1,0 +1,189 @@
+"""apply(): every knob that runs on CPU really takes effect; every refusal is one clear line and
+changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fluxtune
+from fluxtune.errors import BudgetExceededError, IncompatibleKnobsError, UnsupportedHardwareError
+from fluxtune.hardware import HardwareInfo
+from fluxtune.tuning.quantize import quantized_linear_count
+from tests.conftest import gen
+
+STEPS = 4
+
+
+def run(pipe, **kw):
+    kw.setdefault("num_inference_steps", STEPS)
+    return pipe("a red circle at the top left", generator=gen(), output_type="pt", **kw).images
+
+
+def block_calls(pipe) -> list[int]:
+    """Count the attention calls inside the transformer blocks (a cache skips whole blocks; their
+    own forward hooks still fire, so the count must look inside)."""
+    calls = [0]
+    for name, child in pipe.transformer.named_children():
+        if isinstance(child, torch.nn.ModuleList):
+            for block in child:
+                attn = getattr(block, "attn", None) or getattr(block, "attn1", None)
+                attn.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_quantization_swaps_weights_and_changes_output(tiny_flux):
+    ref = run(tiny_flux)
+    report = fluxtune.apply({"transformer": {"quantize": "int8_weight"}}, tiny_flux)
+    q, total = quantized_linear_count(tiny_flux.transformer)
+    assert q == total > 0
+    assert "int8_weight" in str(report)
+    out = run(tiny_flux)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert not torch.equal(out, ref)
+
+
+def test_quantize_exclude_keeps_layers(tiny_flux):
+    fluxtune.apply({"transformer": {"quantize": {"method": "int8_weight", "exclude": [r"norm.*\.linear", "proj_out"]}}},
+                   tiny_flux)
+    q, total = quantized_linear_count(tiny_flux.transformer)
+    assert 0 < q < total
+    assert type(tiny_flux.transformer.proj_out.weight.data) is torch.Tensor
+
+
+def test_int8_dynamic_runs_on_cpu(tiny_dit):
+    fluxtune.apply({"transformer": {"quantize": "int8_dynamic"}, "generation": {"steps": 2}}, tiny_dit)
+    out = tiny_dit(class_labels=[1], generator=gen(), output_type="np").images
+    assert out.shape[0] == 1
+
+
+def test_first_block_cache_skips_blocks(tiny_flux):
+    calls = block_calls(tiny_flux)
+    run(tiny_flux)
+    full = calls[0]
+    calls[0] = 0
+    fluxtune.apply({"cache": {"kind": "first_block", "threshold": 0.9}}, tiny_flux)
+    run(tiny_flux)
+    assert 0 < calls[0] < full
+
+
+def test_taylorseer_and_dit_caches_run(tiny_flux, tiny_dit):
+    fluxtune.apply({"cache": {"kind": "taylorseer", "cache_interval": 2, "disable_cache_before_step": 1}}, tiny_flux)
+    assert torch.isfinite(run(tiny_flux, num_inference_steps=6)).all()
+    calls = block_calls(tiny_dit)
+    tiny_dit(class_labels=[1], generator=gen(), num_inference_steps=4, output_type="np")
+    full = calls[0]
+    calls[0] = 0
+    fluxtune.apply({"cache": {"kind": "first_block", "threshold": 0.9}}, tiny_dit)
+    for _ in range(2):  # state is reset between calls: the second call behaves like the first
+        calls[0] = 0
+        tiny_dit(class_labels=[1], generator=gen(), num_inference_steps=4, output_type="np")
+        assert 0 < calls[0] < full
+
+
+def test_vae_tiling_really_tiles(tiny_flux):
+    seen = []
+    original = tiny_flux.vae.tiled_decode
+    tiny_flux.vae.tiled_decode = lambda *a, **k: (seen.append(1), original(*a, **k))[1]
+    fluxtune.apply({"vae": {"tiling": True, "tile_size": 32, "slicing": True}}, tiny_flux)
+    assert tiny_flux.vae.use_tiling and tiny_flux.vae.use_slicing
+    run(tiny_flux)
+    assert seen, "tiled_decode was not used"
+    fluxtune.apply({}, tiny_flux)  # reversible: a plain profile turns tiling off again
+    assert not tiny_flux.vae.use_tiling
+
+
+def test_layerwise_casting_stores_fp8(tiny_flux):
+    fluxtune.apply({"transformer": {"layerwise_casting": {}}}, tiny_flux)
+    dtypes = {m.weight.dtype for m in tiny_flux.transformer.transformer_blocks.modules() if isinstance(m, torch.nn.Linear)}
+    assert torch.float8_e4m3fn in dtypes
+    assert torch.isfinite(run(tiny_flux)).all()
+
+
+def test_fuse_qkv_then_quantize(tiny_flux):
+    ref = run(tiny_flux)
+    fluxtune.apply({"compile": {"fuse_qkv": True}}, tiny_flux)
+    attn = tiny_flux.transformer.transformer_blocks[0].attn
+    assert getattr(attn, "fused_projections", False)
+    assert torch.allclose(run(tiny_flux), ref, atol=2e-3)
+
+
+def test_generation_defaults_and_explicit_args_win(tiny_flux):
+    steps = []
+    fluxtune.apply({"generation": {"steps": 3, "height": 32, "width": 48}}, tiny_flux)
+    out = tiny_flux("x", generator=gen(), output_type="pt",
+                    callback_on_step_end=lambda p, i, t, kw: (steps.append(i), kw)[1]).images
+    assert len(steps) == 3 and tuple(out.shape[-2:]) == (32, 48)
+    steps.clear()
+    tiny_flux("x", generator=gen(), output_type="pt", num_inference_steps=2,
+              callback_on_step_end=lambda p, i, t, kw: (steps.append(i), kw)[1])
+    assert len(steps) == 2
+    assert type(tiny_flux).__name__ == "FluxPipeline"
+
+
+def test_budget_guard_refuses_bigger_calls(tiny_flux):
+    fluxtune.apply({"budget": {"vram": "1GB", "enforce": False},
+                    "generation": {"steps": 2, "height": 32, "width": 32, "images_per_prompt": 1}}, tiny_flux)
+    with pytest.raises(BudgetExceededError, match="64x64"):
+        tiny_flux("x", height=64, width=64)
+    with pytest.raises(BudgetExceededError, match="images_per_prompt=1"):
+        tiny_flux(["a", "b"])
+    assert tiny_flux("x", output_type="pt").images.shape[-1] == 32
+
+
+def test_second_profile_reapplies_reversible_and_refuses_irreversible(tiny_flux):
+    fluxtune.apply({"name": "a", "transformer": {"quantize": "int8_weight"}, "cache": "first_block"}, tiny_flux)
+    report = fluxtune.apply({"name": "b", "transformer": {"quantize": "int8_weight"}}, tiny_flux)
+    assert "reverted" in str(report)
+    assert not tiny_flux.transformer.is_cache_enabled
+    with pytest.raises(IncompatibleKnobsError, match="transformer.quantize cannot be changed in place"):
+        fluxtune.apply({"name": "c", "transformer": {"quantize": "int8_dynamic"}}, tiny_flux)
+    # the refused profile changed nothing: still profile b
+    assert tiny_flux._fluxtune.profile.name == "b"
+
+
+def test_gpu_only_knobs_refused_on_cpu(tiny_flux):
+    for data, field in [({"transformer": {"offload": "model"}}, "transformer.offload.mode=model"),
+                        ({"transformer": {"quantize": "fp8_dynamic"}}, "transformer.quantize.method=fp8_dynamic"),
+                        ({"text_encoder_2": {"offload": {"mode": "group"}}}, "text_encoder_2.offload.mode=group")]:
+        with pytest.raises(UnsupportedHardwareError, match=field.replace(".", r"\.")):
+            fluxtune.apply(data, tiny_flux)
+    assert not hasattr(tiny_flux, "_fluxtune")
+
+
+def test_fp8_refused_below_sm89(tiny_flux):
+    ampere = HardwareInfo(gpu_index=0, gpu_name="NVIDIA A100", total_memory_bytes=80 * 10**9,
+                          compute_capability=(8, 0), driver="550", cuda_version="12.4", torch_version="2.13",
+                          host_ram_bytes=10**11, cpu_count=8)
+    with pytest.raises(UnsupportedHardwareError, match="compute capability 9.0"):
+        fluxtune.apply({"transformer": {"quantize": "fp8_dynamic"}}, tiny_flux, hardware=ampere, device="cuda")
+    assert not hasattr(tiny_flux, "_fluxtune")
+
+
+def test_knobs_the_pipeline_lacks(tiny_dit, tiny_flux):
+    with pytest.raises(IncompatibleKnobsError, match="draws 128x128 only"):
+        fluxtune.apply({"generation": {"height": 256}}, tiny_dit)
+    with pytest.raises(IncompatibleKnobsError, match="magcache"):
+        fluxtune.apply({"cache": "magcache"}, tiny_dit)
+    with pytest.raises(IncompatibleKnobsError, match="not a diffusers backend"):
+        fluxtune.apply({"attention": {"backend": "warp_drive"}}, tiny_flux)
+    with pytest.raises(IncompatibleKnobsError, match="for dit pipelines"):
+        fluxtune.apply({"family": "dit"}, tiny_flux)
+    with pytest.raises(IncompatibleKnobsError, match="has no effect"):
+        fluxtune.apply({"attention": {"backend": "flex"}}, tiny_dit)
+    assert not hasattr(tiny_dit, "_fluxtune")
+
+
+def test_strict_turns_skips_into_errors(tiny_flux):
+    report = fluxtune.apply({"budget": {"vram": "8GB"}}, tiny_flux)
+    assert report.skipped and "no CUDA device" in report.skipped[0].detail
+    with pytest.raises(IncompatibleKnobsError, match="strict"):
+        fluxtune.apply({"budget": {"vram": "8GB"}}, tiny_flux, strict=True)
+
+
+def test_report_lists_actions_in_phase_order(tiny_flux):
+    report = fluxtune.apply({"transformer": {"quantize": "int8_weight"}, "cache": "first_block",
+                             "vae": {"tiling": True}}, tiny_flux)
+    knobs = [a.knob for a in report.actions]
+    assert knobs.index("quantize") < knobs.index("vae") < knobs.index("cache") < knobs.index("offload")
+    assert report.to_dict()["actions"][0]["status"] == "applied"

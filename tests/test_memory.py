@@ -1,0 +1,271 @@
+"""fluxtune.memory: facts from meta-device replicas, predictions against the H200 measurements.
+
+The H200 table (reference/h200-measurements.md) labels its peaks "GB" but they are GiB: at 512x512
+the allocator peak, 32.1, is above the 31.4 GiB of weights only when read as GiB.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fluxtune import pipelines
+from fluxtune.errors import FluxtuneError, PipelineError, SearchError
+from fluxtune.memory import (
+    Calibration,
+    ModelFacts,
+    check_host_ram,
+    predict,
+    smallest_feasible_budget,
+)
+from fluxtune.profile import COMPONENTS, Profile, validate_profile
+
+GIB = 2**30
+ALL = COMPONENTS
+
+
+def profile(**sections: object) -> Profile:
+    return validate_profile(dict(sections))
+
+
+def every(**component: object) -> dict[str, object]:
+    return {name: component for name in ALL}
+
+
+def near(value: float, target: float, rel: float) -> bool:
+    return abs(value - target) <= rel * target
+
+
+@pytest.fixture(scope="module")
+def flux() -> ModelFacts:
+    return ModelFacts.for_builtin("flux-dev-replica")
+
+
+@pytest.fixture(scope="module")
+def tiny() -> ModelFacts:
+    return ModelFacts.from_pipeline(pipelines.load("tiny-flux"))
+
+
+# ----------------------------------------------------------------------------------------- facts
+
+
+def test_replica_facts(flux: ModelFacts) -> None:
+    t = flux.components["transformer"]
+    assert t.params == 11_901_408_320
+    assert flux.components["text_encoder_2"].params == 4_762_310_656
+    assert flux.components["text_encoder"].params == 123_060_480
+    assert flux.components["vae"].params == 83_819_683
+    assert t.dtype_bytes == 2 and flux.total_bytes / GIB == pytest.approx(31.42, abs=0.01)
+    assert [len(v) for v in t.blocks.values()] == [19, 38]
+    assert t.non_block_params == 64_124_992
+    assert 0.99 * t.params < t.linear_params < t.params
+    assert t.qkv_params == 2_152_378_368  # fusing q/k/v duplicates these (+4.0 GiB in bf16)
+    assert flux.default_height == flux.default_width == 1024 and flux.pixels_per_token == 256
+    assert flux.text_tokens == 512 and flux.hidden_size == 3072 and not flux.fixed_size
+    assert ModelFacts.for_builtin("flux-dev-replica") is flux  # cached
+
+
+def test_facts_json_roundtrip(flux: ModelFacts, tiny: ModelFacts) -> None:
+    for facts in (flux, tiny):
+        text = json.dumps(facts.to_dict())
+        assert ModelFacts.from_dict(json.loads(text)) == facts
+    with pytest.raises(FluxtuneError, match="not a ModelFacts"):
+        ModelFacts.from_dict({"name": "x"})
+
+
+def test_unknown_builtin() -> None:
+    with pytest.raises(PipelineError, match="not a built-in"):
+        ModelFacts.for_builtin("flux-pro")
+
+
+def test_dit_facts() -> None:
+    d = ModelFacts.for_builtin("dit-xl-2-256")
+    assert d.components["transformer"].params == 749_826_464
+    assert d.components["vae"].params == 83_653_863
+    assert d.fixed_size and d.default_height == 256 and d.cfg_doubles_batch and d.text_tokens == 0
+    assert ModelFacts.for_builtin("dit-xl-2-512").default_height == 512
+
+
+# ------------------------------------------------------------------- predictions vs. the H200
+
+
+def test_everything_resident(flux: ModelFacts) -> None:
+    p = predict(profile(), flux)
+    assert near(p.peak_allocated, 33.9 * GIB, 0.10)
+    assert p.peak_phase == "vae"  # decoding at full resolution with every weight resident
+    assert p.peak_reserved > p.peak_allocated and p.peak_vram == p.peak_reserved + p.overhead
+    assert p.host_ram == 0
+    assert p.breakdown["transformer"] == pytest.approx(22.17 * GIB, rel=0.01)
+    small = predict(profile(generation={"height": 512, "width": 512}), flux)
+    assert near(small.peak_allocated, 32.1 * GIB, 0.05) and small.peak_allocated < p.peak_allocated
+
+
+def test_group_offload_leaf_and_block(flux: ModelFacts) -> None:
+    leaf = predict(profile(**every(offload={"mode": "group", "level": "leaf"})), flux)
+    assert leaf.peak_vram < 5e9
+    assert near(leaf.peak_allocated, 2.4 * GIB, 0.15)
+    assert leaf.host_ram == pytest.approx(31.42 * GIB, rel=0.01)  # pinned copies of everything
+    block = predict(profile(**every(offload={"mode": "group", "level": "block"})), flux)
+    assert near(block.peak_allocated, 9.1 * GIB, 0.10)
+    assert block.peak_phase == "text_encoder_2"  # T5 has no block list: it is onloaded whole
+
+
+def test_model_offload(flux: ModelFacts) -> None:
+    p = predict(profile(**every(offload="model")), flux)
+    assert near(p.peak_allocated, 22.7 * GIB, 0.15)
+    assert p.peak_phase == "transformer" and p.family == "model"
+    assert p.host_ram == pytest.approx(31.42 * GIB, rel=0.01)
+
+
+def test_quantized_transformer(flux: ModelFacts) -> None:
+    # The measured flux-fast row: fuse_qkv + regional compile + fp8 rowwise, everything resident.
+    fp8 = predict(profile(transformer={"quantize": "fp8_dynamic"}, compile={"mode": "regional", "fuse_qkv": True}), flux)
+    assert near(fp8.peak_allocated, 24.8 * GIB, 0.10)
+    int8 = predict(profile(transformer={"quantize": "int8_weight"}), flux)
+    assert near(int8.peak_allocated, 22.8 * GIB, 0.10)
+    fused_bf16 = predict(profile(compile={"mode": "regional", "fuse_qkv": True}), flux)
+    assert near(fused_bf16.peak_allocated, 37.9 * GIB, 0.05)
+    int4 = predict(profile(transformer={"quantize": "int4_weight"}), flux)
+    assert int4.peak_allocated < int8.peak_allocated
+
+
+def test_layerwise_casting_matches_diffusers(flux: ModelFacts) -> None:
+    # diffusers-knobs.md §2.2 (verified on meta): 22.17 GiB -> 14.11 GiB.
+    p = predict(profile(transformer={"layerwise_casting": {}}), flux)
+    assert p.breakdown["transformer"] / GIB == pytest.approx(14.11, abs=0.02)
+    skip_more = predict(profile(transformer={"layerwise_casting": {"skip": ["norm", "attn"]}}), flux)
+    assert skip_more.breakdown["transformer"] > p.breakdown["transformer"]
+
+
+def test_quantize_exclude_keeps_bf16(flux: ModelFacts) -> None:
+    plain = predict(profile(transformer={"quantize": "int8_weight"}), flux)
+    excl = predict(profile(transformer={"quantize": {"method": "int8_weight", "exclude": [r"norm1\.linear"]}}), flux)
+    # 19 double blocks x 56.6 M AdaLN params stay in bf16: one more byte each.
+    assert excl.breakdown["transformer"] - plain.breakdown["transformer"] == pytest.approx(19 * 56_641_536, rel=0.02)
+
+
+def test_partial_residency_is_monotone(flux: ModelFacts) -> None:
+    peaks, hosts = [], []
+    for n in (0, 10, 30, 57):
+        p = predict(profile(transformer={"offload": {"mode": "partial", "resident_blocks": n}},
+                            text_encoder_2={"offload": {"mode": "group", "level": "leaf"}}), flux)
+        peaks.append(p.peak_allocated)
+        hosts.append(p.host_ram)
+    assert peaks == sorted(peaks) and hosts == sorted(hosts, reverse=True)
+    by_bytes = predict(profile(transformer={"offload": {"mode": "partial", "resident": "7GB"}}), flux)
+    assert by_bytes.peak_phase in ("transformer", "vae")
+
+
+def test_vae_tiling_caps_decode(flux: ModelFacts) -> None:
+    big = {"height": 2048, "width": 2048}
+    plain = predict(profile(generation=big, **every(offload="model")), flux)
+    tiled = predict(profile(generation=big, vae={"offload": "model", "tiling": True, "tile_size": 512},
+                            **{n: {"offload": "model"} for n in ALL if n != "vae"}), flux)
+    assert tiled.vae_decode < plain.vae_decode / 4
+
+
+def test_dit_predictions() -> None:
+    d = ModelFacts.for_builtin("dit-xl-2-256")
+    assert near(predict(profile(), d, batch=1).peak_allocated, 1.77 * GIB, 0.10)
+    assert near(predict(profile(), d, batch=16).peak_allocated, 3.62 * GIB, 0.10)
+    assert near(predict(profile(transformer={"quantize": "int8_weight"}), d, batch=1).peak_allocated,
+                1.10 * GIB, 0.10)
+    assert near(predict(profile(), ModelFacts.for_builtin("dit-xl-2-512"), batch=1).peak_allocated, 2.27 * GIB, 0.10)
+
+
+def test_tiny_flux_monotone(tiny: ModelFacts) -> None:
+    bf16 = predict(profile(), tiny)
+    assert bf16.peak_vram > 0 and bf16.peak_allocated > 0 and bf16.resident_weights > 0
+    int8 = predict(profile(transformer={"quantize": "int8_weight"}, text_encoder_2={"quantize": "int8_weight"}), tiny)
+    model = predict(profile(**every(offload="model")), tiny)
+    leaf = predict(profile(**every(offload={"mode": "group", "level": "leaf"})), tiny)
+    assert int8.resident_weights < bf16.resident_weights and int8.peak_allocated < bf16.peak_allocated
+    assert leaf.peak_allocated < model.peak_allocated < bf16.peak_allocated
+    assert bf16.host_ram == 0 < model.host_ram
+
+
+# ---------------------------------------------------------------------------------- calibration
+
+
+def test_calibration_learns_and_roundtrips(flux: ModelFacts, tmp_path: Path) -> None:
+    resident, model = profile(), profile(**every(offload="model"))
+    p_res, p_model = predict(resident, flux), predict(model, flux)
+    cal = Calibration()
+    assert cal.ratio("none") == 1.0
+    for factor in (1.1, 1.2, 1.15, 9.0):  # the outlier is clamped and the median ignores it
+        cal.add(p_res, int(p_res.peak_allocated * factor))
+    cal.add(p_model, int(p_model.peak_allocated * 0.9))
+    assert cal.add(p_res, None) is None
+    assert cal.ratio("none") == pytest.approx(1.175, rel=1e-3)
+    assert cal.ratio("model") == pytest.approx(0.9, rel=1e-3)
+    assert cal.ratio("group-leaf") == pytest.approx(1.15, rel=1e-3)  # no own pairs: all pairs' median
+    calibrated = predict(resident, flux, calibration=cal)
+    assert calibrated.peak_allocated == pytest.approx(p_res.peak_allocated * 1.175, rel=1e-3)
+    assert calibrated.calibration_ratio == pytest.approx(1.175, rel=1e-3)
+    # Learning from a calibrated prediction uses its uncalibrated base.
+    cal2 = Calibration()
+    cal2.add(calibrated, int(p_res.peak_allocated * 1.3))
+    assert cal2.ratio("none") == pytest.approx(1.3, rel=1e-3)
+    path = tmp_path / "cal.json"
+    cal.save(path)
+    assert Calibration.load(path) == cal
+    assert Calibration.load(tmp_path / "none.json") == Calibration()
+    path.write_text("{not json")
+    with pytest.raises(FluxtuneError, match="not JSON"):
+        Calibration.load(path)
+
+
+def test_calibration_vram_kind(flux: ModelFacts) -> None:
+    p = predict(profile(), flux)
+    cal = Calibration()
+    cal.add(p, p.peak_vram, kind="vram")
+    assert cal.ratio("none") == pytest.approx(1.0, rel=1e-3)
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def test_smallest_feasible_budget(flux: ModelFacts) -> None:
+    candidates = [profile(), profile(**every(offload="model")), profile(**every(offload={"mode": "group", "level": "leaf"}))]
+    peak, best = smallest_feasible_budget(flux, candidates)
+    assert best is candidates[2] and peak == predict(candidates[2], flux).peak_vram
+    with pytest.raises(SearchError):
+        smallest_feasible_budget(flux, [])
+
+
+def test_check_host_ram(flux: ModelFacts) -> None:
+    p = predict(profile(**every(offload="model")), flux)
+    assert check_host_ram(p, None) is None
+    assert check_host_ram(p, 64 * 10**9) is None
+    msg = check_host_ram(p, 16 * 10**9)
+    assert msg is not None and "budget.host_ram=16GB" in msg
+    assert predict(profile(), flux).exceeds(12 * 10**9) and not p.exceeds(40 * 10**9)
+
+
+def test_streamed_choice_mirrors_tuning() -> None:
+    streaming = pytest.importorskip("fluxtune.tuning.streaming")
+    from fluxtune.memory import _streamed_blocks
+
+    sizes = [3.0] * 19 + [1.0] * 38
+    for resident_bytes, resident_blocks in ((None, 0), (None, 10), (None, 57), (20.0, None), (45.0, None)):
+        assert _streamed_blocks(sizes, resident_bytes, resident_blocks) == streaming.choose_streamed(
+            [int(s) for s in sizes], resident_bytes, resident_blocks)
+
+
+def test_predict_without_torch(tiny: ModelFacts, tmp_path: Path) -> None:
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps(tiny.to_dict()))
+    code = (
+        "import sys, json; sys.modules['torch'] = None\n"
+        "from fluxtune.memory import ModelFacts, predict\n"
+        "from fluxtune.profile import Profile\n"
+        f"f = ModelFacts.from_dict(json.load(open({str(facts)!r})))\n"
+        "print(predict(Profile(), f).peak_vram > 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
