@@ -634,7 +634,7 @@ def measure(
     m = Measurement(workload=workload.to_dict())
     say = progress or (lambda _msg: None)
     device: torch.device | None = None
-    failure: BaseException | None = None
+    failed = False
     try:
         device = _execution_device(pipe, device_index)
         m.device = str(device) if device is not None else "cpu"
@@ -667,12 +667,12 @@ def measure(
     except Exception as exc:
         m.status = "oom" if _is_oom(exc) else "error"
         m.error = _one_line(exc)
-        failure = exc
+        failed = True
     if m.first_call_s is None and m.warmup_s:
         m.first_call_s = m.warmup_s[0]
-    if failure is not None:
-        # Drop the traceback's frames (they hold activations) before returning memory to the driver.
-        failure = None
+    if failed:
+        # The exception (and the frames holding activations) is gone once its except block ends:
+        # collect them, then hand the cached blocks back to the driver for the next trial.
         gc.collect()
         if device is not None:
             torch.cuda.empty_cache()

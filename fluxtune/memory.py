@@ -11,20 +11,17 @@ phase the GPU holds (a) the weights of every component that is resident at that 
 depends on its offload mode, and (b) the activations of the active component. The allocator peak
 is the largest phase. The constants below were fitted to allocator peaks of the FLUX.1-dev replica
 on an H200 (reference/h200-measurements.md; its "GB" columns are GiB: at 512x512 the peak, 32.1,
-is above the 31.4 GiB of weights only when read as GiB):
+is above the 31.4 GiB of weights only when read as GiB), all in GiB:
 
-====================================================  ==========  ===========
-profile (1024x1024, 512 text tokens, bf16)            measured    this model
-====================================================  ==========  ===========
-everything resident                                   33.9 GiB    33.8 GiB
-everything resident, 512x512                          32.1 GiB    32.0 GiB
-model offload                                         22.7 GiB    22.7 GiB
-group offload, leaf level, streams                     2.4 GiB     2.4 GiB
-group offload, block level, 1 block/group, streams     9.1 GiB     9.1 GiB (T5 has no block list)
-int8 weight-only transformer                          22.8 GiB    22.7 GiB
-fuse_qkv + compile + fp8 rowwise transformer          24.8 GiB    24.7 GiB (fusing keeps q/k/v too)
-DiT-XL/2 256, batch 1 / 16                       1.77 / 3.62 GiB  1.70 / 3.90 GiB
-====================================================  ==========  ===========
+  profile (FLUX 1024x1024, 512 text tokens, bf16)      measured   predicted
+  everything resident                                  33.9       33.8
+  everything resident, 512x512                         32.1       32.0
+  model offload                                        22.7       22.7
+  group offload, leaf level, streams                    2.4        2.4
+  group offload, block level, streams                   9.1        9.1  (T5 has no block list)
+  int8 weight-only transformer                         22.8       22.7
+  fuse_qkv + compile + fp8 rowwise transformer         24.8       24.7  (fusing keeps q/k/v too)
+  DiT-XL/2 256x256, batch 1 / batch 16           1.77 / 3.62  1.70 / 3.90
 
 Three numbers come out: ``peak_allocated`` (what ``torch.cuda.max_memory_allocated`` reports),
 ``peak_reserved`` = allocated x a fragmentation factor (what ``set_per_process_memory_fraction``
@@ -76,15 +73,15 @@ __all__ = [
     "smallest_feasible_budget",
 ]
 
-GIB = 2**30
 
 # ------------------------------------------------------------------------------------ constants
 # Fitted to the H200 FLUX.1-dev replica runs (module docstring); each says what it stands for.
 
-ACT_HIDDEN_TENSORS = 20.0
-"""Hidden-size tensors alive per token at the transformer's peak (q, k, v, attention output, the
-4x-wide MLP intermediate before and after the activation, norms, residuals). Fit: model offload peaks
-at 22.7 GiB = 22.17 GiB of weights + 4608 tokens x 3072 x 2 B x 20."""
+ACT_BASE_TENSORS, ACT_MLP_TENSORS = 12.0, 2.0
+"""Hidden-size tensors alive per token at the transformer's peak: 12 (q, k, v, attention output, norms,
+modulated inputs, residuals) plus 2 per unit of MLP ratio (the wide intermediate before and after its
+activation): 20 for FLUX and DiT (ratio 4). Fit: model offload peaks at 22.7 GiB = 22.17 GiB of
+weights + 4608 tokens x 3072 x 2 B x 20."""
 
 VAE_DECODE_MAPS = 9.4
 """Full-resolution feature maps of the decoder's first width (128 channels) alive at the decode peak.
@@ -706,7 +703,7 @@ def predict(
             tokens = h * w / facts.pixels_per_token + (g.max_sequence_length if facts.text_tokens else 0)
             rows = batch * (2 if facts.cfg_doubles_batch and g.guidance > 1 else 1)
             per_token = facts.hidden_size * cb
-            act = rows * tokens * per_token * ACT_HIDDEN_TENSORS
+            act = rows * tokens * per_token * (ACT_BASE_TENSORS + ACT_MLP_TENSORS * facts.mlp_ratio)
             if profile.cache.kind != "none":
                 act += rows * tokens * per_token * 4  # cached residuals carried across steps
             acts[n] = act

@@ -162,7 +162,7 @@ def build(study: Any, folder: Path) -> dict[str, Path]:
     ref = study.user_attrs.get("fluxtune_reference", {})
     out["progress"] = plot_best_so_far(best_so_far(study), folder / "best_so_far.png", baseline=ref.get("latency_s"))
     tiles = []
-    ref_file = folder / "reference" / "images.pt"
+    ref_file = folder / "reference.pt"
     if ref_file.exists():
         ref_imgs = torch.load(ref_file, weights_only=True)
         if isinstance(ref_imgs, dict):

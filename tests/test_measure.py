@@ -161,6 +161,20 @@ def test_workload_the_pipeline_cannot_take_is_an_error(dit: object) -> None:
     assert m.status == "error" and "class_labels" in (m.error or "")
 
 
+def test_applied_profile_defaults_are_not_overridden() -> None:
+    import fluxtune
+    from fluxtune.profile import validate_profile
+
+    pipe = pipelines.load("tiny-flux", dtype="float32")
+    fluxtune.apply(validate_profile({"generation": {"steps": 3, "height": 32, "width": 32}}), pipe)
+    m = measure(pipe, Workload.for_pipeline(pipe, prompts=("a cat",), runs=1, warmup=0))
+    assert m.status == "ok", m.error
+    assert m.steps == 3 and m.images is not None and m.images.shape == (1, 3, 32, 32)
+    # An explicit workload value still wins over the profile's default.
+    m = measure(pipe, Workload.for_pipeline(pipe, prompts=("a cat",), steps=2, runs=1, warmup=0))
+    assert m.steps == 2
+
+
 def test_budget_on_cpu_is_never_over(dit: object) -> None:
     m = measure(dit, Workload(class_labels=(1,), steps=1, runs=1, warmup=0), budget_bytes=1)
     assert m.status == "ok"  # no device peak is known on CPU
@@ -280,3 +294,37 @@ def test_reference_roundtrip(tmp_path: object, flux: object, flux_run: Measureme
 def test_reference_needs_images() -> None:
     with pytest.raises(FluxtuneError, match="no images"):
         Reference.from_runs(Measurement(status="oom", error="x"), workload=Workload())
+
+
+# ----------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+def test_measure_on_cuda_records_peaks_and_budget() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pipe = pipelines.load("tiny-dit", device="cuda", dtype="bfloat16")
+    wl = Workload(class_labels=(1, 2), steps=3, runs=2, warmup=1)
+    m = measure(pipe, wl)
+    assert m.status == "ok", m.error
+    assert m.device.startswith("cuda")
+    assert m.peak_allocated is not None and 0 < m.peak_allocated <= (m.peak_reserved or 0)
+    assert m.steps == 3 and m.step_s is not None and m.step_s > 0 and m.decode_s is not None
+    assert m.images is not None and m.images.device.type == "cpu"
+    over = measure(pipe, wl, budget_bytes=1)
+    assert over.status == "over_budget" and "budget" in (over.error or "")
+
+
+@pytest.mark.gpu
+def test_measure_on_cuda_oom_under_a_cap() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pipe = pipelines.load("tiny-dit", device="cuda", dtype="bfloat16")
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(max(torch.cuda.memory_reserved(0), 2**20) / total, 0)
+    try:
+        m = measure(pipe, Workload(class_labels=tuple(range(64)), steps=2, runs=1, warmup=0))
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
+    assert m.status == "oom" and "OutOfMemoryError" in (m.error or "")

@@ -269,3 +269,19 @@ def test_predict_without_torch(tiny: ModelFacts, tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_dit_replica_prediction_matches_cuda_allocator() -> None:
+    import torch
+
+    from fluxtune.measure import Workload, measure
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pipe = pipelines.load("dit-xl-2-256", device="cuda")
+    m = measure(pipe, Workload(class_labels=(207,), steps=5, runs=1, warmup=1))
+    assert m.status == "ok" and m.peak_allocated is not None
+    predicted = predict(profile(generation={"steps": 5}), ModelFacts.for_builtin("dit-xl-2-256"), batch=1)
+    assert near(m.peak_allocated, predicted.peak_allocated, 0.15)

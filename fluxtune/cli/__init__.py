@@ -22,6 +22,7 @@ COMMANDS = {
     "presets": "list the shipped profiles",
     "generate": "apply a profile to a model and draw images; prints latency and peak memory",
     "search": "find the best profile for a budget and objective by measuring real runs",
+    "bench": "profiles side by side with the plain diffusers recipes, under one memory cap",
     "report": "rebuild the tables and plots of a search study",
 }
 

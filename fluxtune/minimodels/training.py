@@ -237,7 +237,9 @@ def _loop(
             )
     if window_n:
         curve.append((step, float(window_sum) / window_n))
-    print(f"[{name}] done: {step} steps in {time.perf_counter() - t0:.0f}s, loss {curve[-1][1]:.5f}", flush=True)
+    print(
+        f"[{name}] done: {step} steps in {time.perf_counter() - t0:.0f}s, loss {curve[-1][1]:.5f}", flush=True
+    )
     return curve, averager
 
 
@@ -264,7 +266,17 @@ def train_vae(
         return rec + cfg.vae_kl * kl
 
     params = [p for p in vae.parameters() if p.requires_grad]
-    curve, _ = _loop("vae", params, loss_fn, cfg.vae_steps, seconds, cfg.vae_lr, 100, cfg.log_every, None)
+    curve, _ = _loop(
+        "vae",
+        params,
+        loss_fn,
+        cfg.vae_steps,
+        seconds,
+        cfg.vae_lr,
+        min(100, cfg.vae_steps // 10 + 1),
+        cfg.log_every,
+        None,
+    )
     vae.eval().requires_grad_(False)
     return curve
 
@@ -363,7 +375,15 @@ def train_flux(
 
     params = [p for m in modules for p in m.parameters()]
     curve, ema = _loop(
-        "flux", params, loss_fn, cfg.steps, seconds, cfg.lr, cfg.warmup, cfg.log_every, cfg.ema
+        "flux",
+        params,
+        loss_fn,
+        cfg.steps,
+        seconds,
+        cfg.lr,
+        min(cfg.warmup, cfg.steps // 10 + 1),
+        cfg.log_every,
+        cfg.ema,
     )
     if ema:
         ema.copy_to()
@@ -402,7 +422,17 @@ def train_dit(
         return F.mse_loss(eps.float(), noise)
 
     params = list(tr.parameters())
-    curve, ema = _loop("dit", params, loss_fn, cfg.steps, seconds, cfg.lr, cfg.warmup, cfg.log_every, cfg.ema)
+    curve, ema = _loop(
+        "dit",
+        params,
+        loss_fn,
+        cfg.steps,
+        seconds,
+        cfg.lr,
+        min(cfg.warmup, cfg.steps // 10 + 1),
+        cfg.log_every,
+        cfg.ema,
+    )
     if ema:
         ema.copy_to()
     tr.requires_grad_(False)

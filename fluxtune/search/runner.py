@@ -177,16 +177,22 @@ class Search:
             self.say(f"  loaded in {workers[-1].ready['load_s']:.1f}s")
         return workers
 
-    def _predict(self, profile: Profile) -> int | None:
-        if self.facts is None:
-            return None
+    def _prediction(self, profile: Profile, calibrated: bool = True) -> Any | None:
         from fluxtune.memory import predict
 
         try:
-            pred = predict(profile, self.facts, calibration=self.calibration)
+            return predict(profile, self.facts, calibration=self.calibration if calibrated else None)
         except Exception:  # the model is advice: never let it stop a search
             return None
-        return int(pred.peak_vram if self.on_gpu else pred.host_ram)
+
+    def _predict(self, profile: Profile) -> int | None:
+        """Predicted peak to hold against the budget: allocator reserved on a GPU (what the cap
+        limits), host memory on CPU."""
+        pred = self._prediction(profile)
+        if pred is None:
+            return None
+        # On CPU the "device" is host memory: weights, activations and the process itself.
+        return int(pred.peak_reserved if self.on_gpu else pred.peak_vram)
 
     def run(self) -> SearchResult:
         import optuna
@@ -346,8 +352,10 @@ class Search:
             return
         sc = obj.score(self.goal, result)
         m = result.get("measurement") or {}
-        if status == "ok" and predicted and sc.peak:
-            self.calibration.observe(profile, predicted, sc.peak) if hasattr(self.calibration, "observe") else None
+        if status == "ok" and self.on_gpu and m.get("peak_reserved"):
+            raw = self._prediction(profile, calibrated=False)
+            if raw is not None:
+                self.calibration.add(raw, m["peak_reserved"], kind="reserved")
         self._tell(trial, sc, result)
         self.say(self._line(n, desc, sc, result, m))
 
@@ -396,11 +404,9 @@ def _family(facts: Any) -> str:
 
 
 def _block_bytes(facts: Any) -> int | None:
-    for attr in ("transformer_block_bytes", "block_bytes"):
-        v = getattr(facts, attr, None)
-        if v:
-            return int(v)
-    return None
+    """Bytes of the transformer's repeated blocks as loaded (what partial residency divides)."""
+    t = facts.components.get("transformer")
+    return int(t.block_params * t.dtype_bytes) if t is not None else None
 
 
 def _cpu_view(hw: HardwareInfo) -> HardwareInfo:

@@ -147,41 +147,41 @@ class TrialSession:
             out.update(status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                        traceback=traceback.format_exc(limit=8))
             return out
-        m = measure(pipe, self.workload, budget_bytes=self.cfg.budget_bytes,
-                    device_index=self.device.index or 0 if self.device.type == "cuda" else 0)
+        index = self.device.index or 0 if self.device.type == "cuda" else 0
+        m = measure(pipe, self.workload, budget_bytes=self.cfg.budget_bytes, device_index=index)
         if m.status in ("oom", "error"):
             self.dirty = True
         out["status"] = m.status
         out["error"] = m.error
         out["measurement"] = m.to_dict()
-        if m.status == "ok" or m.status == "over_budget":
+        if m.status in ("ok", "over_budget"):
             if reference:
-                self.reference = m
-                self._save_reference(m)
-                floor = measure(pipe, self.workload, device_index=self.device.index or 0
-                                if self.device.type == "cuda" else 0)
-                out["noise_floor"] = compare(floor, m) if floor.status == "ok" else {}
+                from fluxtune.measure import Reference
+
+                # A second identical run gives the noise floor quality is judged against.
+                second = measure(pipe, self.workload, device_index=index)
+                self.reference = Reference.from_runs(m, second if second.status == "ok" else None,
+                                                     workload=self.workload)
+                self.reference.save(self.reference_path)
+                out["noise_floor"] = self.reference.noise_floor
             elif self.reference is not None:
                 out["quality"] = compare(m, self.reference)
             if trial is not None and m.images is not None:
                 self._save_images(m.images, f"trial_{trial:04d}.pt")
         return out
 
-    def _save_reference(self, m: Any) -> None:
-        from fluxtune.measure import Reference
-
-        path = Path(self.cfg.study_dir) / "reference"
-        Reference.from_measurement(m, self.workload).save(path)
+    @property
+    def reference_path(self) -> Path:
+        return Path(self.cfg.study_dir) / "reference.pt"
 
     def load_reference(self) -> bool:
+        from fluxtune.errors import FluxtuneError
         from fluxtune.measure import Reference
 
-        path = Path(self.cfg.study_dir) / "reference"
         try:
-            ref = Reference.load(path)
-        except (FileNotFoundError, OSError):
+            self.reference = Reference.load(self.reference_path)
+        except FluxtuneError:
             return False
-        self.reference = ref.as_measurement()
         return True
 
     def _save_images(self, images: Any, name: str) -> None:
