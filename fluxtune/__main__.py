@@ -1,0 +1,5 @@
+"""python -m fluxtune ..."""
+
+from fluxtune.cli import run
+
+run()
