@@ -241,9 +241,79 @@ def test_training_tokenization_and_encoding_match_the_pipeline() -> None:
         )
     torch.testing.assert_close(seq, ref_seq)
     torch.testing.assert_close(pooled, ref_pooled)
-    per_scene_clip, per_scene_t5 = tokenize_captions(pipe, EVAL_SCENES[:2])
-    assert per_scene_clip.shape == (2, len(TEMPLATES), 77)
-    assert per_scene_t5.shape == (2, len(TEMPLATES), MIN_SEQUENCE_LENGTH)
+    scenes = [EVAL_SCENES[1], EVAL_SCENES[0], EVAL_SCENES[1]]
+    clip_table, t5_table, rows = tokenize_captions(pipe, scenes)
+    assert clip_table.shape == (2, len(TEMPLATES), 77)
+    assert t5_table.shape == (2, len(TEMPLATES), MIN_SEQUENCE_LENGTH)
+    assert rows[0] == rows[2] != rows[1]
+    for scene, row in zip(scenes, rows.tolist(), strict=True):
+        for t in range(len(TEMPLATES)):
+            c, t5 = tokenize(pipe, [caption(scene, t)], MIN_SEQUENCE_LENGTH)
+            assert torch.equal(clip_table[row, t], c[0]) and torch.equal(t5_table[row, t], t5[0])
+
+
+def test_flux_pipeline_integrates_the_training_objective() -> None:
+    """With a transformer that predicts the training target exactly (an oracle for one known x0), the
+    standard FluxPipeline call must land on x0: same packing, same timestep = sigma convention, same
+    direction of integration as the trainer's loss."""
+    torch = pytest.importorskip("torch")
+    from types import MethodType
+
+    from diffusers import FluxPipeline
+
+    from fluxtune.minimodels.models import LATENT_CHANNELS, LATENT_SIZE, build_flux_mini
+    from fluxtune.minimodels.training import flow_noisy, flow_target
+
+    pipe = build_flux_mini()
+    pipe.set_progress_bar_config(disable=True)
+    x0 = torch.randn(2, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE, generator=torch.Generator().manual_seed(0))
+    x0p = FluxPipeline._pack_latents(x0, 2, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE)
+
+    def oracle(self, hidden_states, timestep, **kwargs):
+        sigma = timestep.float()
+        base = flow_noisy(x0p, torch.zeros_like(x0p), sigma)  # the x0 part of x_sigma
+        noise = (hidden_states - base) / sigma.view(-1, 1, 1)
+        return (flow_target(x0p, noise),)
+
+    pipe.transformer.forward = MethodType(oracle, pipe.transformer)
+    for steps in (3, 10):
+        out = pipe(prompt=["a", "b"], num_inference_steps=steps, height=64, width=64, output_type="latent",
+                   max_sequence_length=96).images  # fmt: skip
+        torch.testing.assert_close(out, x0p, atol=1e-4, rtol=1e-4)
+
+
+def test_dit_pipeline_integrates_the_training_objective() -> None:
+    """The same oracle check for DiTPipeline + DDIMScheduler with guidance (epsilon on alphas_cumprod)."""
+    torch = pytest.importorskip("torch")
+    from types import MethodType, SimpleNamespace
+
+    from fluxtune.minimodels.models import LATENT_CHANNELS, LATENT_SIZE, build_dit_mini
+    from fluxtune.minimodels.training import ddpm_noisy
+
+    pipe = build_dit_mini()
+    pipe.set_progress_bar_config(disable=True)
+    x0 = torch.randn(2, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE, generator=torch.Generator().manual_seed(0))
+    alphas = pipe.scheduler.alphas_cumprod
+
+    def oracle(self, x, timestep, class_labels, **kwargs):
+        a = alphas[timestep.long()].float()
+        target = x0.repeat(len(x) // len(x0), 1, 1, 1)  # CFG doubles the batch
+        eps = (x - ddpm_noisy(target, torch.zeros_like(x), a)) / (1 - a).sqrt().view(-1, 1, 1, 1)
+        return SimpleNamespace(sample=eps)
+
+    seen = {}
+
+    def decode(latents, *args, **kwargs):
+        seen["latents"] = latents
+        return SimpleNamespace(sample=torch.zeros(len(latents), 3, 64, 64))
+
+    pipe.transformer.forward = MethodType(oracle, pipe.transformer)
+    pipe.vae.decode = decode
+    # Step counts dividing 1000: with trailing spacing the last step then goes to alpha_bar = 1 exactly
+    # (otherwise DDIM stops at t=0, alpha_bar = 1 - beta_start, a hair away from x0).
+    for steps in (4, 8):
+        pipe(class_labels=[0, 1], num_inference_steps=steps, guidance_scale=4.0, output_type="np")
+        torch.testing.assert_close(seen["latents"] * pipe.vae.config.scaling_factor, x0, atol=1e-4, rtol=1e-4)
 
 
 def test_dit_mini_labels_resolve() -> None:

@@ -37,3 +37,25 @@ def test_streamer_matches_resident_output_and_releases_blocks(tiny_flux):
     assert not any(item.loaded for item in streamer.items), "blocks stay loaded after the forward"
     streamer.remove()
     assert torch.equal(run(), ref)
+
+
+def test_streaming_moves_quantized_inner_tensors(tiny_flux):
+    """torchao weights: `.data =` would leave qdata/scale behind, so their inner tensors must follow."""
+    import fluxtune
+    from fluxtune.tuning.streaming import _assign
+
+    fluxtune.apply({"transformer": {"quantize": "int8_weight"}}, tiny_flux)
+    lin = tiny_flux.transformer.transformer_blocks[0].attn.to_q
+    w = lin.weight
+    home = w.detach().to("cpu").clone() if hasattr(w, "qdata") else None
+    assert home is not None, "int8_weight should give a torchao tensor subclass"
+    _assign(w, home)
+    assert w.qdata is home.qdata and w.scale is home.scale
+
+    def run():
+        return tiny_flux("a green circle", generator=gen(), num_inference_steps=2, output_type="pt").images
+
+    ref = run()
+    streamer = BlockStreamer(tiny_flux.transformer, torch.device("cpu"), resident_blocks=1)
+    assert torch.equal(run(), ref)
+    streamer.remove()

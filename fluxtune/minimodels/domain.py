@@ -253,6 +253,12 @@ def render(scene: Scene, size: int = 64, *, rng: np.random.Generator | None = No
     return np.rint(cov * fg + (1 - cov) * bg).astype(np.uint8)
 
 
+def render_batch(scenes: list[Scene], size: int = 64, seed: int | None = None) -> np.ndarray:
+    """Render scenes into one uint8 array (N, H, W, 3); jittered from `seed` unless it is None."""
+    rng = np.random.default_rng(seed) if seed is not None else None
+    return np.stack([render(s, size, rng=rng) for s in scenes])
+
+
 # dit-mini classes: a class is a (colour, shape) pair, like an ImageNet class it leaves the rest
 # (background, position, size) to the model. DiT reserves id `num_classes` for "no class"; diffusers'
 # DiTPipeline hard-codes that null id as 1000, so the model keeps 1000 label slots and uses the first 40.

@@ -25,6 +25,7 @@ import argparse
 import copy
 import json
 import math
+import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -78,42 +79,47 @@ class TrainConfig:
     eval_seeds: int = 2
     log_every: int = 100
     workers: int = 0
+    vae: str | None = None
     budget_split: dict[str, float] = field(default_factory=lambda: {"vae": 0.15, "flux": 0.55, "dit": 0.30})
 
 
 # ------------------------------------------------------------------------------------------ data
 
 
-def _render_chunk(args: tuple[list[domain.Scene], int]) -> np.ndarray:
-    scenes, seed = args
-    rng = np.random.default_rng(seed)
-    return np.stack([domain.render(s, IMAGE_SIZE, rng=rng) for s in scenes])
-
-
 def render_dataset(n: int, seed: int, workers: int = 0) -> tuple[list[domain.Scene], np.ndarray]:
     """`n` random scenes and their jittered renders (uint8 N x H x W x 3)."""
     scenes = domain.sample_scenes(n, seed)
     chunk = 2_000
-    jobs = [(scenes[i : i + chunk], seed * 100_003 + i) for i in range(0, n, chunk)]
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            parts = list(pool.map(_render_chunk, jobs))
+    starts = range(0, n, chunk)
+    batches = [scenes[i : i + chunk] for i in starts]
+    seeds = [seed * 100_003 + i for i in starts]
+    if workers > 1 and len(batches) > 1:
+        # spawn, not fork: the parent may hold CUDA state; the children import only numpy code.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            parts = list(pool.map(domain.render_batch, batches, [IMAGE_SIZE] * len(batches), seeds))
     else:
-        parts = [_render_chunk(j) for j in jobs]
+        parts = [domain.render_batch(b, IMAGE_SIZE, s) for b, s in zip(batches, seeds, strict=True)]
     return scenes, np.concatenate(parts)
 
 
-def tokenize_captions(pipe: Any, scenes: Sequence[domain.Scene]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids of every template's caption of every scene, tokenized as FluxPipeline.encode_prompt
-    does: CLIP (N, T, 77) and T5 (N, T, MIN_SEQUENCE_LENGTH) (pad further with the pad id, 0).
+def tokenize_captions(
+    pipe: Any, scenes: Sequence[domain.Scene]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids of every template's caption of every distinct scene, tokenized as
+    FluxPipeline.encode_prompt does: CLIP (U, T, 77), T5 (U, T, MIN_SEQUENCE_LENGTH) (pad further
+    with the pad id, 0), and for each scene its row in those tables (N,).
 
     Raises:
         ValueError: a caption needs more than MIN_SEQUENCE_LENGTH T5 tokens.
     """
     n_t = len(domain.TEMPLATES)
-    captions = [domain.caption(s, t) for s in scenes for t in range(n_t)]
+    # Captions do not depend on the render jitter: tokenize each distinct scene once (<= 5040 of them).
+    unique = sorted(set(scenes), key=lambda s: (s.shape, s.color, s.background, s.position, s.size))
+    row = {s: i for i, s in enumerate(unique)}
+    captions = [domain.caption(s, t) for s in unique for t in range(n_t)]
     clip_ids, t5_ids = tokenize(pipe, captions, MIN_SEQUENCE_LENGTH)
-    return clip_ids.view(len(scenes), n_t, -1), t5_ids.view(len(scenes), n_t, -1)
+    rows = torch.tensor([row[s] for s in scenes])
+    return clip_ids.view(len(unique), n_t, -1), t5_ids.view(len(unique), n_t, -1), rows
 
 
 def tokenize(pipe: Any, prompts: Sequence[str], t5_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,6 +306,23 @@ def reconstruction_psnr(vae: Any, images: torch.Tensor) -> float:
     return 10 * math.log10(1.0 / max(mse, 1e-12))
 
 
+def flow_noisy(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Rectified-flow interpolation at noise level sigma (per sample): what FlowMatchEuler integrates."""
+    s = sigma.view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - s) * x0 + s * noise
+
+
+def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The velocity d x_sigma / d sigma, the transformer's training target."""
+    return noise - x0
+
+
+def ddpm_noisy(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """DDPM forward process at cumulative alpha `alpha_bar` (per sample); the target is `noise`."""
+    a = alpha_bar.view(-1, *([1] * (x0.dim() - 1)))
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
 def _sample_sigmas(n: int, shift: float, device: torch.device, gen: torch.Generator) -> torch.Tensor:
     # Logit-normal (SD3) for the middle of the schedule, mixed with uniform so sigma near 1 (the first
     # step of every sampler) and near 0 (the last) are trained too; then the scheduler's shift.
@@ -327,11 +350,13 @@ def train_flux(
     latents: torch.Tensor,
     clip_ids: torch.Tensor,
     t5_ids: torch.Tensor,
+    rows: torch.Tensor,
     cfg: TrainConfig,
     seconds: float | None,
     device: torch.device,
 ) -> list[tuple[int, float]]:
-    """Train flux-mini's transformer and text encoders on normalised latents (N, C, h, w)."""
+    """Train flux-mini's transformer and text encoders on normalised latents (N, C, h, w); sample i's
+    captions are `clip_ids[rows[i]]` / `t5_ids[rows[i]]` (one per template, see tokenize_captions)."""
     from diffusers import FluxPipeline
 
     modules = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]
@@ -351,7 +376,7 @@ def train_flux(
         b = len(idx)
         x0 = FluxPipeline._pack_latents(latents[idx], b, c, h, w)
         tmpl = torch.randint(0, clip_ids.shape[1], (b,), device=device, generator=gen)
-        cids, tids = clip_ids[idx, tmpl], t5_ids[idx, tmpl]
+        cids, tids = clip_ids[rows[idx], tmpl], t5_ids[rows[idx], tmpl]
         drop = torch.rand(b, device=device, generator=gen) < CAPTION_DROPOUT
         cids = torch.where(drop[:, None], empty_clip, cids)
         tids = torch.where(drop[:, None], empty_t5, tids)
@@ -359,7 +384,7 @@ def train_flux(
         tids = F.pad(tids, (0, length - tids.shape[1]), value=pad_id)
         sigma = _sample_sigmas(b, shift, device, gen)
         noise = torch.randn(x0.shape, device=device, generator=gen)
-        xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+        xt = flow_noisy(x0, noise, sigma)
         with _autocast(device):
             seq, pooled = encode_text(pipe, cids, tids)
             v = pipe.transformer(
@@ -371,7 +396,7 @@ def train_flux(
                 txt_ids=torch.zeros(length, 3, device=device),
                 return_dict=False,
             )[0]
-        return F.mse_loss(v.float(), noise - x0)
+        return F.mse_loss(v.float(), flow_target(x0, noise))
 
     params = [p for m in modules for p in m.parameters()]
     curve, ema = _loop(
@@ -414,9 +439,8 @@ def train_dit(
         x0, y = latents[idx], labels[idx]
         y = torch.where(torch.rand(len(y), device=device, generator=gen) < LABEL_DROPOUT, NULL_CLASS, y)
         t = torch.randint(0, len(alphas), (len(idx),), device=device, generator=gen)
-        a = alphas[t][:, None, None, None]
         noise = torch.randn(x0.shape, device=device, generator=gen)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        xt = ddpm_noisy(x0, noise, alphas[t])
         with _autocast(device):
             eps = tr(xt, timestep=t, class_labels=y).sample
         return F.mse_loss(eps.float(), noise)
@@ -496,11 +520,20 @@ def save_grid(rows: Sequence[np.ndarray], path: Path, scale: int = 2) -> None:
 # ------------------------------------------------------------------------------------------ main
 
 
+def _load_vae(path: str) -> Any:
+    """A trained VAE from a pipeline directory (its vae/) or a model directory."""
+    from diffusers import AutoencoderKL
+
+    sub = Path(path) / "vae"
+    vae = AutoencoderKL.from_pretrained(sub if sub.is_dir() else path, local_files_only=True)
+    return vae.eval().requires_grad_(False)
+
+
 def _stage_seconds(cfg: TrainConfig, stage: str) -> float | None:
     """This stage's share of the wall-clock budget (None: no budget)."""
     if not cfg.minutes:
         return None
-    active = ["vae"] + (["flux", "dit"] if cfg.which == "both" else [cfg.which])
+    active = ([] if cfg.vae else ["vae"]) + (["flux", "dit"] if cfg.which == "both" else [cfg.which])
     total = sum(cfg.budget_split[k] for k in active)
     return 60.0 * cfg.minutes * cfg.budget_split[stage] / total
 
@@ -522,9 +555,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     images = torch.from_numpy(images_np).to(device)
     print(f"  {time.perf_counter() - t_start:.0f}s", flush=True)
 
-    vae = build_vae(cfg.seed)
-    print(f"VAE: {param_count(vae):,} params", flush=True)
-    summary["vae_curve"] = train_vae(vae, images, cfg, _stage_seconds(cfg, "vae"), device)
+    if cfg.vae:
+        vae = _load_vae(cfg.vae).to(device)
+        print(f"VAE: reusing {cfg.vae}", flush=True)
+    else:
+        vae = build_vae(cfg.seed)
+        print(f"VAE: {param_count(vae):,} params", flush=True)
+        summary["vae_curve"] = train_vae(vae, images, cfg, _stage_seconds(cfg, "vae"), device)
     held_out = torch.from_numpy(
         np.stack([domain.render(s) for s in domain.sample_scenes(256, cfg.seed + 99)])
     )
@@ -543,12 +580,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         pipe.vae.register_to_config(shift_factor=mean, scaling_factor=1.0 / std)
         sizes = {k: param_count(getattr(pipe, k)) for k in ("transformer", "text_encoder", "text_encoder_2")}
         print(f"flux-mini: {sizes}", flush=True)
-        clip_ids, t5_ids = tokenize_captions(pipe, scenes)
+        clip_ids, t5_ids, rows = tokenize_captions(pipe, scenes)
         curve = train_flux(
             pipe,
             (raw - mean) / std,
             clip_ids.to(device),
             t5_ids.to(device),
+            rows.to(device),
             cfg,
             _stage_seconds(cfg, "flux"),
             device,
@@ -587,7 +625,13 @@ def _save_and_eval(
     scores = []
     for k in range(cfg.eval_seeds):
         if name == "flux-mini":
-            imgs = generate_flux(loaded, domain.EVAL_PROMPTS, steps=cfg.eval_steps, seed=1000 * k)
+            imgs = generate_flux(
+                loaded,
+                domain.EVAL_PROMPTS,
+                steps=cfg.eval_steps,
+                seed=1000 * k,
+                max_sequence_length=cfg.max_seq_len,
+            )
             scores.append(mean_adherence(list(imgs), list(domain.EVAL_PROMPTS)))
         else:
             imgs = generate_dit(loaded, domain.EVAL_CLASSES, steps=min(cfg.eval_steps, 50), seed=1000 * k)
@@ -639,6 +683,9 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     p.add_argument("--dataset-size", type=int, help="rendered training scenes (GPU 60000, CPU 4000)")
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument(
+        "--vae", help="reuse the trained VAE of this pipeline (or VAE) directory instead of training one"
+    )
+    p.add_argument(
         "--minutes",
         type=float,
         help="wall-clock budget for all training, split VAE 15%% / flux 55%% / dit 30%%; each stage stops at "
@@ -681,6 +728,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         eval_seeds=a.eval_seeds,
         log_every=pick(a.log_every, 250, 25),
         workers=a.workers,
+        vae=a.vae,
     )
 
 

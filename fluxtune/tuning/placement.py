@@ -42,12 +42,6 @@ class PlacementHandler(Handler):
 
                 if not transformer_blocks(module):
                     problems.append(f"{name}.offload.mode=partial: {type(module).__name__} has no repeated blocks")
-            if isinstance(off, GroupOffload) and off.level == "block":
-                import torch
-
-                if not any(isinstance(c, torch.nn.ModuleList | torch.nn.Sequential) for c in module.children()):
-                    problems.append(f"{name}.offload.level=block: {type(module).__name__} has no block lists; "
-                                    "use level=leaf")
             if not isinstance(off, NoOffload):
                 offloaded += _param_bytes(module)
             if isinstance(off, PartialResidency | GroupOffload) and ctx.profile.compile.inductor_mode in (
@@ -125,6 +119,10 @@ class PlacementHandler(Handler):
         apply_group_offloading(module, **kwargs)
         ctx.undo.append((self.name, lambda: _remove_group_offload(module)))
         level = f"block level, {off.blocks_per_group} block(s)/group" if off.level == "block" else "leaf level"
+        if off.level == "block" and not any(isinstance(c, torch.nn.ModuleList | torch.nn.Sequential)
+                                            for c in module.children()):
+            # diffusers only chunks top-level block lists: here the whole component is one group.
+            level += " (no top-level block list: the whole component moves as one group)"
         return f"group offload, {level}{', streams' if off.use_stream else ''}"
 
 

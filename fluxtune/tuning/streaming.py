@@ -40,10 +40,25 @@ def _pin(t: torch.Tensor) -> torch.Tensor:
     return type(t).__tensor_unflatten__(inner, ctx, t.shape, t.stride())  # type: ignore[attr-defined, no-any-return]
 
 
+def _is_subclass(t: torch.Tensor) -> bool:
+    return type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter and hasattr(t, "__tensor_flatten__")
+
+
+def _assign(param: torch.Tensor, source: torch.Tensor) -> None:
+    """Point ``param`` at ``source``'s storage, keeping the parameter object (hooks, optimizers and
+    compiled graphs refer to it). For tensor subclasses (torchao) ``.data =`` only swaps the outer
+    wrapper and leaves ``qdata``/``scale`` where they were, so their inner tensors are set instead."""
+    if _is_subclass(param):
+        for name in param.__tensor_flatten__()[0]:  # type: ignore[attr-defined]
+            setattr(param, name, getattr(source, name))
+    else:
+        param.data = source
+
+
 def _record(t: torch.Tensor, stream: torch.cuda.Stream) -> None:
     # Tells the caching allocator the compute stream uses memory the copy stream allocated, so it is
     # not handed out again while a kernel may still read it.
-    if type(t) is torch.Tensor or not hasattr(t, "__tensor_flatten__"):
+    if not _is_subclass(t):
         t.record_stream(stream)
         return
     for n in t.__tensor_flatten__()[0]:
@@ -119,7 +134,7 @@ class BlockStreamer:
             if id(module) in streamed_ids:
                 continue
             for p in module.parameters(recurse=False):
-                p.data = p.data.to(device)
+                _assign(p, p.detach().to(device))
             for name, b in list(module.named_buffers(recurse=False)):
                 if b is not None:
                     module._buffers[name] = b.to(device)
@@ -129,8 +144,8 @@ class BlockStreamer:
             item = _Streamed(blocks[i][1])
             for module in item.block.modules():
                 for name, p in module.named_parameters(recurse=False):
-                    home = _pin(p.data.to("cpu"))
-                    p.data = home
+                    home = _pin(p.detach().to("cpu"))
+                    _assign(p, home)
                     item.homes.append((module, name, home))
             self.items.append(item)
             for module in item.block.modules():  # buffers are small: keep them on the device
@@ -149,11 +164,11 @@ class BlockStreamer:
             return
         if self.stream is None:
             for module, name, home in item.homes:
-                module._parameters[name].data = home.to(self.device)  # type: ignore[union-attr]
+                _assign(module._parameters[name], home.to(self.device))  # type: ignore[arg-type]
         else:
             with torch.cuda.stream(self.stream):
                 for module, name, home in item.homes:
-                    module._parameters[name].data = home.to(self.device, non_blocking=True)  # type: ignore[union-attr]
+                    _assign(module._parameters[name], home.to(self.device, non_blocking=True))  # type: ignore[arg-type]
                 item.event = torch.cuda.Event()
                 item.event.record(self.stream)
         item.loaded = True
@@ -163,7 +178,7 @@ class BlockStreamer:
         if not item.loaded:
             return
         for module, name, home in item.homes:
-            module._parameters[name].data = home  # type: ignore[union-attr]
+            _assign(module._parameters[name], home)  # type: ignore[arg-type]
         item.loaded, item.event = False, None
 
     # -- hooks ----------------------------------------------------------------------------------
@@ -183,7 +198,7 @@ class BlockStreamer:
                 current = torch.cuda.current_stream(self.device)
                 current.wait_event(item.event)
                 for m, name, _ in item.homes:
-                    _record(m._parameters[name].data, current)  # type: ignore[union-attr]
+                    _record(m._parameters[name], current)  # type: ignore[arg-type]
             if j + self.prefetch < len(self.items):
                 self._load(j + self.prefetch)
 
