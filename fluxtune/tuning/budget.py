@@ -6,6 +6,27 @@ from fluxtune.tuning.base import BUDGET, Context, Handler, register
 from fluxtune.units import format_bytes
 
 
+def _gpu_weight_bytes(ctx: Context) -> int:
+    from fluxtune.tuning.streaming import tensor_bytes
+
+    seen: set[int] = set()
+    total = 0
+    for module in ctx.components().values():
+        for t in [*module.parameters(), *module.buffers()]:
+            inner = t.detach()
+            key = id(t)
+            if key in seen:
+                continue
+            seen.add(key)
+            on_gpu = inner.device.type == "cuda"
+            names = getattr(inner, "__tensor_flatten__", None)
+            if names is not None and type(inner).__name__ not in ("Tensor", "Parameter"):
+                on_gpu = any(getattr(t, n).device.type == "cuda" for n in t.__tensor_flatten__()[0])
+            if on_gpu:
+                total += tensor_bytes(inner)
+    return total
+
+
 @register
 class BudgetHandler(Handler):
     name = "budget"
@@ -38,7 +59,9 @@ class BudgetHandler(Handler):
         index = ctx.device.index or 0
         total = torch.cuda.get_device_properties(index).total_memory
         torch.cuda.empty_cache()
-        held = torch.cuda.memory_reserved(index)
+        # What this pipeline's own weights occupy on the GPU now (other tensors of the process, e.g. a
+        # previous pipeline not yet collected, are not this profile's doing).
+        held = _gpu_weight_bytes(ctx)
         if held > b.vram:
             from fluxtune.errors import BudgetExceededError
 
