@@ -18,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=3, help="timed repeats (default 3)")
     p.add_argument("--prompt", action="append", default=None, help="workload prompt (repeatable)")
     p.add_argument("--out", default=".fluxtune/bench", help="folder for bench.json, the table and the plot")
+    p.add_argument("--no-reference", action="store_true", help="skip the bf16 reference run (no quality column)")
     p.add_argument("--device", default=None, help="cuda:N or cpu (default: the GPU if there is one)")
     p.add_argument("--dtype", default="bfloat16")
 
@@ -58,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     if args.recipes:
         words = [w.strip().lower() for w in args.recipes.split(",") if w.strip()]
         candidates = [c for c in candidates if c.kind != "recipe" or any(w in c.name.lower() for w in words)]
+    if args.no_reference:
+        candidates = [c for c in candidates if c.kind != "reference"]
     workload = default_workload(args.model, family, args.prompt, device.startswith("cuda"), args.runs)
     folder = Path(args.out)
     rows = run_bench(candidates, model=args.model, device=device, workload=workload, folder=folder, dtype=args.dtype)
