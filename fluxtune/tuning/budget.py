@@ -7,24 +7,9 @@ from fluxtune.units import format_bytes
 
 
 def _gpu_weight_bytes(ctx: Context) -> int:
-    from fluxtune.tuning.streaming import tensor_bytes
+    from fluxtune.tuning.streaming import module_bytes
 
-    seen: set[int] = set()
-    total = 0
-    for module in ctx.components().values():
-        for t in [*module.parameters(), *module.buffers()]:
-            inner = t.detach()
-            key = id(t)
-            if key in seen:
-                continue
-            seen.add(key)
-            on_gpu = inner.device.type == "cuda"
-            names = getattr(inner, "__tensor_flatten__", None)
-            if names is not None and type(inner).__name__ not in ("Tensor", "Parameter"):
-                on_gpu = any(getattr(t, n).device.type == "cuda" for n in t.__tensor_flatten__()[0])
-            if on_gpu:
-                total += tensor_bytes(inner)
-    return total
+    return sum(module_bytes(m, "cuda") for m in ctx.components().values())
 
 
 @register

@@ -99,6 +99,10 @@ class PlacementHandler(Handler):
             if ctx.on_gpu:
                 torch.cuda.synchronize(ctx.device)
             ctx.report.add(self.name, name, detail, seconds=time.perf_counter() - t0)
+        if ctx.on_gpu:
+            # Weights that moved to the host leave cached blocks behind; hand them back now so the
+            # reserved memory (and a cap set next) reflects the placement, not the loading.
+            torch.cuda.empty_cache()
         if model_hooks:
             # The last hooked component stays on the GPU after a call unless somebody offloads it.
             ctx.after_call.append(lambda: [h.offload() for h in model_hooks])

@@ -17,17 +17,38 @@ from typing import Any
 import torch
 
 
+def _inner(t: torch.Tensor) -> list[torch.Tensor] | None:
+    """The inner tensors of a tensor subclass (torchao), or None for a plain tensor/parameter.
+
+    Read as attributes only: a streamed torchao weight's wrapper keeps its original device while its
+    inner tensors move, so running any op on it (even ``.data``/``detach``) while offloaded fails.
+    """
+    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter or not hasattr(t, "__tensor_flatten__"):
+        return None
+    return [getattr(t, n) for n in t.__tensor_flatten__()[0]]
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes a tensor occupies, looking through tensor subclasses (torchao) at their inner tensors."""
-    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter or not hasattr(t, "__tensor_flatten__"):
+    inner = _inner(t)
+    if inner is None:
         return t.numel() * t.element_size()
-    names, _ = t.__tensor_flatten__()
-    return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return sum(tensor_bytes(x) for x in inner)
 
 
-def module_bytes(module: torch.nn.Module) -> int:
-    """Bytes of a module's parameters and buffers (quantized sizes for torchao weights)."""
-    return sum(tensor_bytes(p.data) for p in module.parameters()) + sum(tensor_bytes(b) for b in module.buffers())
+def tensor_on(t: torch.Tensor, device_type: str) -> bool:
+    """Whether the tensor's storage (its inner tensors, for subclasses) lives on ``device_type``."""
+    inner = _inner(t)
+    if inner is None:
+        return t.device.type == device_type
+    return any(tensor_on(x, device_type) for x in inner)
+
+
+def module_bytes(module: torch.nn.Module, device_type: str | None = None) -> int:
+    """Bytes of a module's parameters and buffers (quantized sizes for torchao weights), optionally
+    only those stored on ``device_type``."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(tensor_bytes(t) for t in tensors if device_type is None or tensor_on(t, device_type))
 
 
 def _pin(t: torch.Tensor) -> torch.Tensor:
