@@ -39,7 +39,7 @@ class Profile(Knob):
     """How a pipeline runs: budget, per-component placement and precision, attention, cache, compile,
     VAE and the generation call it was validated for, plus what was measured."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     name: str = "custom"
     description: str = ""
     family: Literal["flux", "dit", "any"] = Field(default="any", description="pipelines this profile targets")
@@ -91,9 +91,9 @@ class Profile(Knob):
         best: tuple[tuple[int, int], str] | None = None
         for name in COMPONENTS:
             q = self.component(name).quantize
-            if q is not None and q.min_compute_capability is not None:
-                if best is None or q.min_compute_capability > best[0]:
-                    best = (q.min_compute_capability, f"{name}.quantize.method={q.method}")
+            need = q.min_compute_capability if q is not None else None
+            if q is not None and need is not None and (best is None or need > best[0]):
+                best = (need, f"{name}.quantize.method={q.method}")
         return best
 
     def needs_gpu(self) -> str | None:
@@ -130,9 +130,7 @@ def _minimal(model: Knob, dumped: dict[str, Any]) -> dict[str, Any]:
         value, default = getattr(model, name), field.get_default(call_default_factory=True)
         if isinstance(value, Knob):
             sub = _minimal(value, dumped[name])
-            if sub and (set(sub) - set(_TAGS) or type(value) is not type(default)):
-                out[name] = sub
-            elif type(value) is not type(default):
+            if sub and (set(sub) - set(_TAGS) or type(value) is not type(default)) or type(value) is not type(default):
                 out[name] = sub
         elif name in _TAGS or value != default:
             out[name] = dumped[name]

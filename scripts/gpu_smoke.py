@@ -13,7 +13,10 @@ def main() -> None:
     for profile in (
         {"transformer": {"offload": {"mode": "partial", "resident_blocks": 1}}},
         {"transformer": {"offload": {"mode": "partial", "resident_blocks": 1}, "quantize": "int8_weight"}},
-        {"transformer": {"offload": {"mode": "group", "level": "leaf"}}, "text_encoder_2": {"offload": "model"}},
+        {
+            "transformer": {"offload": {"mode": "group", "level": "leaf"}},
+            "text_encoder_2": {"offload": "model"},
+        },
     ):
         pipe = load("tiny-flux", device="cuda", dtype="bfloat16")
         pipe.to("cuda")

@@ -24,7 +24,7 @@ def block_calls(pipe) -> list[int]:
     """Count the attention calls inside the transformer blocks (a cache skips whole blocks; their
     own forward hooks still fire, so the count must look inside)."""
     calls = [0]
-    for name, child in pipe.transformer.named_children():
+    for _name, child in pipe.transformer.named_children():
         if isinstance(child, torch.nn.ModuleList):
             for block in child:
                 attn = getattr(block, "attn", None) or getattr(block, "attn1", None)

@@ -332,8 +332,8 @@ def test_training_script_smoke(tmp_path: Path) -> None:
 
     out = tmp_path / "ckpt"
     args = ["--out", str(out), "--device", "cpu", "--steps", "2", "--vae-steps", "2", "--batch", "2",
-            "--vae-batch", "2", "--dataset-size", "16", "--eval-steps", "2", "--eval-seeds", "1",
-            "--max-seq-len", "96", "--workers", "1", "--log-every", "1"]  # fmt: skip
+            "--dit-batch", "2", "--vae-batch", "2", "--dataset-size", "16", "--eval-steps", "2",
+            "--eval-seeds", "1", "--max-seq-len", "96", "--workers", "1", "--log-every", "1"]  # fmt: skip
     assert main(args) == 0
     summary = json.loads((out / "training_summary.json").read_text())
     assert set(summary["models"]) == {"flux-mini", "dit-mini"}
@@ -516,14 +516,44 @@ def test_few_steps_lower_flux_adherence(flux_mini, flux_ref: np.ndarray) -> None
     assert mean_adherence(list(two), list(EVAL_PROMPTS)).total < full
 
 
-@pytest.mark.slow
-@needs_dit
-def test_dit_mini_draws_its_classes_and_fewer_steps_lower_quality() -> None:
+@pytest.fixture(scope="module")
+def dit_mini():
+    return load_dit_mini()
+
+
+@pytest.fixture(scope="module")
+def dit_ref(dit_mini) -> np.ndarray:
     from fluxtune.minimodels.training import generate_dit
 
-    pipe = load_dit_mini()
-    targets = [scene_of_class(c) for c in EVAL_CLASSES]
-    ref = generate_dit(pipe, EVAL_CLASSES, steps=50)
-    assert mean_adherence(list(ref), targets).total > 0.75
-    psnr = [_mean_psnr(generate_dit(pipe, EVAL_CLASSES, steps=n), ref) for n in (25, 10, 4)]
-    _assert_monotone_down(psnr, PSNR_NOISE_DB, 3.0, "dit-mini PSNR vs 50 steps")
+    return generate_dit(dit_mini, EVAL_CLASSES, steps=50)
+
+
+@pytest.mark.slow
+@needs_dit
+def test_dit_mini_draws_its_classes(dit_ref: np.ndarray) -> None:
+    score = mean_adherence(list(dit_ref), [scene_of_class(c) for c in EVAL_CLASSES])
+    assert score.total > 0.75, score
+
+
+@pytest.mark.slow
+@needs_dit
+def test_fewer_steps_lower_dit_quality(dit_mini, dit_ref: np.ndarray) -> None:
+    from fluxtune.minimodels.training import generate_dit
+
+    steps = [25, 10, 4]
+    psnr = [_mean_psnr(generate_dit(dit_mini, EVAL_CLASSES, steps=n), dit_ref) for n in steps]
+    _assert_monotone_down(psnr, PSNR_NOISE_DB, 3.0, f"dit-mini PSNR vs 50 steps over steps {steps}")
+
+
+@pytest.mark.slow
+@needs_dit
+def test_weight_quantization_lowers_dit_quality(dit_ref: np.ndarray) -> None:
+    from fluxtune.minimodels.training import generate_dit
+
+    psnr = []
+    for kind in ("bf16", "int8", "fp8", "int4"):
+        pipe = load_dit_mini()
+        _fake_quantize_(pipe.transformer, kind)
+        psnr.append(_mean_psnr(generate_dit(pipe, EVAL_CLASSES, steps=50), dit_ref))
+    assert psnr[0] < 80, psnr
+    _assert_monotone_down(psnr, PSNR_NOISE_DB, 6.0, "dit-mini PSNR vs fp32 over bf16/int8/fp8/int4 weights")

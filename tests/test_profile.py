@@ -72,7 +72,7 @@ def test_shorthands_expand():
 
 def test_profile_is_frozen_and_round_trips():
     p = validate_profile({"name": "x", "transformer": {"offload": {"mode": "partial", "resident": "7GB"}}})
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError):  # pydantic's ValidationError for a frozen model
         p.name = "y"  # type: ignore[misc]
     assert validate_profile(p.to_dict()) == p
     assert validate_profile(p.to_dict(exclude_defaults=True)) == p

@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     from fluxtune.hardware import detect_hardware, library_versions
 
     hw = detect_hardware(args.gpu)
-    data = {"hardware": hw.fingerprint(), "versions": library_versions(), "knobs": knob_support(hw)}
+    versions, knobs = library_versions(), knob_support(hw)
+    data = {"hardware": hw.fingerprint(), "versions": versions, "knobs": knobs}
     if args.json:
         print(json.dumps(data, indent=2, default=str))
         return 0
@@ -45,9 +46,9 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     console.print(f"[bold]hardware[/]: {hw.describe()}")
-    console.print("[bold]versions[/]: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()))
+    console.print("[bold]versions[/]: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     table = Table("knob", "supported here")
-    for k, v in data["knobs"].items():
+    for k, v in knobs.items():
         table.add_row(k, v)
     console.print(table)
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from fluxtune.units import format_bytes
 
     profile = load_profile(args.profile, args.overrides)
-    pipe = pipelines.load(args.model, dtype=args.dtype)
+    pipe: Any = pipelines.load(args.model, dtype=args.dtype)
     report = apply(profile, pipe, device=args.device)
     print(report)
     family = pipelines.family(pipe)

@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     table = Table("preset", "family", "budget", "latency", "peak VRAM", "measured on", "description")
     for r in rows:
         lat = f"{r['latency_s']:.2f}s" if r["latency_s"] else "-"
-        table.add_row(r["name"], r["family"], r["budget"], lat, r["peak"] or "-", r["measured_on"], r["description"])
+        table.add_row(*(str(x) for x in (r["name"], r["family"], r["budget"], lat, r["peak"] or "-",
+                                           r["measured_on"], r["description"])))
     Console(width=160).print(table)
     return 0

@@ -185,8 +185,7 @@ def _no_feasible(search: Any, cfg: Any) -> int:
         print(f"no trial reached --min-psnr {cfg.min_psnr} dB within the budget; the best quality found was "
               f"{min(top.get('psnr') or 0, 100):.1f} dB (trial {top['trial']}); lower the floor or raise the budget")
         return 1
-    peaks = [r.get("predicted_peak") or r.get("peak") for r in table]
-    peaks = [p for p in peaks if p]
+    peaks = [int(p) for p in (r.get("predicted_peak") or r.get("peak") for r in table) if p]
     smallest = min(peaks) if peaks else None
     hint = f"; the smallest peak the memory model predicts among the trials is {format_bytes(smallest)}" if smallest else ""
     print(f"no profile fits the budget {format_bytes(cfg.budget_bytes or 0)}{hint}")

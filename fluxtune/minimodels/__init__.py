@@ -10,6 +10,7 @@ Importing this package registers the built-ins "flux-mini" and "dit-mini" with
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,9 +18,12 @@ from fluxtune.errors import PipelineError
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import DiTPipeline, FluxPipeline
+    from diffusers import DiffusionPipeline
 
-CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
+# FLUXTUNE_MINIMODELS_DIR points the built-ins at retrained checkpoints without touching the package.
+CHECKPOINT_DIR = Path(
+    os.environ.get("FLUXTUNE_MINIMODELS_DIR") or Path(__file__).resolve().parent / "checkpoints"
+)
 FLUX_MINI_DIR = CHECKPOINT_DIR / "flux-mini"
 DIT_MINI_DIR = CHECKPOINT_DIR / "dit-mini"
 TRAIN_COMMAND = "python scripts/train_minimodels.py --out fluxtune/minimodels/checkpoints"
@@ -66,7 +70,7 @@ def load_flux_mini(
     dtype: str | torch.dtype = "float32",
     *,
     path: str | Path | None = None,
-) -> FluxPipeline:
+) -> DiffusionPipeline:
     """Load the trained flux-mini FluxPipeline (64x64; call it with height=64, width=64).
 
     Args:
@@ -85,7 +89,7 @@ def load_dit_mini(
     dtype: str | torch.dtype = "float32",
     *,
     path: str | Path | None = None,
-) -> DiTPipeline:
+) -> DiffusionPipeline:
     """Load the trained dit-mini DiTPipeline (64x64, classes like "red circle" via `pipe.get_label_ids`).
 
     Args:

@@ -156,7 +156,11 @@ def _box3(img: np.ndarray) -> np.ndarray:
     """3x3 mean filter (edges replicated)."""
     pad = np.pad(img, ((1, 1), (1, 1), (0, 0)), mode="edge")
     h, w = img.shape[:2]
-    return sum(pad[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)) / 9.0
+    out = np.zeros(img.shape, dtype=np.float32)
+    for dy in range(3):
+        for dx in range(3):
+            out += pad[dy : dy + h, dx : dx + w]
+    return out / 9.0
 
 
 def _dilate(mask: np.ndarray) -> np.ndarray:

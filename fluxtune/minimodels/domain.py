@@ -9,7 +9,7 @@ class ids of dit-mini. It imports no torch, so the adherence metric and the test
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -116,16 +116,16 @@ def caption(scene: Scene, template: int = 0) -> str:
         raise ValueError(f"caption needs a complete scene, got {scene}")
     if not 0 <= template < len(TEMPLATES):
         raise ValueError(f"template={template} is out of range 0..{len(TEMPLATES) - 1}")
-    assert scene.color and scene.background and scene.position and scene.size  # for the type checker
+    size, position, background = str(scene.size), str(scene.position), str(scene.background)
     return TEMPLATES[template].format(
-        a_size=_article(scene.size),
-        size=scene.size,
+        a_size=_article(size),
+        size=size,
         color=scene.color,
         shape=scene.shape,
-        pos=_pos_phrase(scene.position),
-        pos_bare=scene.position,
-        a_bg=_article(scene.background),
-        bg=scene.background,
+        pos=_pos_phrase(position),
+        pos_bare=position,
+        a_bg=_article(background),
+        bg=background,
     )
 
 
@@ -240,16 +240,15 @@ def render(scene: Scene, size: int = 64, *, rng: np.random.Generator | None = No
     """
     if not scene.is_complete:
         raise ValueError(f"render needs a complete scene, got {scene}")
-    assert scene.position and scene.size and scene.color and scene.background  # for the type checker
-    fx, fy = position_center(scene.position)
-    extent = EXTENTS[scene.size]
+    fx, fy = position_center(str(scene.position))
+    extent = EXTENTS[str(scene.size)]
     if rng is not None:
         fx += rng.uniform(-POSITION_JITTER, POSITION_JITTER)
         fy += rng.uniform(-POSITION_JITTER, POSITION_JITTER)
         extent *= 1 + rng.uniform(-EXTENT_JITTER, EXTENT_JITTER)
     cov = shape_coverage(scene.shape, fx * size, fy * size, extent * size, size)[..., None]
-    fg = np.asarray(PALETTE[scene.color], dtype=np.float32)
-    bg = np.asarray(PALETTE[scene.background], dtype=np.float32)
+    fg = np.asarray(PALETTE[str(scene.color)], dtype=np.float32)
+    bg = np.asarray(PALETTE[str(scene.background)], dtype=np.float32)
     return np.rint(cov * fg + (1 - cov) * bg).astype(np.uint8)
 
 
@@ -307,4 +306,4 @@ EVAL_CLASSES: tuple[int, ...] = tuple(class_label(s) for s in EVAL_SCENES)
 
 def with_field(scene: Scene, **changes: str | None) -> Scene:
     """A copy of `scene` with some fields changed (validated)."""
-    return replace(scene, **changes)
+    return Scene(**{**asdict(scene), **changes})

@@ -161,15 +161,12 @@ def build_text_encoders(
             pad_token_id=clip_tokenizer.pad_token_id,
         )
     )
-    t5 = T5EncoderModel(
-        T5Config(
-            **T5_CONFIG,
-            vocab_size=len(t5_tokenizer),
-            pad_token_id=t5_tokenizer.pad_token_id,
-            eos_token_id=t5_tokenizer.eos_token_id,
-            decoder_start_token_id=t5_tokenizer.pad_token_id,
-        )
-    )
+    special = {
+        "pad_token_id": t5_tokenizer.pad_token_id,
+        "eos_token_id": t5_tokenizer.eos_token_id,
+        "decoder_start_token_id": t5_tokenizer.pad_token_id,
+    }
+    t5 = T5EncoderModel(T5Config(**T5_CONFIG, vocab_size=len(t5_tokenizer), **special))
     return clip, t5
 
 
@@ -204,10 +201,10 @@ def build_dit_mini(vae: AutoencoderKL | None = None, seed: int = 0) -> DiTPipeli
     )
     # DiTPipeline does not record id2label itself; in the config it is written to model_index.json
     # and handed back to __init__ by from_pretrained (as hub DiT checkpoints do).
-    pipe.register_to_config(id2label={str(k): v for k, v in labels.items()})
+    pipe.register_to_config(id2label={str(k): v for k, v in labels.items()})  # type: ignore[attr-defined]
     return pipe
 
 
-def param_count(module: torch.nn.Module) -> int:
+def param_count(module: Any) -> int:
     """Number of parameters of a module."""
     return sum(p.numel() for p in module.parameters())

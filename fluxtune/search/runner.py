@@ -6,6 +6,7 @@ so many workers and many hosts (through a shared storage URL) cooperate on one s
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import socket
@@ -242,10 +243,8 @@ class Search:
         finally:
             for w in workers:
                 w.stop()
-            try:
+            with contextlib.suppress(Exception):
                 self.calibration.save(self.dir / "calibration.json")
-            except Exception:
-                pass
         from fluxtune.search.results import best_trial
 
         return SearchResult(study, best_trial(study), reference, time.monotonic() - self.started, self.ran)

@@ -42,7 +42,7 @@ def open_storage(url: str | None, home: Path = HOME) -> Any:
         raise SearchError(f"--storage {url}: cannot open: {str(e).splitlines()[0]}") from None
 
 
-def directions(objective: str) -> list[str]:
+def directions(objective: str) -> list[Any]:
     """Optuna directions for an objective: latency min, quality (PSNR) max, or both."""
     return {"latency": ["minimize"], "quality": ["maximize"], "pareto": ["minimize", "maximize"]}[objective]
 

@@ -65,7 +65,7 @@ class TrialSession:
         from fluxtune import pipelines
 
         device = self.cfg.device if self.builtin and pipelines.BUILTINS[self.cfg.model].needs_gpu else None
-        pipe = pipelines.load(self.cfg.model, device=device, dtype=self.cfg.dtype)
+        pipe: Any = pipelines.load(self.cfg.model, device=device, dtype=self.cfg.dtype)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

@@ -15,6 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fluxtune.errors import IncompatibleKnobsError, UnsupportedHardwareError
+from fluxtune.hardware import HardwareInfo, detect_hardware
+from fluxtune.profile import COMPONENTS, Profile
 from fluxtune.tuning import (  # noqa: F401  (importing registers the handlers)
     attention,
     budget,
@@ -31,9 +34,6 @@ from fluxtune.tuning import (  # noqa: F401  (importing registers the handlers)
 from fluxtune.tuning.base import HANDLERS, IRREVERSIBLE, Context
 from fluxtune.tuning.generation import CallState
 from fluxtune.tuning.report import Action, ApplyReport
-from fluxtune.errors import IncompatibleKnobsError, UnsupportedHardwareError
-from fluxtune.hardware import HardwareInfo, detect_hardware
-from fluxtune.profile import COMPONENTS, Profile
 
 __all__ = ["Action", "ApplyReport", "apply", "irreversible_signature", "is_tuned"]
 

@@ -37,7 +37,10 @@ class AttentionHandler(Handler):
                 f"attention.backend={backend!r}: this pipeline's attention calls SDPA directly, so a backend "
                 "choice has no effect; use native"
             ]
-        from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+        from diffusers.models.attention_dispatch import (
+            AttentionBackendName,
+            _check_attention_backend_requirements,
+        )
 
         try:
             _check_attention_backend_requirements(AttentionBackendName(backend))

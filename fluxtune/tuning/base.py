@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from fluxtune.tuning.report import ApplyReport
 from fluxtune.hardware import HardwareInfo
 from fluxtune.profile import COMPONENTS, Profile
+from fluxtune.tuning.report import ApplyReport
 
 if TYPE_CHECKING:
     import torch
@@ -60,11 +60,11 @@ class Context:
     def on_gpu(self) -> bool:
         return self.device.type == "cuda"
 
-    def components(self) -> dict[str, torch.nn.Module]:
+    def components(self) -> dict[str, Any]:
         """The profile-addressable nn.Module components this pipeline has."""
         import torch
 
-        out: dict[str, torch.nn.Module] = {}
+        out: dict[str, Any] = {}
         for name in COMPONENTS:
             module = getattr(self.pipe, name, None)
             if isinstance(module, torch.nn.Module):

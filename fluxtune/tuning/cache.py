@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fluxtune.tuning.base import CACHE, Context, Handler, register
 from fluxtune.knobs import FirstBlockCache, MagCache, TaylorSeerCache
+from fluxtune.tuning.base import CACHE, Context, Handler, register
 
 _HOOKS = {
     "first_block": ("fbc_leader_block_hook", "fbc_block_hook"),
@@ -55,9 +55,8 @@ class CacheHandler(Handler):
         if kind == "magcache" and ctx.family != "flux":
             return ["cache.kind=magcache needs magnitude ratios, which diffusers ships for FLUX only; "
                     "use first_block or taylorseer"]
-        if ctx.family not in ("flux", "dit"):
-            if not hasattr(t, "enable_cache"):
-                return [f"cache.kind={kind}: {type(t).__name__} has no cache support; use cache.kind=none"]
+        if ctx.family not in ("flux", "dit") and not hasattr(t, "enable_cache"):
+            return [f"cache.kind={kind}: {type(t).__name__} has no cache support; use cache.kind=none"]
         return []
 
     def apply(self, ctx: Context) -> None:
@@ -74,7 +73,8 @@ class CacheHandler(Handler):
             from diffusers.hooks import HookRegistry, apply_first_block_cache, apply_taylorseer_cache
             from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
-            {"first_block": apply_first_block_cache, "taylorseer": apply_taylorseer_cache}[kind](t, config)
+            applier: Any = {"first_block": apply_first_block_cache, "taylorseer": apply_taylorseer_cache}[kind]
+            applier(t, config)
             registry = HookRegistry.check_if_exists_or_initialize(t)
 
             def fresh_state() -> None:

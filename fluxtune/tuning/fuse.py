@@ -13,7 +13,7 @@ def _fuse_attention_modules(module: object) -> int:
     for m in module.modules():  # type: ignore[attr-defined]
         if isinstance(m, Attention) and not getattr(m, "fused_projections", False):
             m.fuse_projections()
-            m.set_processor(FusedAttnProcessor2_0())
+            m.set_processor(FusedAttnProcessor2_0())  # type: ignore[arg-type]
             count += 1
     return count
 

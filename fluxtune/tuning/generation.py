@@ -10,8 +10,8 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from fluxtune.tuning.base import GENERATION, Context, Handler, register
 from fluxtune.errors import BudgetExceededError
+from fluxtune.tuning.base import GENERATION, Context, Handler, register
 
 _KWARG = {  # profile field -> pipeline __call__ parameter
     "steps": "num_inference_steps",

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any
 
-from fluxtune.tuning.base import PLACEMENT, Context, Handler, register
 from fluxtune.knobs import GroupOffload, ModelOffload, NoOffload, PartialResidency, SequentialOffload
+from fluxtune.tuning.base import PLACEMENT, Context, Handler, register
 from fluxtune.units import format_bytes
 
 _GROUP_HOOKS = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
@@ -77,13 +78,13 @@ class PlacementHandler(Handler):
 
                 _, hook = cpu_offload_with_hook(module, ctx.device, prev_module_hook=model_hooks[-1] if model_hooks else None)
                 model_hooks.append(hook)
-                ctx.undo.append((self.name, lambda m=module: _remove_accelerate(m)))
+                ctx.undo.append((self.name, partial(_remove_accelerate, module)))
                 detail = "model offload (on the GPU only while it runs)"
             elif isinstance(off, SequentialOffload):
                 from accelerate import cpu_offload
 
                 cpu_offload(module, execution_device=ctx.device, offload_buffers=len(module._parameters) > 0)
-                ctx.undo.append((self.name, lambda m=module: _remove_accelerate(m)))
+                ctx.undo.append((self.name, partial(_remove_accelerate, module)))
                 detail = "sequential offload (each layer on the GPU only for its forward)"
             elif isinstance(off, GroupOffload):
                 detail = self._group(ctx, name, module, off)
@@ -105,13 +106,13 @@ class PlacementHandler(Handler):
             torch.cuda.empty_cache()
         if model_hooks:
             # The last hooked component stays on the GPU after a call unless somebody offloads it.
-            ctx.after_call.append(lambda: [h.offload() for h in model_hooks])
+            ctx.after_call.append(partial(_offload_all, model_hooks))
 
     def _group(self, ctx: Context, name: str, module: Any, off: GroupOffload) -> str:
         import torch
         from diffusers.hooks import apply_group_offloading
 
-        kwargs = dict(
+        kwargs: dict[str, Any] = dict(
             onload_device=ctx.device, offload_device=torch.device("cpu"),
             offload_type="block_level" if off.level == "block" else "leaf_level",
             num_blocks_per_group=off.blocks_per_group if off.level == "block" else None,
@@ -128,6 +129,11 @@ class PlacementHandler(Handler):
             # diffusers only chunks top-level block lists: here the whole component is one group.
             level += " (no top-level block list: the whole component moves as one group)"
         return f"group offload, {level}{', streams' if off.use_stream else ''}"
+
+
+def _offload_all(hooks: list[Any]) -> None:
+    for hook in hooks:
+        hook.offload()
 
 
 def _remove_accelerate(module: Any) -> None:

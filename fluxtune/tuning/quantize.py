@@ -6,9 +6,9 @@ import re
 import time
 from typing import Any
 
-from fluxtune.tuning.base import QUANTIZE, Context, Handler, register
 from fluxtune.errors import MissingDependencyError
 from fluxtune.knobs import NoOffload, Quantize
+from fluxtune.tuning.base import QUANTIZE, Context, Handler, register
 
 
 def torchao_config(q: Quantize, *, on_cuda: bool) -> Any:
@@ -58,6 +58,26 @@ def _is_subclass_weight(weight: Any) -> bool:
     return type(data) is not torch.Tensor
 
 
+def _linear_filter(q: Quantize, excluded: list[str]) -> Any:
+    """quantize_'s filter: Linear layers not matching ``exclude`` (skipped names go to ``excluded``)."""
+    import torch
+
+    patterns = [re.compile(p) for p in q.exclude]
+
+    def keep(mod: torch.nn.Module, fqn: str) -> bool:
+        if not isinstance(mod, torch.nn.Linear):
+            return False
+        if any(p.search(fqn) for p in patterns):
+            excluded.append(fqn)
+            return False
+        if q.method == "int4_weight" and mod.in_features % q.group_size:
+            excluded.append(fqn)  # int4 groups must tile the input features
+            return False
+        return True
+
+    return keep
+
+
 @register
 class QuantizeHandler(Handler):
     name = "quantize"
@@ -82,20 +102,9 @@ class QuantizeHandler(Handler):
             q = ctx.profile.component(name).quantize
             if q is None:
                 continue
-            patterns = [re.compile(p) for p in q.exclude]
             resident = isinstance(ctx.profile.component(name).offload, NoOffload)
             excluded: list[str] = []
-
-            def keep(mod: torch.nn.Module, fqn: str) -> bool:
-                if not isinstance(mod, torch.nn.Linear):
-                    return False
-                if any(p.search(fqn) for p in patterns):
-                    excluded.append(fqn)
-                    return False
-                if q.method == "int4_weight" and mod.in_features % q.group_size:
-                    excluded.append(fqn)  # int4 groups must tile the input features
-                    return False
-                return True
+            keep = _linear_filter(q, excluded)
 
             t0 = time.perf_counter()
             # A resident component is quantized layer by layer straight onto the GPU, so the bf16 copy

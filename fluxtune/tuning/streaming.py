@@ -56,7 +56,7 @@ def _pin(t: torch.Tensor) -> torch.Tensor:
         return t
     if type(t) is torch.Tensor or not hasattr(t, "__tensor_flatten__"):
         return t.pin_memory()
-    names, ctx = t.__tensor_flatten__()
+    names, ctx = t.__tensor_flatten__()  # type: ignore[attr-defined]
     inner = {n: _pin(getattr(t, n)) for n in names}
     return type(t).__tensor_unflatten__(inner, ctx, t.shape, t.stride())  # type: ignore[attr-defined, no-any-return]
 
@@ -82,7 +82,7 @@ def _record(t: torch.Tensor, stream: torch.cuda.Stream) -> None:
     if not _is_subclass(t):
         t.record_stream(stream)
         return
-    for n in t.__tensor_flatten__()[0]:
+    for n in t.__tensor_flatten__()[0]:  # type: ignore[attr-defined]
         _record(getattr(t, n), stream)
 
 
