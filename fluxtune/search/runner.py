@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fluxtune.errors import SearchError
+from fluxtune.errors import ProfileError, SearchError
 from fluxtune.hardware import HardwareInfo, detect_hardware, library_versions
 from fluxtune.profile import Profile
 from fluxtune.search import objective as obj
@@ -220,6 +220,7 @@ class Search:
             self.space = SearchSpace.create(self.hardware if self.on_gpu else _cpu_view(self.hardware),
                                             _family(self.facts), self.cfg.base, self.cfg.narrow,
                                             transformer_bytes=_block_bytes(self.facts))
+            self._check_budget_reachable()
             reference = self._reference(workers[0])
             if not resumed:
                 from fluxtune.presets import list_presets, load_profile
@@ -248,6 +249,35 @@ class Search:
         from fluxtune.search.results import best_trial
 
         return SearchResult(study, best_trial(study), reference, time.monotonic() - self.started, self.ran)
+
+    def _check_budget_reachable(self) -> None:
+        """Refuse a budget below anything the space can do, naming the smallest predicted peak."""
+        if self.goal.budget_bytes is None:
+            return
+        from fluxtune.memory import DEFAULT_OVERHEAD, smallest_feasible_budget
+        from fluxtune.search.recipes import RECIPES
+
+        modes = ("sequential", "group", "partial") if self.on_gpu else ("none",)
+        frugal = [dict(p, **{"transformer.offload": m}) for p in RECIPES.values() for m in modes]
+        candidates = []
+        for params in frugal:
+            params.update({"transformer.resident_fraction": 0.05})
+            if self.on_gpu:
+                params["text_encoders.offload"] = "group"
+            try:
+                candidates.append(self.space.profile(params))
+            except Exception:
+                continue
+        if not candidates:
+            return
+        peak, _ = smallest_feasible_budget(self.facts, candidates, calibration=self.calibration)
+        # peak_vram includes the CUDA context, which the cap does not charge; compare like with like.
+        peak_cap = peak - DEFAULT_OVERHEAD if self.on_gpu else peak
+        if peak_cap > self.goal.budget_bytes * SKIP_MARGIN:
+            raise ProfileError(
+                f"--budget {format_bytes(self.goal.budget_bytes)} is below anything this model can run with: the "
+                f"smallest peak the memory model predicts is {format_bytes(peak_cap)}; raise --budget to at least that"
+            )
 
     def _reference(self, worker: Worker) -> dict[str, Any]:
         ref = self.study.user_attrs.get("fluxtune_reference")
