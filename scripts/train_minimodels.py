@@ -14,10 +14,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Run from a checkout without installing the package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fluxtune.minimodels.training import main  # noqa: E402
-
 if __name__ == "__main__":
+    # Run from a checkout without installing the package. The import stays under the guard so that the
+    # scene-rendering worker processes (spawned, they re-import this file) do not load torch.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from fluxtune.minimodels.training import main
+
     sys.exit(main())

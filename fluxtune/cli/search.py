@@ -21,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-latency", type=float, default=None, help="latency cap in seconds (quality objective)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in name, local path or hub id (default {DEFAULT_MODEL})")
     p.add_argument("--profile", default=None, help="base profile whose fixed parts every trial keeps")
-    p.add_argument("--size", default=None, help="WIDTHxHEIGHT, e.g. 1024x1024 (default: the model's)")
+    p.add_argument("--size", default=None,
+                   help="WIDTHxHEIGHT, e.g. 1024x1024, or several to search: 768x768,1024x1024 (default: the model's)")
     p.add_argument("--steps", default=None, help="steps, pinned (28) or a range to search (20-50)")
     p.add_argument("--trials", type=int, default=40, help="trials in the study, counting resumed ones (default 40)")
     p.add_argument("--timeout", default=None, help="wall-clock limit such as 30m, 1h, 90s")
@@ -122,16 +123,22 @@ def run(args: argparse.Namespace) -> int:
     data["family"] = family
     if args.size:
         try:
-            h, w = parse_image_size(args.size, field="--size")
+            sizes = [parse_image_size(s, field="--size") for s in args.size.split(",")]
         except ValueError as e:
             raise ProfileError(str(e)) from None
+        h, w = max(sizes, key=lambda hw: hw[0] * hw[1])  # the budget is validated for the largest
         data["generation"].update(height=h, width=w)
+        narrow_sizes = [f"{sw}x{sh}" for sh, sw in sizes] if len(sizes) > 1 else []
+    else:
+        narrow_sizes = []
     if budget is not None:
         data["budget"] = {"vram": budget, "enforce": True, **({"host_ram": ram_budget} if ram_budget else {})}
     narrow: dict[str, Any] = {}
     if args.space:
         narrow.update(load_space_file(args.space))
     narrow.update(parse_pins(args.pin))
+    if narrow_sizes:
+        narrow["size"] = narrow_sizes
     if args.steps:
         steps = parse_steps(args.steps)
         narrow["steps"] = steps
@@ -160,6 +167,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {key}: {path}")
     if result.best is None:
         return _no_feasible(search, cfg)
+    if args.objective == "pareto":
+        from fluxtune.search.results import pareto_front
+
+        front_dir = search.dir / "front"
+        for t in pareto_front(result.study):
+            save_profile(profile_of(t, result.study, name=f"{name}-front-trial{t.number}"),
+                         front_dir / f"trial{t.number:04d}.yaml")
+        print(f"  front: {front_dir} (the knee is written to --out)")
     prof = profile_of(result.best, result.study, name=f"{name}")
     out = Path(args.out) if args.out else search.dir / "best.yaml"
     save_profile(prof, out)

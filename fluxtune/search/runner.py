@@ -370,6 +370,7 @@ class Search:
             self.say(f"[{n + 1}/{total}] {desc} | skipped: predicted {format_bytes(predicted)} > "
                      f"{format_bytes(self.goal.budget_bytes)}")
             return
+        self.say(f"[{n + 1}/{total}] running on {worker.cfg.device}: {desc}")
         result = worker.run(n, profile.to_dict(), self.cfg.trial_timeout_s, trial=n)
         self.ran += 1
         status = result.get("status")

@@ -94,6 +94,7 @@ def default_dims(hardware: HardwareInfo, family: str) -> list[Dim]:
     hooks = lambda p: p.get("cache", "none") != "none" or _off(p) in ("group", "partial", "sequential")  # noqa: E731
     dims = [
         Dim("steps", low=28, high=28, integer=True, help="denoising steps (pin a range with --steps 20-50)"),
+        Dim("size", ("default",), help="WIDTHxHEIGHT choices (--size 768x768,1024x1024)"),
         Dim("transformer.quantize", tuple(quant)),
         Dim("transformer.granularity", ("row", "tensor") if hardware.supports_fp8_rowwise else ("tensor",),
             when=lambda p: _q(p) == "fp8_dynamic"),
@@ -146,10 +147,16 @@ class SearchSpace:
         transformer_bytes: int | None = None,
     ) -> SearchSpace:
         dims = default_dims(hardware, family)
+        steps = base.generation.steps
+        dims[0] = replace(dims[0], low=steps, high=steps)
         by_name = {d.name: d for d in dims}
         for key, spec in (narrow or {}).items():
             if key not in by_name:
                 raise ProfileError(f"space: unknown dimension {key!r}; known: {', '.join(by_name)}")
+            if key == "size":  # any WIDTHxHEIGHT the user lists is a choice
+                sizes = [str(v) for v in (spec if isinstance(spec, list | tuple) else [spec])]
+                by_name[key] = replace(by_name[key], choices=tuple(sizes))
+                continue
             by_name[key] = by_name[key].narrowed(spec)
         return cls([by_name[d.name] for d in dims], base, family, transformer_bytes)
 
@@ -166,6 +173,10 @@ class SearchSpace:
         data = self.base.to_dict()
         g = data["generation"]
         g["steps"] = int(params.get("steps", g["steps"]))
+        size = str(params.get("size", "default"))
+        if size != "default":
+            w, _, h = size.partition("x")
+            g["width"], g["height"] = int(w), int(h)
         t = data["transformer"]
         q = _q(params)
         if q != "none":
@@ -226,7 +237,7 @@ class SearchSpace:
         """A short one-line summary of a trial's parameters."""
         bits = []
         for key, value in params.items():
-            if key in ("steps",) and value == self.base.generation.steps:
+            if (key == "steps" and value == self.base.generation.steps) or (key == "size" and value == "default"):
                 continue
             short = key.replace("transformer.", "t.").replace("text_encoder_2.", "t5.").replace("text_encoders.", "te.")
             bits.append(f"{short}={value:.3g}" if isinstance(value, float) else f"{short}={value}")

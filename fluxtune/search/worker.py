@@ -165,7 +165,11 @@ class TrialSession:
                 self.reference.save(self.reference_path)
                 out["noise_floor"] = self.reference.noise_floor
             elif self.reference is not None:
-                out["quality"] = compare(m, self.reference)
+                from fluxtune.measure import quality_drop
+
+                q = compare(m, self.reference)
+                # Drops relative to the GPU's own noise floor are what the numbers mean.
+                out["quality"] = {**q, **quality_drop(q, self.reference.floor)}
             if trial is not None and m.images is not None:
                 self._save_images(m.images, f"trial_{trial:04d}.pt")
         return out
