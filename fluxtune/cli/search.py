@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from fluxtune.errors import ProfileError, SearchError
+from fluxtune.errors import ProfileError, UnsupportedHardwareError
 
 DEFAULT_MODEL = "flux-mini"
 
@@ -65,7 +65,7 @@ def parse_steps(text: str) -> Any:
 def _devices(args: argparse.Namespace, has_cuda: bool) -> list[str]:
     if args.gpus:
         if not has_cuda:
-            raise SearchError(f"--gpus {args.gpus}: this machine has no CUDA GPU; drop --gpus to search on CPU")
+            raise UnsupportedHardwareError(f"--gpus {args.gpus}: this machine has no CUDA GPU; drop --gpus to search on CPU")
         try:
             return [f"cuda:{int(i)}" for i in args.gpus.split(",")]
         except ValueError:
@@ -98,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
     from fluxtune import pipelines
     from fluxtune.hardware import detect_hardware
     from fluxtune.presets import load_profile, save_profile
-    from fluxtune.search.runner import Search, SearchConfig
-    from fluxtune.search.space import load_space_file, parse_pins
+    from fluxtune.search.runner import Search, SearchConfig, _cpu_view
+    from fluxtune.search.space import SearchSpace, load_space_file, parse_pins
     from fluxtune.units import format_bytes, parse_bytes, parse_image_size
 
     try:
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     on_gpu = devices[0].startswith("cuda")
     spec = pipelines.BUILTINS.get(args.model)
     if spec is not None and spec.needs_gpu and not on_gpu:
-        raise SearchError(f"--model {args.model} is built on a GPU; on this machine use flux-mini or tiny-flux")
+        raise UnsupportedHardwareError(f"--model {args.model} is built on a GPU; on this machine use flux-mini or tiny-flux")
     family = spec.family if spec is not None else "flux"
     base = load_profile(args.profile) if args.profile else load_profile({"name": "search-base", "family": family})
     data = base.to_dict()
@@ -144,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
         narrow["steps"] = steps
         data["generation"]["steps"] = steps if isinstance(steps, int) else steps["high"]
     base = load_profile(data)
+    # Check --pin/--space now: a typo should cost one line, not a model load and a study in the journal.
+    SearchSpace.create(hw if on_gpu else _cpu_view(hw), family, base, narrow)
     workload = default_workload(args.model, family, args.prompt, on_gpu, args.runs)
     g = base.generation
     workload.update({k: v for k, v in (("height", g.height), ("width", g.width)) if v is not None})
@@ -195,7 +197,8 @@ def _no_feasible(search: Any, cfg: Any) -> int:
     table = rows(search.study)
     measured = [r for r in table if r.get("status") == "ok"]
     if cfg.min_psnr is not None and measured:
-        fits = [r for r in measured if (r.get("constraints") or {}).get("memory_gb", 0) <= 0] or measured
+        budget = search.goal.budget_bytes
+        fits = [r for r in measured if budget is None or (r.get("peak") or 0) <= budget] or measured
         top = max(fits, key=lambda r: r.get("psnr") or 0)
         print(f"no trial reached --min-psnr {cfg.min_psnr} dB within the budget; the best quality found was "
               f"{min(top.get('psnr') or 0, 100):.1f} dB (trial {top['trial']}); lower the floor or raise the budget")

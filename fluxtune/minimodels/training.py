@@ -193,6 +193,11 @@ class Ema:
 
 
 def _autocast(device: torch.device) -> Any:
+    # FLUXTUNE_TRAIN_FP32=1 trains in fp32 (TF32 matmuls) on CUDA: on the H200 image (torch 2.11,
+    # CUDA 13) a bf16 autocast backward of flux-mini failed with CUBLAS_STATUS_EXECUTION_FAILED.
+    if os.environ.get("FLUXTUNE_TRAIN_FP32") == "1":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        return torch.autocast(device.type, enabled=False)
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)

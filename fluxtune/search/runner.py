@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -97,6 +98,10 @@ class Worker:
                     break
             if not self.proc.is_alive():
                 break
+        if time.monotonic() < deadline:
+            # EOF on the pipe comes before the exit status: reap the dying process, or a crash
+            # would read as a time-out.
+            self.proc.join(5)
         code = self.proc.exitcode
         self.stop()
         why = "timed out" if code is None else f"exited with code {code}"
@@ -170,9 +175,14 @@ class Search:
     # -- set-up ----------------------------------------------------------------------------------
     def _workers(self) -> list[Worker]:
         workers = []
+        n_cpu = sum(1 for d in self.cfg.devices if d == "cpu")
         for dev in self.cfg.devices:
+            # Several CPU workers share the cores: without a split each one runs as many threads as
+            # there are cores, and oversubscribed CPU timings are noise.
+            extra = {"threads": max(1, (os.cpu_count() or 1) // n_cpu)} if dev == "cpu" and n_cpu > 1 else {}
             wc = WorkerConfig(model=self.cfg.model, device=dev, dtype=self.cfg.dtype, workload=self.cfg.workload,
-                              budget_bytes=self.goal.budget_bytes if self.on_gpu else None, study_dir=str(self.dir))
+                              budget_bytes=self.goal.budget_bytes if self.on_gpu else None, study_dir=str(self.dir),
+                              extra=extra)
             self.say(f"starting worker on {dev} with {self.cfg.model} ...")
             workers.append(Worker(wc))
             self.say(f"  loaded in {workers[-1].ready['load_s']:.1f}s")
@@ -203,8 +213,10 @@ class Search:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = open_storage(self.cfg.storage, self.cfg.home)
-        sampler = optuna.samplers.TPESampler(seed=self.cfg.seed, multivariate=True, group=True,
-                                             constant_liar=len(self.cfg.devices) > 1, n_startup_trials=8)
+        with warnings.catch_warnings():  # multivariate/group are "experimental": not the user's concern
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(seed=self.cfg.seed, multivariate=True, group=True,
+                                                 constant_liar=len(self.cfg.devices) > 1, n_startup_trials=8)
         config = {**self.cfg.identity(), "hardware": self.hardware.fingerprint(), "versions": library_versions(),
                   "devices": self.cfg.devices, "base": self.cfg.base.to_dict(exclude_defaults=True)}
         study, resumed = create_or_resume(self.cfg.study, storage, config, sampler)
@@ -222,7 +234,7 @@ class Search:
                                             transformer_bytes=_block_bytes(self.facts))
             self._check_budget_reachable()
             reference = self._reference(workers[0])
-            if not resumed:
+            if not study.get_trials(deepcopy=False):  # new, or its first run stopped before this point
                 from fluxtune.presets import list_presets, load_profile
 
                 presets = []
@@ -311,10 +323,17 @@ class Search:
     def _finished(self) -> int:
         return len([t for t in self.study.get_trials(deepcopy=False) if t.state.is_finished()])
 
+    def _started(self) -> int:
+        """Finished trials plus those running (here, in another worker or on another host): counting
+        only finished ones lets every worker ask for one more and overshoot ``--trials``."""
+        from optuna.trial import TrialState
+
+        return len([t for t in self.study.get_trials(deepcopy=False) if t.state != TrialState.WAITING])
+
     def _should_stop(self) -> bool:
         if self.stop_reason:
             return True
-        if self._finished() >= self.cfg.trials:
+        if self._started() >= self.cfg.trials:
             self.stop_reason = f"reached {self.cfg.trials} trials"
         elif self.cfg.timeout_s is not None and time.monotonic() - self.started > self.cfg.timeout_s:
             self.stop_reason = f"reached the time limit ({self.cfg.timeout_s:.0f}s)"
@@ -333,14 +352,22 @@ class Search:
         return curve[-1][0] - first_at
 
     def _loop(self, worker: Worker) -> None:
+        from optuna.storages._heartbeat import get_heartbeat_thread
+
         while True:
             with self.lock:
                 if self._should_stop():
                     return
                 trial = self.study.ask()
+                # At once, so that a rerun after a kill can tell this trial's process is gone.
+                trial.set_user_attr("host_pid", f"{socket.gethostname()}:{os.getpid()}")
             try:
-                self._one(worker, trial)
+                # Heartbeats (RDB storages) let other hosts fail this trial if this process dies.
+                with get_heartbeat_thread(trial._trial_id, self.study._storage):
+                    self._one(worker, trial)
             except WorkerDied as e:
+                trial.set_user_attr("status", "crashed")
+                trial.set_user_attr("error", str(e))
                 self.study.tell(trial, state=__import__("optuna").trial.TrialState.FAIL)
                 self.say(f"trial {trial.number}: {e}; starting a new worker")
                 try:
@@ -359,7 +386,6 @@ class Search:
         desc = self.space.describe(trial.params)
         trial.set_user_attr("profile", profile.to_dict(exclude_defaults=True))
         trial.set_user_attr("config", desc)
-        trial.set_user_attr("host_pid", f"{socket.gethostname()}:{os.getpid()}")
         predicted = self._predict(profile)
         trial.set_user_attr("predicted_peak", predicted)
         n = trial.number

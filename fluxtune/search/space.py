@@ -91,7 +91,9 @@ def default_dims(hardware: HardwareInfo, family: str) -> list[Dim]:
             quant += ["fp8_weight", "fp8_dynamic"]
     offloads = ["none", "model", "sequential", "group", "partial"] if gpu else ["none"]
     caches = ["none", "first_block", "taylorseer"] + (["magcache"] if family == "flux" else [])
-    hooks = lambda p: p.get("cache", "none") != "none" or _off(p) in ("group", "partial", "sequential")  # noqa: E731
+    # Hooks fullgraph compile cannot trace: caches, streamed offloads and layerwise casting.
+    hooks = lambda p: (p.get("cache", "none") != "none" or _off(p) in ("group", "partial", "sequential")  # noqa: E731
+                       or bool(p.get("transformer.layerwise_fp8")))
     dims = [
         Dim("steps", low=28, high=28, integer=True, help="denoising steps (pin a range with --steps 20-50)"),
         Dim("size", ("default",), help="WIDTHxHEIGHT choices (--size 768x768,1024x1024)"),

@@ -4,12 +4,14 @@ command resumes the study; trials a killed process left RUNNING are marked faile
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
-from fluxtune.errors import SearchError
+from fluxtune.errors import ProfileError, SearchError
 
 HOME = Path(".fluxtune")
 CONFIG_KEY = "fluxtune_config"
@@ -35,11 +37,21 @@ def open_storage(url: str | None, home: Path = HOME) -> Any:
     if "://" not in url:
         raise SearchError(f"--storage {url!r} is not a storage URL; use e.g. postgresql://user@host/db, "
                           "sqlite:///file.db or journal:path.log")
-    try:
-        # The heartbeat lets another host see that this one died and fail its trials.
-        return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
-    except Exception as e:
-        raise SearchError(f"--storage {url}: cannot open: {str(e).splitlines()[0]}") from None
+    import time
+
+    for attempt in range(5):
+        try:
+            # The heartbeat lets another host see that this one died and fail its trials.
+            with warnings.catch_warnings():  # heartbeat_interval is "experimental"
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+        except Exception as e:
+            # Several hosts starting at once on an empty database race to create Optuna's tables
+            # (PostgreSQL: duplicate key in pg_type); the loser finds them there on a second try.
+            if attempt == 4 or "duplicate" not in str(e).lower() and "already exists" not in str(e).lower():
+                raise SearchError(f"--storage {url}: cannot open: {str(e).splitlines()[0]}") from None
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def directions(objective: str) -> list[Any]:
@@ -54,8 +66,10 @@ def create_or_resume(name: str, storage: Any, config: dict[str, Any], sampler: A
         (study, resumed)
 
     Raises:
-        SearchError: the study exists with a different budget/model/objective/workload.
+        ProfileError: the study exists with a different budget/model/objective/workload (bad input: exit 2).
     """
+    import time
+
     import optuna
 
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
@@ -63,10 +77,19 @@ def create_or_resume(name: str, storage: Any, config: dict[str, Any], sampler: A
                                 sampler=sampler, load_if_exists=True)
     if name in existing:
         old = study.user_attrs.get(CONFIG_KEY, {})
+        # A process on another host may have created the study a moment ago and not yet written its
+        # config: wait for it rather than report a mismatch against nothing.
+        deadline = time.monotonic() + 10.0
+        while not old and time.monotonic() < deadline:
+            time.sleep(0.2)
+            old = study.user_attrs.get(CONFIG_KEY, {})
+        if not old:  # created by a run that died before writing it: adopt the study
+            study.set_user_attr(CONFIG_KEY, config)
+            return study, False
         diff = [k for k in IDENTITY if json.dumps(old.get(k), sort_keys=True) != json.dumps(config.get(k), sort_keys=True)]
         if diff:
             k = diff[0]
-            raise SearchError(
+            raise ProfileError(
                 f"study {name!r} already exists with {k}={old.get(k)!r} (now {config.get(k)!r}); "
                 f"resume it with the same arguments or pass --study NEW_NAME"
             )
@@ -81,14 +104,18 @@ def fail_stale(study: Any) -> int:
     import optuna
     from optuna.trial import TrialState
 
-    storage = study._storage
-    if isinstance(storage, optuna.storages.RDBStorage):
-        return len(optuna.storages.fail_stale_trials(study) or [])  # type: ignore[func-returns-value]
+    storage = study._storage  # an RDBStorage arrives wrapped in optuna's cache: no isinstance test
+    # Storages with heartbeats (RDB) fail trials whose heartbeat went stale; a trial killed before
+    # its first heartbeat has none, so the pid check below runs for every storage.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.user_attrs.get("host_pid") and not _alive(t.user_attrs["host_pid"]):
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            n += 1
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                n += 1
     return n
 
 

@@ -164,7 +164,9 @@ class TrialSession:
                                                      workload=self.workload)
                 self.reference.save(self.reference_path)
                 out["noise_floor"] = self.reference.noise_floor
-            elif self.reference is not None:
+            elif self.reference is not None or self.load_reference():
+                # (A worker started before the study's reference existed, e.g. the second of
+                # --workers 2 or --gpus 0,1, picks it up from disk once the first worker wrote it.)
                 from fluxtune.measure import quality_drop
 
                 q = compare(m, self.reference)
@@ -199,7 +201,14 @@ class TrialSession:
 def worker_main(conn: Any, cfg: WorkerConfig) -> None:
     """Entry point of a worker process: report readiness, then serve ``run`` requests until ``stop``."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Test hook (used by tests/test_search.py, nowhere else): FLUXTUNE_TEST_CRASH_TRIAL=N makes this
+    # process die abruptly when it is sent trial N, to exercise the parent's crash handling.
+    crash_trial = os.environ.get("FLUXTUNE_TEST_CRASH_TRIAL")
     try:
+        if cfg.extra.get("threads"):
+            import torch
+
+            torch.set_num_threads(int(cfg.extra["threads"]))
         session = TrialSession(cfg)
         have_ref = session.load_reference()
         conn.send(("ready", {"facts": session.facts(), "hardware": session.hardware.fingerprint(),
@@ -216,5 +225,7 @@ def worker_main(conn: Any, cfg: WorkerConfig) -> None:
             return
         if msg[0] == "run":
             _, job, profile_data, options = msg
+            if crash_trial is not None and str(options.get("trial")) == crash_trial:
+                os._exit(1)
             result = session.run(profile_data, reference=options.get("reference", False), trial=options.get("trial"))
             conn.send(("result", job, result))

@@ -1,0 +1,619 @@
+"""``fluxtune search`` as a user runs it, on the built-in tiny-flux model on CPU (2 steps, 64x64).
+
+Trials are real: a worker process loads the model and measures, so each search takes seconds. The CLI
+runs in-process through ``fluxtune.cli.main`` except where a real process must be killed or several
+processes must share a study. Everything is written under ``tmp_path`` (``--home`` and the working
+directory). The space/objective/results tests at the end start no process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+import pg
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import FixedTrial, TrialState, create_trial
+
+from fluxtune.cli import main
+from fluxtune.errors import ProfileError
+from fluxtune.hardware import HardwareInfo
+from fluxtune.presets import list_presets, load_profile
+from fluxtune.search import objective as obj
+from fluxtune.search import recipes, results
+from fluxtune.search.space import SearchSpace
+from fluxtune.search.study import CONFIG_KEY, create_or_resume, fail_stale
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+TINY = ["--model", "tiny-flux", "--steps", "2"]
+STUDY = "tiny-flux-12GB-latency"  # the default name for tiny-flux, 12GB, latency
+TIMEOUT = 300  # seconds for one search subprocess; a tiny-flux trial takes well under one
+
+
+def cli(*argv: str) -> SimpleNamespace:
+    """Run ``fluxtune ARGV`` in-process; returns code, out, err."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return SimpleNamespace(code=code, out=out.getvalue(), err=err.getvalue())
+
+
+def journal(home: Path) -> optuna.storages.JournalStorage:
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(str(home / "journal.log")))
+
+
+def load(home: Path, name: str = STUDY) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=journal(home))
+
+
+def states(study: optuna.Study) -> dict[int, str]:
+    return {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    # Worker processes inherit the environment: one BLAS/OpenMP thread each keeps the tiny model's
+    # trials fast and steady on a small (2-core, possibly shared) CI machine.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("FLUXTUNE_TEST_CRASH_TRIAL", raising=False)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "home"
+
+
+# -- end to end and resume ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """A study run twice: ``--trials 2``, then the same command with ``--trials 4 --out best.yaml``."""
+    root = tmp_path_factory.mktemp("search")
+    home = root / "home"
+    args = ["search", *TINY, "--budget", "12GB", "--home", home]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("OMP_NUM_THREADS", "1")
+        first = cli(*args, "--trials", "2")
+        assert first.code == 0, first.out[-3000:] + first.err[-3000:]
+        after_first = {t.number: (t.state, t.values) for t in load(home).get_trials()}
+        reference = home / STUDY / "reference.pt"
+        ref_mtime = reference.stat().st_mtime_ns
+        second = cli(*args, "--trials", "4", "--out", "best.yaml")
+    return SimpleNamespace(root=root, home=home, first=first, second=second, after_first=after_first,
+                           reference=reference, ref_mtime=ref_mtime)
+
+
+@pytest.mark.slow
+def test_search_writes_a_measured_profile_and_a_report(searched):
+    assert searched.second.code == 0, searched.second.out[-3000:] + searched.second.err[-3000:]
+    assert "best: trial" in searched.second.out
+    prof = load_profile(searched.root / "best.yaml")
+    m = prof.measured
+    assert m is not None and m.status == "measured"
+    assert m.latency_s is not None and m.latency_s > 0
+    assert m.quality.get("psnr") is not None and m.quality["psnr"] > 0
+    assert m.workload.get("prompts") and m.workload.get("runs")
+    assert m.versions.get("torch") and m.versions.get("optuna")
+    assert m.model == "tiny-flux" and m.study == STUDY
+    study = load(searched.home)
+    best = study.trials[m.trial]
+    assert best.state == TrialState.COMPLETE and best.user_attrs["status"] == "ok"
+    assert m.latency_s == pytest.approx(best.user_attrs["measurement"]["latency_s"])
+    # The profile is the trial's, and every trial of this search ran 2 steps (--steps 2).
+    assert prof.generation.steps == 2
+    assert prof.transformer.quantize == load_profile(best.user_attrs["profile"]).transformer.quantize
+    folder = searched.home / STUDY
+    for name in ("trials.csv", "trials.json", "latency_vs_memory.png", "best_so_far.png", "finalists.png"):
+        assert (folder / name).stat().st_size > 0, name
+    assert len((folder / "trials.csv").read_text().strip().splitlines()) == 1 + 4
+
+
+@pytest.mark.slow
+def test_report_rebuilds_the_study_files(searched):
+    folder = searched.home / STUDY
+    files = ("trials.csv", "trials.json", "latency_vs_memory.png", "best_so_far.png", "finalists.png")
+    for name in files:
+        (folder / name).unlink()
+    res = cli("report", STUDY, "--home", searched.home)
+    assert res.code == 0, res.err
+    for name in files:
+        assert (folder / name).stat().st_size > 0, name
+    import json
+
+    table = json.loads((folder / "trials.json").read_text())
+    assert [r["trial"] for r in table] == [0, 1, 2, 3]
+    assert all(r["state"] == "COMPLETE" and r["latency_s"] for r in table)
+
+
+def test_report_on_an_unknown_study_is_one_line(home):
+    res = cli("report", "nosuch", "--home", home)
+    assert res.code != 0
+    assert len(res.err.strip().splitlines()) == 1 and "nosuch" in res.err
+
+
+@pytest.mark.slow
+def test_rerun_resumes_the_study_and_reuses_the_reference(searched):
+    assert "(new)" in searched.first.out
+    assert "resumed, 2 trials done" in searched.second.out
+    assert "reference: reusing" in searched.second.out
+    assert searched.reference.stat().st_mtime_ns == searched.ref_mtime  # not recomputed
+    study = load(searched.home)
+    assert states(study) == {0: "COMPLETE", 1: "COMPLETE", 2: "COMPLETE", 3: "COMPLETE"}  # 4, not 2 + 4
+    for t in study.get_trials():
+        if t.number in searched.after_first:  # what the first run measured is kept as it was
+            assert (t.state, t.values) == searched.after_first[t.number]
+
+
+def test_changing_the_identity_of_a_study_is_refused(searched, monkeypatch):
+    monkeypatch.chdir(searched.root)
+    before = len(load(searched.home).trials)
+    for change, key in ((["--budget", "8GB", "--steps", "2"], "budget_bytes"),
+                        (["--budget", "12GB", "--steps", "3"], "space"),
+                        (["--budget", "12GB", "--steps", "2", "--objective", "pareto"], "objective")):
+        res = cli("search", "--model", "tiny-flux", *change, "--study", STUDY, "--home", searched.home)
+        assert res.code == 2, res.err
+        lines = res.err.strip().splitlines()
+        assert len(lines) == 1 and "already exists" in lines[0] and "--study" in lines[0], lines
+        assert key in lines[0], lines
+    assert len(load(searched.home).trials) == before
+
+
+@pytest.mark.slow
+def test_killed_search_resumes_and_fails_its_running_trial(home, tmp_path):
+    import psutil
+
+    args = ["search", *TINY, "--budget", "12GB", "--home", str(home)]
+    log = (tmp_path / "killed.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "fluxtune", *args, "--trials", "40", "--patience", "0"],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+    try:
+        # Kill it while a trial runs, after at least one finished.
+        deadline = time.monotonic() + TIMEOUT
+        snapshot: dict[int, tuple[str, object]] = {}
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+            try:
+                trials = load(home).get_trials()
+            except (KeyError, ValueError, OSError):  # not created yet
+                continue
+            done = [t for t in trials if t.state == TrialState.COMPLETE]
+            running = [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("host_pid")]
+            if done and running:
+                workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                           if "spawn_main" in " ".join(p.cmdline())]
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(30)
+                break
+        else:
+            pytest.fail("the search never had a finished and a running trial: "
+                        + (tmp_path / "killed.log").read_text()[-3000:])
+        snapshot = {t.number: (t.state.name, t.values) for t in load(home).get_trials()}
+        # Its worker notices that the parent is gone and exits by itself.
+        _, alive = psutil.wait_procs(workers, timeout=60)
+        assert not alive, f"worker processes outlived the killed search: {alive}"
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    complete = {n for n, (s, _) in snapshot.items() if s == "COMPLETE"}
+    running = {n for n, (s, _) in snapshot.items() if s == "RUNNING"}
+    assert complete and running
+    res = cli(*args, "--trials", len(complete) + len(running) + 1)
+    assert res.code == 0, res.out[-3000:] + res.err[-3000:]
+    assert f"resumed, {len(complete) + len(running)} trials done" in res.out  # the failed one counts as done
+    after = {t.number: (t.state.name, t.values) for t in load(home).get_trials()}
+    for n in running:
+        assert after[n][0] == "FAIL"  # left RUNNING by the killed process
+    for n in complete:
+        assert after[n] == snapshot[n]  # nothing measured is lost
+    new = [n for n in after if n not in snapshot]
+    assert len(new) == 1 and after[new[0]][0] == "COMPLETE"
+
+
+# -- several workers, crashes ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_cpu_workers_share_the_study(home):
+    res = cli("search", *TINY, "--budget", "12GB", "--trials", "3", "--workers", "2", "--home", home)
+    assert res.code == 0, res.out[-3000:] + res.err[-3000:]
+    assert res.out.count("starting worker on cpu") == 2
+    trials = load(home).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3  # exactly --trials, none over
+    # Every trial is judged against the reference, whichever worker ran it.
+    assert all(t.user_attrs.get("quality", {}).get("psnr") is not None for t in trials)
+    # The two workers ran trials at the same time.
+    spans = sorted((t.datetime_start, t.datetime_complete) for t in trials)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False)), spans
+
+
+@pytest.mark.slow
+def test_a_crashing_worker_fails_its_trial_and_the_search_goes_on(home, monkeypatch):
+    # Test hook in fluxtune/search/worker.py: the worker process exits abruptly when sent trial 1.
+    monkeypatch.setenv("FLUXTUNE_TEST_CRASH_TRIAL", "1")
+    res = cli("search", *TINY, "--budget", "12GB", "--trials", "3", "--home", home)
+    assert res.code == 0, res.out[-3000:] + res.err[-3000:]
+    assert "starting a new worker" in res.out
+    trials = load(home).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert trials[1].user_attrs["status"] == "crashed" and "exited with code 1" in trials[1].user_attrs["error"]
+    # The replacement worker still judges quality against the study's reference.
+    assert trials[2].user_attrs["quality"]["psnr"] > 0
+    assert "crashed" in (home / STUDY / "trials.csv").read_text()
+
+
+# -- bad input and infeasible goals -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_budget_below_anything_feasible_names_the_smallest(home):
+    res = cli("search", *TINY, "--budget", "100MB", "--trials", "2", "--home", home)
+    assert res.code != 0
+    lines = res.err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "100MB" in lines[0] and "smallest peak" in lines[0]
+    import re
+
+    m = re.search(r"smallest peak the memory model predicts is ([0-9.]+)(MB|GB)", lines[0])
+    assert m and float(m.group(1)) * {"MB": 1e6, "GB": 1e9}[m.group(2)] > 100e6, lines[0]
+    assert not (home / STUDY.replace("12GB", "100MB") / "images").exists()  # no trial ran
+
+
+@pytest.mark.slow
+def test_unreachable_quality_floor_reports_the_best_quality_found(home):
+    res = cli("search", *TINY, "--budget", "12GB", "--min-psnr", "200", "--trials", "2", "--home", home)
+    assert res.code == 1, res.out[-3000:] + res.err[-3000:]
+    assert "no trial reached --min-psnr 200" in res.out
+    import re
+
+    m = re.search(r"best quality found was ([0-9.]+) dB \(trial (\d+)\)", res.out)
+    assert m, res.out[-2000:]
+    study = load(home, "tiny-flux-12GB-latency")
+    best = max(t.user_attrs["quality"]["psnr"] for t in study.get_trials() if t.user_attrs.get("quality"))
+    assert float(m.group(1)) == pytest.approx(min(best, 100), abs=0.06)
+    assert not (home / STUDY / "best.yaml").exists()
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    (["--pin", "nosuch=1"], "unknown dimension 'nosuch'"),
+    (["--pin", "transformer.quantize=int9"], "int9"),
+    (["--pin", "transformer.offload=partial"], "partial"),  # GPU-only: not a choice on CPU
+    (["--pin", "noequals"], "KEY=VALUE"),
+    (["--steps", "50-20"], "reversed"),
+    (["--steps", "0"], "--steps"),
+    (["--timeout", "5x"], "--timeout '5x'"),
+    (["--objective", "quality"], "--max-latency"),
+    (["--budget", "12XB"], "12XB"),
+    (["--trials", "0"], "--trials"),
+    (["--size", "100x100"], "multiple of 16"),
+    (["--gpus", "0"], "no CUDA GPU"),
+    (["--model", "flux-dev-replica"], "built on a GPU"),
+])
+def test_bad_input_is_one_line_and_exit_2(home, extra, needle):
+    if extra[0] in ("--gpus", "--model"):
+        from fluxtune.hardware import detect_hardware
+
+        if detect_hardware().has_cuda:
+            pytest.skip("this machine has a GPU")
+    # Later flags win in argparse: each case overrides one part of a valid command.
+    res = cli("search", *TINY, "--budget", "12GB", *extra, "--home", home)
+    assert res.code == 2, (res.code, res.out[-2000:], res.err[-2000:])
+    lines = res.err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], lines
+    assert "Traceback" not in res.err
+    # Refused before any model load or study: nothing written.
+    assert not (home / "journal.log").exists()
+
+
+def test_space_file_with_an_unknown_knob_is_one_line(home, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("cache: [none, first_block]\ntransformer.quantise: int8_weight\n")
+    res = cli("search", *TINY, "--budget", "12GB", "--space", space, "--home", home)
+    assert res.code == 2
+    lines = res.err.strip().splitlines()
+    assert len(lines) == 1 and "transformer.quantise" in lines[0] and "transformer.quantize" in lines[0]
+
+
+# -- PostgreSQL: many hosts, one study ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (see tests/pg.py); skipped with the reason if it can't run."""
+    reason = pg.skip_reason()
+    if reason:
+        pytest.skip(reason)
+    with pg.cluster("fluxtune") as c:
+        yield c.url
+
+
+@pytest.mark.slow
+def test_two_processes_share_a_postgresql_study(postgres_url, tmp_path):
+    procs = []
+    for i in range(2):  # as two hosts would: their own folders, one storage URL
+        host = tmp_path / f"host{i}"
+        host.mkdir()
+        cmd = [sys.executable, "-m", "fluxtune", "search", *TINY, "--budget", "12GB", "--trials", "10",
+               "--patience", "0", "--storage", postgres_url, "--study", "shared", "--home", str(host / "ft")]
+        procs.append(subprocess.Popen(cmd, cwd=host, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=TIMEOUT)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    study = optuna.load_study(study_name="shared", storage=postgres_url)
+    trials = study.get_trials()
+    # Each process stops when the study holds 10 trials; the two may each start one at the same moment.
+    assert 10 <= len(trials) <= 11
+    assert all(t.state == TrialState.COMPLETE for t in trials), states(study)
+    pids = {t.user_attrs["host_pid"] for t in trials}
+    assert len(pids) == 2, f"trials came from {pids} only"
+    # Each host judged its trials against its own reference.
+    assert all(t.user_attrs.get("quality", {}).get("psnr") is not None for t in trials)
+    # Trials sent heartbeats, so another host can fail those of a host that died mid-trial.
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(postgres_url)
+    with engine.connect() as conn:
+        assert conn.execute(sqlalchemy.text("SELECT count(*) FROM trial_heartbeats")).scalar() > 0
+    engine.dispose()
+    assert study.user_attrs[CONFIG_KEY]["model"] == "tiny-flux"
+    # The report of a shared study can be rebuilt from the URL.
+    res = cli("report", "shared", "--storage", postgres_url, "--home", tmp_path / "report")
+    assert res.code == 0, res.err
+    assert (tmp_path / "report" / "shared" / "trials.csv").exists()
+    # A trial left RUNNING by a dead process of this host is failed on the next start (an RDB
+    # storage only fails trials whose heartbeat went stale, and a killed trial may have none).
+    stale = study.ask()
+    stale.set_user_attr("host_pid", f"{socket.gethostname()}:{_dead_pid()}")
+    assert fail_stale(study) == 1
+    assert study.get_trials()[-1].state == TrialState.FAIL
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+# -- the space, the objective and the results, without processes --------------------------------------
+
+
+def _hw(cc: tuple[int, int] | None) -> HardwareInfo:
+    gpu = cc is not None
+    return HardwareInfo(gpu_index=0 if gpu else None, gpu_name="test GPU" if gpu else None,
+                        total_memory_bytes=int(80e9) if gpu else None, compute_capability=cc,
+                        driver="570" if gpu else None, cuda_version="12.8" if gpu else None,
+                        torch_version="2.13.0", host_ram_bytes=int(64e9), cpu_count=8)
+
+
+CPU, A100, H200 = _hw(None), _hw((8, 0)), _hw((9, 0))
+
+
+def _space(hw: HardwareInfo, narrow: dict | None = None, steps: int = 28) -> SearchSpace:
+    base = load_profile({"name": "base", "family": "flux", "generation": {"steps": steps}})
+    return SearchSpace.create(hw, "flux", base, narrow, transformer_bytes=int(12e9))
+
+
+def _sampled(space: SearchSpace, n: int = 60, seed: int = 0) -> list[optuna.trial.FrozenTrial]:
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    for _ in range(n):
+        trial = study.ask()
+        space.suggest(trial)
+        study.tell(trial, 0.0)
+    return study.get_trials()
+
+
+@pytest.mark.parametrize("hw", [CPU, A100, H200], ids=["cpu", "sm80", "sm90"])
+def test_suggest_replays_through_fixed_trial(hw):
+    space = _space(hw)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(40):
+        trial = study.ask()
+        prof = space.suggest(trial)
+        study.tell(trial, 0.0)
+        again = space.suggest(FixedTrial(trial.params))
+        assert again == prof
+        assert space.profile(trial.params) == prof
+
+
+def test_conditional_dimensions_appear_only_when_active():
+    seen: set[str] = set()
+    for t in _sampled(_space(H200), n=150):
+        p = t.params
+        seen |= set(p)
+        assert ("cache.threshold" in p) == (p["cache"] in ("first_block", "magcache"))
+        assert ("cache.interval" in p) == (p["cache"] == "taylorseer")
+        assert ("transformer.group_level" in p) == (p["transformer.offload"] == "group")
+        assert ("transformer.blocks_per_group" in p) == (
+            p["transformer.offload"] == "group" and p.get("transformer.group_level") == "block")
+        assert ("transformer.resident_fraction" in p) == (p["transformer.offload"] == "partial")
+        assert ("transformer.granularity" in p) == (p["transformer.quantize"] == "fp8_dynamic")
+        assert ("transformer.layerwise_fp8" in p) == (p["transformer.quantize"] == "none")
+    # The GPU space does offer the GPU knobs.
+    assert {"transformer.blocks_per_group", "transformer.resident_fraction", "transformer.granularity"} <= seen
+
+
+def test_every_suggestion_is_a_valid_profile():
+    # fullgraph compile is not offered where hooks would break it (layerwise casting included): a
+    # FixedTrial holding only the other parameters raises if suggest asks for compile.fullgraph.
+    params = {"steps": 28, "size": "default", "transformer.quantize": "none", "transformer.layerwise_fp8": True,
+              "transformer.offload": "none", "text_encoders.offload": "none", "text_encoder_2.quantize": "none",
+              "vae.tiling": False, "cache": "none", "compile": "regional"}
+    prof = _space(H200).suggest(FixedTrial(params))
+    assert prof.compile.enabled and not prof.compile.fullgraph and prof.transformer.layerwise_casting is not None
+    for hw in (A100, H200):  # would raise ProfileError on an invalid combination
+        assert len(_sampled(_space(hw), n=500, seed=3)) == 500
+
+
+def test_cpu_space_has_no_gpu_only_choices():
+    dims = {d.name: d for d in _space(CPU).dims}
+    assert dims["transformer.offload"].choices == ("none",)
+    assert dims["compile"].choices == ("off",)
+    assert not [q for q in dims["transformer.quantize"].choices if "fp8" in q or "int4" in q]
+    for t in _sampled(_space(CPU), n=80):
+        assert t.params["transformer.offload"] == "none"
+        assert not {"transformer.group_level", "transformer.blocks_per_group", "transformer.resident_fraction",
+                    "transformer.granularity"} & set(t.params)
+    # fp8 only where the GPU has it (SM 8.9+), row-wise only on SM 9.0.
+    a100 = {d.name: d for d in _space(A100).dims}
+    h200 = {d.name: d for d in _space(H200).dims}
+    assert "fp8_dynamic" not in a100["transformer.quantize"].choices
+    assert "fp8_dynamic" in h200["transformer.quantize"].choices and "row" in h200["transformer.granularity"].choices
+
+
+def test_steps_follow_the_base_profile_unless_narrowed():
+    assert {t.params["steps"] for t in _sampled(_space(CPU, steps=4), n=10)} == {4}
+    ranged = _space(CPU, {"steps": {"low": 2, "high": 6}}, steps=6)
+    assert {t.params["steps"] for t in _sampled(ranged, n=40)} <= set(range(2, 7))
+
+
+def test_narrowing_rejects_unknown_dimensions_and_values():
+    with pytest.raises(ProfileError, match="unknown dimension 'nosuch'"):
+        _space(CPU, {"nosuch": 1})
+    with pytest.raises(ProfileError, match="int9"):
+        _space(CPU, {"transformer.quantize": "int9"})
+    with pytest.raises(ProfileError, match="range"):
+        _space(CPU, {"cache.threshold": {"low": 0.5, "high": 0.1}})
+    narrowed = _space(H200, {"cache": ["none", "first_block"], "cache.threshold": {"low": 0.05, "high": 0.1}})
+    for t in _sampled(narrowed, n=40):
+        assert t.params["cache"] in ("none", "first_block")
+        assert 0.05 <= t.params.get("cache.threshold", 0.07) <= 0.1
+
+
+def test_warm_start_keeps_what_fits_a_narrowed_space():
+    presets = [load_profile(p) for p in list_presets().values()]
+    assert len(presets) == 3
+    full = recipes.warm_start(_space(H200), presets)
+    labels = [label for label, _ in full]
+    assert "recipe enable_model_cpu_offload" in labels and "recipe flux-fast core (fp8 rowwise + regional compile)" in labels
+    assert [label for label in labels if label.startswith("preset ")]  # the shipped presets are enqueued
+    narrowed = _space(H200, {"transformer.offload": "none", "compile": "off"})
+    kept = recipes.warm_start(narrowed, presets)
+    kept_labels = [label for label, _ in kept]
+    assert "recipe bf16 on the GPU" in kept_labels and "recipe int8 weight-only" in kept_labels
+    assert "recipe enable_model_cpu_offload" not in kept_labels
+    assert not [label for label in kept_labels if "group offload" in label or "flux-fast" in label]
+    for _, params in kept:
+        assert recipes.fits_space(params, narrowed)
+        prof = narrowed.profile(params)
+        assert prof.transformer.offload.mode == "none" and not prof.compile.enabled
+        # Enqueued as the runner does, the sampler's trial gives the recipe's profile back.
+        study = optuna.create_study()
+        study.enqueue_trial(params)
+        assert narrowed.suggest(study.ask()) == prof
+    # On CPU: nothing that needs a GPU.
+    cpu = recipes.warm_start(_space(CPU), presets)
+    assert [label for label, _ in cpu] == ["recipe bf16 on the GPU", "recipe int8 weight-only"]
+
+
+GB = int(1e9)
+
+
+def test_score_constrains_memory_quality_and_latency():
+    goal = obj.Goal("latency", budget_bytes=12 * GB, min_psnr=30.0)
+    ok = {"status": "ok", "measurement": {"latency_s": 2.0, "peak_reserved": 11 * GB}, "quality": {"psnr": 35.0}}
+    sc = obj.score(goal, ok)
+    assert sc.values == [2.0] and sc.feasible
+    assert sc.constraints["memory_gb"] == pytest.approx(-1.0) and sc.constraints["quality_db"] == pytest.approx(-5.0)
+    # A measured peak above the budget.
+    over = {**ok, "measurement": {"latency_s": 2.0, "peak_reserved": 13 * GB}}
+    assert obj.score(goal, over).constraints["memory_gb"] == pytest.approx(1.0)
+    assert not obj.score(goal, over).feasible
+    # OOM and over budget at the cap: violated even though the recorded peak is within the budget.
+    for status in ("oom", "over_budget"):
+        for m in ({}, {"peak_reserved": 12 * GB}, {"latency_s": 1.0, "peak_reserved": 11 * GB}):
+            sc = obj.score(goal, {"status": status, "measurement": m, "quality": {"psnr": 40.0}})
+            assert sc.constraints["memory_gb"] > 0 and not sc.feasible, (status, m)
+    assert obj.score(goal, {"status": "oom", "measurement": {}}).values == [obj.PENALTY_LATENCY]
+    # Quality under the floor, or not measured at all.
+    assert obj.score(goal, {**ok, "quality": {"psnr": 25.0}}).constraints["quality_db"] == pytest.approx(5.0)
+    assert obj.score(goal, {**ok, "quality": None}).constraints["quality_db"] > 0
+    # Latency cap for the quality objective; pareto has two values.
+    q = obj.Goal("quality", budget_bytes=12 * GB, max_latency=1.5)
+    sc = obj.score(q, ok)
+    assert sc.values == [35.0] and sc.constraints["latency_s"] == pytest.approx(0.5) and not sc.feasible
+    assert obj.score(obj.Goal("pareto", budget_bytes=None), ok).values == [2.0, 35.0]
+    # On CPU the budget bounds host memory.
+    cpu = obj.Goal("latency", budget_bytes=1 * GB, on_gpu=False)
+    assert obj.score(cpu, {"status": "ok", "measurement": {"latency_s": 1.0, "host_ram_peak": 2 * GB}}).constraints[
+        "memory_gb"] == pytest.approx(1.0)
+    # Compile time amortised over --images.
+    first = {"status": "ok", "measurement": {"latency_s": 1.0, "first_call_s": 11.0, "peak_reserved": GB}}
+    assert obj.score(obj.Goal("latency", 12 * GB, images=10), first).values == [pytest.approx(2.0)]
+    assert obj.predicted_infeasible(goal, 14 * GB).constraints["memory_gb"] == pytest.approx(2.0)
+
+
+def _study(objective: str, points: list[tuple[float, float, bool]], directions: list[str]) -> optuna.Study:
+    """An in-memory study with hand-made trials carrying the user attrs the runner writes."""
+    study = optuna.create_study(directions=directions)
+    study.set_user_attr(CONFIG_KEY, {"objective": objective, "model": "tiny-flux", "budget_bytes": 12 * GB})
+    for lat, psnr, feasible in points:
+        cons = {"memory_gb": -1.0 if feasible else 2.0}
+        values = [lat, psnr] if len(directions) == 2 else [lat]
+        study.add_trial(create_trial(
+            values=values, params={"x": lat}, distributions={"x": FloatDistribution(0, 100)},
+            user_attrs={"status": "ok", "constraints": cons, "latency_s": lat, "peak": 11 * GB,
+                        "quality": {"psnr": psnr}, "measurement": {"latency_s": lat},
+                        "profile": {"name": "t", "family": "flux"}}))
+    study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"status": "crashed"}))
+    return study
+
+
+def test_pareto_front_and_knee():
+    pts = [(1.0, 20.0, True), (2.0, 38.0, True), (10.0, 40.0, True),  # the front
+           (3.0, 30.0, True), (12.0, 39.0, True),  # dominated
+           (0.5, 50.0, False)]  # would dominate everything, but over budget
+    study = _study("pareto", pts, ["minimize", "maximize"])
+    front = results.pareto_front(study)
+    assert [t.values for t in front] == [[1.0, 20.0], [2.0, 38.0], [10.0, 40.0]]
+    knee = results.knee(front)
+    assert knee.values == [2.0, 38.0]
+    assert results.best_trial(study).number == knee.number
+    assert results.knee(front[:2]).values == [1.0, 20.0] and results.knee([]) is None
+    rows = results.rows(study)
+    assert [r["feasible"] for r in rows] == [True] * 5 + [False, False]
+    assert rows[-1]["state"] == "FAIL" and rows[-1]["status"] == "crashed"
+    prof = results.profile_of(knee, study, name="knee")
+    assert prof.measured is not None and prof.measured.trial == knee.number and prof.measured.latency_s == 2.0
+
+
+def test_best_and_best_so_far_skip_infeasible_trials():
+    study = _study("latency", [(5.0, 30, True), (1.0, 30, False), (4.0, 30, True), (6.0, 30, True)], ["minimize"])
+    assert results.best_trial(study).number == 2
+    assert results.best_so_far(study) == [(0, 5.0), (1, 5.0), (2, 4.0), (3, 4.0), (4, 4.0)]
+    none = _study("latency", [(1.0, 30, False)], ["minimize"])
+    assert results.best_trial(none) is None
+
+
+def test_a_study_resumes_only_with_the_same_identity():
+    storage = optuna.storages.InMemoryStorage()
+    config = {"model": "tiny-flux", "budget_bytes": 12 * GB, "objective": "latency", "workload": {"runs": 2},
+              "space": {}, "min_psnr": None, "max_latency": None, "images": None, "devices": ["cpu"]}
+    study, resumed = create_or_resume("s", storage, config, None)
+    assert not resumed and study.user_attrs[CONFIG_KEY] == config
+    _, resumed = create_or_resume("s", storage, {**config, "devices": ["cpu", "cpu"]}, None)  # not identity
+    assert resumed
+    with pytest.raises(ProfileError, match="budget_bytes"):
+        create_or_resume("s", storage, {**config, "budget_bytes": 8 * GB}, None)
