@@ -20,7 +20,7 @@ import inspect
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -478,6 +478,10 @@ class BuiltinSpec:
     description: str
     builder: Callable[..., DiffusionPipeline]
     needs_gpu: bool = False
+    generation: dict[str, Any] = field(default_factory=dict)
+    """Profile ``generation`` settings the model was made for (e.g. its size); searches start from them."""
+    dtype: str | None = None
+    """The dtype to load it in when the user names none (None: the loader's default)."""
 
 
 BUILTINS: dict[str, BuiltinSpec] = {}

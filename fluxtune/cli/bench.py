@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=".fluxtune/bench", help="folder for bench.json, the table and the plot")
     p.add_argument("--no-reference", action="store_true", help="skip the bf16 reference run (no quality column)")
     p.add_argument("--device", default=None, help="cuda:N or cpu (default: the GPU if there is one)")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default=None, help="load dtype (default: bfloat16, or a built-in's own)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,12 +47,12 @@ def run(args: argparse.Namespace) -> int:
     spec = pipelines.BUILTINS.get(args.model)
     family = spec.family if spec else "flux"
     profiles = [load_profile(p) for p in args.profiles]
-    generation: dict[str, object] = {}
+    generation: dict[str, object] = dict(spec.generation) if spec else {}
     if size:
         generation.update(height=size[0], width=size[1])
     if args.steps:
         generation["steps"] = args.steps
-    if profiles and not generation:
+    if profiles and not (size or args.steps):
         g = profiles[0].generation
         generation = {k: v for k, v in (("height", g.height), ("width", g.width), ("steps", g.steps)) if v is not None}
     candidates = make_candidates(profiles, family, budget, args.baselines or bool(args.recipes), generation)
@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         candidates = [c for c in candidates if c.kind != "reference"]
     workload = default_workload(args.model, family, args.prompt, device.startswith("cuda"), args.runs)
     folder = Path(args.out)
-    rows = run_bench(candidates, model=args.model, device=device, workload=workload, folder=folder, dtype=args.dtype)
+    dtype = args.dtype or (spec.dtype if spec and spec.dtype else "bfloat16")
+    rows = run_bench(candidates, model=args.model, device=device, workload=workload, folder=folder, dtype=dtype)
     table = Table("candidate", "status", "latency (median)", "spread", "first call", "peak reserved", "PSNR",
                   title=f"{args.model}, budget {format_bytes(budget) if budget else 'none'}, {device}")
     for r in rows:

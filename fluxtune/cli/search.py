@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
     p.add_argument("--home", default=".fluxtune", help="folder for the journal, references and reports")
     p.add_argument("--out", default=None, help="where to write the best profile (default: the study folder)")
-    p.add_argument("--dtype", default="bfloat16", help="load dtype for local/hub models")
+    p.add_argument("--dtype", default=None, help="load dtype (default: bfloat16; a built-in's own, e.g. float32 for the mini models)")
 
 
 def parse_duration(text: str) -> float:
@@ -118,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
     if spec is not None and spec.needs_gpu and not on_gpu:
         raise UnsupportedHardwareError(f"--model {args.model} is built on a GPU; on this machine use flux-mini or tiny-flux")
     family = spec.family if spec is not None else "flux"
-    base = load_profile(args.profile) if args.profile else load_profile({"name": "search-base", "family": family})
+    base = load_profile(args.profile) if args.profile else load_profile(
+        {"name": "search-base", "family": family, "generation": dict(spec.generation) if spec else {}})
     data = base.to_dict()
     data["family"] = family
     if args.size:
@@ -147,14 +148,13 @@ def run(args: argparse.Namespace) -> int:
     # Check --pin/--space now: a typo should cost one line, not a model load and a study in the journal.
     SearchSpace.create(hw if on_gpu else _cpu_view(hw), family, base, narrow)
     workload = default_workload(args.model, family, args.prompt, on_gpu, args.runs)
-    g = base.generation
-    workload.update({k: v for k, v in (("height", g.height), ("width", g.width)) if v is not None})
     name = args.study or f"{Path(args.model).name}-{format_bytes(budget) if budget else 'nobudget'}-{args.objective}"
     cfg = SearchConfig(
         model=args.model, base=base, workload=workload, budget_bytes=budget, objective=args.objective,
         min_psnr=args.min_psnr, max_latency=args.max_latency, images=args.images, trials=args.trials,
         timeout_s=parse_duration(args.timeout) if args.timeout else None, patience=args.patience or None,
-        storage=args.storage, study=name, devices=devices, dtype=args.dtype, narrow=narrow, seed=args.seed,
+        storage=args.storage, study=name, devices=devices,
+        dtype=args.dtype or (spec.dtype if spec and spec.dtype else "bfloat16"), narrow=narrow, seed=args.seed,
         home=Path(args.home), ram_budget_bytes=ram_budget,
     )
     search = Search(cfg)

@@ -255,13 +255,13 @@ def load_space_file(path: str | Path) -> dict[str, Any]:
 
 
 def parse_pins(pins: Sequence[str]) -> dict[str, Any]:
-    """``--pin KEY=VALUE`` items (VALUE parsed as YAML: lists and numbers work)."""
-    import yaml
+    """``--pin KEY=VALUE`` items (VALUE parsed as YAML: lists and numbers work; ``off`` stays a string)."""
+    from fluxtune.presets import _parse_value
 
     out: dict[str, Any] = {}
     for item in pins:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ProfileError(f"--pin {item!r} is not KEY=VALUE; example: --pin transformer.offload=partial")
-        out[key.strip()] = yaml.safe_load(raw)
+        out[key.strip()] = _parse_value(raw)
     return out
