@@ -254,14 +254,28 @@ def load_space_file(path: str | Path) -> dict[str, Any]:
     return {str(k): v for k, v in data.items()}
 
 
+def _pin_value(raw: str) -> Any:
+    """A pin's value: ``[a, b]`` is a list, numbers are numbers, true/false are booleans, anything else
+    (including YAML 1.1's off/on/yes/no, which are choice names here) stays a string."""
+    raw = raw.strip()
+    if raw.startswith("[") and raw.endswith("]"):
+        return [_pin_value(x) for x in raw[1:-1].split(",") if x.strip()]
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return raw
+
+
 def parse_pins(pins: Sequence[str]) -> dict[str, Any]:
     """``--pin KEY=VALUE`` items (VALUE parsed as YAML: lists and numbers work; ``off`` stays a string)."""
-    from fluxtune.presets import _parse_value
-
     out: dict[str, Any] = {}
     for item in pins:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ProfileError(f"--pin {item!r} is not KEY=VALUE; example: --pin transformer.offload=partial")
-        out[key.strip()] = _parse_value(raw)
+        out[key.strip()] = _pin_value(raw)
     return out
