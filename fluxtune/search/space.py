@@ -59,6 +59,8 @@ class Dim:
         if not values:
             raise ProfileError(f"space: {self.name}: an empty list leaves nothing to try")
         if self.categorical:
+            # A YAML space file reads `off` as false: map it back when "off" is this dimension's choice.
+            values = ["off" if v is False and "off" in self.choices else v for v in values]
             bad = [v for v in values if v not in self.choices]
             if bad:
                 raise ProfileError(f"space: {self.name}={bad[0]!r} is not a choice here; allowed: "
