@@ -51,6 +51,17 @@ def module_bytes(module: torch.nn.Module, device_type: str | None = None) -> int
     return sum(tensor_bytes(t) for t in tensors if device_type is None or tensor_on(t, device_type))
 
 
+def _moved(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A copy of ``t`` on ``device`` built from its inner tensors: no op runs on ``t`` itself, which
+    matters for a streamed torchao weight whose wrapper and inner tensors sit on different devices."""
+    inner = _inner(t)
+    if inner is None:
+        return t.detach().to(device)
+    names, ctx = t.__tensor_flatten__()  # type: ignore[attr-defined]
+    moved = {n: _moved(getattr(t, n), device) for n in names}
+    return type(t).__tensor_unflatten__(moved, ctx, t.shape, t.stride())  # type: ignore[attr-defined, no-any-return]
+
+
 def _pin(t: torch.Tensor) -> torch.Tensor:
     if not torch.cuda.is_available():
         return t
@@ -148,6 +159,7 @@ class BlockStreamer:
         self.n_blocks = len(blocks)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._handles: list[Any] = []
+        self._origin: dict[int, torch.device] = {}
 
         # Everything but the streamed blocks moves to the device for good.
         streamed_ids = {id(m) for i in streamed for m in blocks[i][1].modules()}
@@ -155,7 +167,7 @@ class BlockStreamer:
             if id(module) in streamed_ids:
                 continue
             for p in module.parameters(recurse=False):
-                _assign(p, p.detach().to(device))
+                _assign(p, _moved(p, device))
             for name, b in list(module.named_buffers(recurse=False)):
                 if b is not None:
                     module._buffers[name] = b.to(device)
@@ -165,9 +177,10 @@ class BlockStreamer:
             item = _Streamed(blocks[i][1])
             for module in item.block.modules():
                 for name, p in module.named_parameters(recurse=False):
-                    home = _pin(p.detach().to("cpu"))
+                    home = _pin(_moved(p, "cpu"))
                     _assign(p, home)
                     item.homes.append((module, name, home))
+                    self._origin[id(p)] = p.device  # the wrapper's device, restored by remove()
             self.items.append(item)
             for module in item.block.modules():  # buffers are small: keep them on the device
                 for name, b in list(module.named_buffers(recurse=False)):
@@ -233,12 +246,21 @@ class BlockStreamer:
         return hook
 
     def remove(self) -> None:
-        """Remove the hooks; streamed blocks go back to their (pinned) host copies."""
+        """Remove the hooks and put every streamed weight back, whole, on the device it came from, so
+        the module is ordinary again (a later placement may move it anywhere)."""
         for h in self._handles:
             h.remove()
-        for j in range(len(self.items)):
-            self._release(j)
         self._handles.clear()
+        for j, item in enumerate(self.items):
+            self._release(j)
+            for module, name, home in item.homes:
+                param = module._parameters[name]
+                assert param is not None
+                origin = self._origin.get(id(param), torch.device("cpu"))
+                if _inner(param) is not None:
+                    _assign(param, _moved(home, origin))  # wrapper and inner tensors agree again
+                else:
+                    param.data = home.to(origin)
 
     def describe(self) -> str:
         gb = 1e9
