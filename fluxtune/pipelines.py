@@ -536,6 +536,12 @@ for _spec in (
 _plugins_loaded = False
 
 
+def builtin(name: str) -> BuiltinSpec | None:
+    """The built-in called ``name`` (plugins such as the mini models included), or None."""
+    _load_plugins()
+    return BUILTINS.get(name)
+
+
 def _load_plugins() -> None:
     """Import ``fluxtune.minimodels`` once so its built-ins are registered whatever the import order."""
     global _plugins_loaded

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         raise ProfileError(str(e)) from None
     hw = detect_hardware()
     device = args.device or ("cuda:0" if hw.has_cuda else "cpu")
-    spec = pipelines.BUILTINS.get(args.model)
+    spec = pipelines.builtin(args.model)
     family = spec.family if spec else "flux"
     profiles = [load_profile(p) for p in args.profiles]
     generation: dict[str, object] = dict(spec.generation) if spec else {}

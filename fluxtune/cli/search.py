@@ -17,7 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", choices=("latency", "quality", "pareto"), default="latency",
                    help="latency: fastest above the quality floor; quality: best PSNR under --max-latency; "
                    "pareto: the whole front, with a knee proposed (default latency)")
-    p.add_argument("--min-psnr", type=float, default=None, help="quality floor in dB against the reference")
+    p.add_argument("--min-psnr", type=float, default=None,
+                   help="quality floor in dB against the lossless reference (default 30; none for the random-weight "
+                   "replicas, whose quality means nothing; 0 turns it off)")
     p.add_argument("--max-latency", type=float, default=None, help="latency cap in seconds (quality objective)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in name, local path or hub id (default {DEFAULT_MODEL})")
     p.add_argument("--profile", default=None, help="base profile whose fixed parts every trial keeps")
@@ -114,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     hw = detect_hardware()
     devices = _devices(args, hw.has_cuda)
     on_gpu = devices[0].startswith("cuda")
-    spec = pipelines.BUILTINS.get(args.model)
+    spec = pipelines.builtin(args.model)
     if spec is not None and spec.needs_gpu and not on_gpu:
         raise UnsupportedHardwareError(f"--model {args.model} is built on a GPU; on this machine use flux-mini or tiny-flux")
     family = spec.family if spec is not None else "flux"
@@ -148,10 +150,16 @@ def run(args: argparse.Namespace) -> int:
     # Check --pin/--space now: a typo should cost one line, not a model load and a study in the journal.
     SearchSpace.create(hw if on_gpu else _cpu_view(hw), family, base, narrow)
     workload = default_workload(args.model, family, args.prompt, on_gpu, args.runs)
+    min_psnr = args.min_psnr
+    if min_psnr is None and not (spec is not None and spec.needs_gpu):
+        min_psnr = 30.0
+    if min_psnr == 0:
+        min_psnr = None
+    print(f"quality floor: {f'PSNR >= {min_psnr:g} dB against the lossless reference' if min_psnr else 'none'}")
     name = args.study or f"{Path(args.model).name}-{format_bytes(budget) if budget else 'nobudget'}-{args.objective}"
     cfg = SearchConfig(
         model=args.model, base=base, workload=workload, budget_bytes=budget, objective=args.objective,
-        min_psnr=args.min_psnr, max_latency=args.max_latency, images=args.images, trials=args.trials,
+        min_psnr=min_psnr, max_latency=args.max_latency, images=args.images, trials=args.trials,
         timeout_s=parse_duration(args.timeout) if args.timeout else None, patience=args.patience or None,
         storage=args.storage, study=name, devices=devices,
         dtype=args.dtype or (spec.dtype if spec and spec.dtype else "bfloat16"), narrow=narrow, seed=args.seed,

@@ -50,7 +50,7 @@ class TrialSession:
             torch.cuda.set_device(self.device)
         self.hardware = detect_hardware(self.device.index or 0) if self.device.type == "cuda" else detect_hardware()
         self.workload = Workload.from_dict(cfg.workload)
-        self.builtin = cfg.model in pipelines.BUILTINS
+        self.builtin = pipelines.builtin(cfg.model) is not None
         t0 = time.perf_counter()
         self.pipe = self._fresh()
         self.load_s = time.perf_counter() - t0
@@ -64,7 +64,8 @@ class TrialSession:
     def _fresh(self) -> Any:
         from fluxtune import pipelines
 
-        device = self.cfg.device if self.builtin and pipelines.BUILTINS[self.cfg.model].needs_gpu else None
+        spec = pipelines.builtin(self.cfg.model)
+        device = self.cfg.device if spec is not None and spec.needs_gpu else None
         pipe: Any = pipelines.load(self.cfg.model, device=device, dtype=self.cfg.dtype)
         pipe.set_progress_bar_config(disable=True)
         return pipe
