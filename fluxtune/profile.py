@@ -129,9 +129,8 @@ def _minimal(model: Knob, dumped: dict[str, Any]) -> dict[str, Any]:
     for name, field in type(model).model_fields.items():
         value, default = getattr(model, name), field.get_default(call_default_factory=True)
         if isinstance(value, Knob):
-            sub = _minimal(value, dumped[name])
-            if sub and (set(sub) - set(_TAGS) or type(value) is not type(default)) or type(value) is not type(default):
-                out[name] = sub
+            if value != default:
+                out[name] = _minimal(value, dumped[name])
         elif name in _TAGS or value != default:
             out[name] = dumped[name]
     return out

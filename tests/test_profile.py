@@ -96,3 +96,11 @@ def test_loading_profiles_does_not_import_torch(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(12 * 10**9)
+
+
+def test_minimal_dump_keeps_a_changed_tag():
+    """A section whose only change is its tag (compile.mode=regional) must survive --minimal."""
+    p = validate_profile({"compile": {"mode": "regional"}, "cache": {"kind": "first_block"}})
+    d = p.to_dict(exclude_defaults=True)
+    assert d["compile"] == {"mode": "regional"} and d["cache"] == {"kind": "first_block"}
+    assert validate_profile(d) == p
