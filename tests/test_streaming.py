@@ -59,3 +59,16 @@ def test_streaming_moves_quantized_inner_tensors(tiny_flux):
     streamer = BlockStreamer(tiny_flux.transformer, torch.device("cpu"), resident_blocks=1)
     assert torch.equal(run(), ref)
     streamer.remove()
+
+
+def test_streamer_can_be_removed_and_applied_again(tiny_flux):
+    """A second profile re-applies partial residency on the same module (search trials do this)."""
+    def run():
+        return tiny_flux("a red ring", generator=gen(), num_inference_steps=2, output_type="pt").images
+
+    ref = run()
+    for resident in (1, 3):
+        streamer = BlockStreamer(tiny_flux.transformer, torch.device("cpu"), resident_blocks=resident)
+        assert torch.equal(run(), ref)
+        streamer.remove()
+    assert torch.equal(run(), ref)
