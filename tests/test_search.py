@@ -617,3 +617,27 @@ def test_a_study_resumes_only_with_the_same_identity():
     assert resumed
     with pytest.raises(ProfileError, match="budget_bytes"):
         create_or_resume("s", storage, {**config, "budget_bytes": 8 * GB}, None)
+
+
+def test_quality_floor_excludes_degraded_profiles_on_flux_mini(tmp_path, monkeypatch):
+    """On real learned weights (flux-mini) a first-block cache above ~0.2 costs more than 10 dB: with a
+    35 dB floor those trials complete as infeasible and the best profile clears the floor."""
+    from fluxtune.minimodels import checkpoint_available
+
+    if not checkpoint_available("flux-mini"):
+        pytest.skip("flux-mini checkpoint not trained")
+    monkeypatch.chdir(tmp_path)
+    space = tmp_path / "space.yaml"
+    space.write_text("cache: first_block\ncache.threshold: {low: 0.05, high: 1.0, log: true}\n"
+                     "transformer.quantize: none\ntransformer.layerwise_fp8: false\ntext_encoder_2.quantize: none\n")
+    home = str(tmp_path / "ft")
+    res = cli("search", "--model", "flux-mini", "--budget", "12GB", "--min-psnr", "35", "--trials", "6",
+              "--steps", "8", "--space", str(space), "--home", home, "--study", "floor", "--out", "best.yaml")
+    assert res.code == 0, res.err[-2000:]
+    study = optuna.load_study(study_name="floor", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(Path(home) / "journal.log"))))
+    table = [r for r in results.rows(study) if r["status"] == "ok" and r["psnr"] is not None]
+    low = [r for r in table if r["psnr"] < 35]
+    assert low, "no trial fell below the floor: the threshold range should have produced some"
+    assert all(not r["feasible"] for r in low)
+    assert load_profile(tmp_path / "best.yaml").measured.quality["psnr"] >= 35  # type: ignore[union-attr]
