@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from fluxtune.errors import FluxtuneError, PipelineError, SearchError
 from fluxtune.knobs import (
+    choose_streamed,
     Component,
     GroupOffload,
     ModelOffload,
@@ -537,22 +538,6 @@ def _component_weights(comp: Component, facts: ComponentFacts, fuse_qkv: bool) -
                     other=other, fused_extra=fused)
 
 
-def _streamed_blocks(sizes: list[float], resident_bytes: int | None, resident_blocks: int | None) -> list[int]:
-    # Mirrors fluxtune.tuning.streaming.choose_streamed (kept torch-free here): as few streamed blocks as
-    # possible, spread evenly between the resident ones.
-    n = len(sizes)
-    for k in range(n + 1):
-        streamed = sorted({min(n - 1, int((j + 0.5) * n / k)) for j in range(k)}) if k else []
-        if len(streamed) < k:
-            streamed = list(range(n - k, n))
-        kept = [i for i in range(n) if i not in set(streamed)]
-        if resident_blocks is not None and len(kept) <= resident_blocks:
-            return streamed
-        if resident_bytes is not None and sum(sizes[i] for i in kept) <= resident_bytes:
-            return streamed
-    return list(range(n))
-
-
 def offload_family(offload: Any) -> str:
     """The calibration bucket of an offload setting: none, model, sequential, group-leaf, group-block, partial."""
     if isinstance(offload, GroupOffload):
@@ -582,7 +567,7 @@ def _on_gpu(offload: Any, w: _Weights, active: bool) -> tuple[float, float]:
         return w.non_block + min(inflight * group, w.total - w.non_block), 0.0
     if isinstance(offload, PartialResidency):
         order = [s for row in w.blocks.values() for s in row]
-        streamed = _streamed_blocks(order, offload.resident, offload.resident_blocks)
+        streamed = choose_streamed(order, offload.resident, offload.resident_blocks)
         resident = w.total - sum(order[i] for i in streamed)
         largest = max((order[i] for i in streamed), default=0.0)
         return resident, (offload.prefetch + 1) * largest * min(1, len(streamed)) if active else 0.0
@@ -597,7 +582,7 @@ def _host_bytes(offload: Any, w: _Weights) -> float:
         return 2 * max(largest, w.largest_leaf)  # groups are read back from safetensors one at a time
     if isinstance(offload, PartialResidency):
         order = [s for row in w.blocks.values() for s in row]
-        return sum(order[i] for i in _streamed_blocks(order, offload.resident, offload.resident_blocks))
+        return sum(order[i] for i in choose_streamed(order, offload.resident, offload.resident_blocks))
     # model / sequential: the weights live on the host; group with streams: a pinned copy of each.
     return w.total
 

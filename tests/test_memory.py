@@ -246,16 +246,6 @@ def test_check_host_ram(flux: ModelFacts) -> None:
     assert predict(profile(), flux).exceeds(12 * 10**9) and not p.exceeds(40 * 10**9)
 
 
-def test_streamed_choice_mirrors_tuning() -> None:
-    streaming = pytest.importorskip("fluxtune.tuning.streaming")
-    from fluxtune.memory import _streamed_blocks
-
-    sizes = [3.0] * 19 + [1.0] * 38
-    for resident_bytes, resident_blocks in ((None, 0), (None, 10), (None, 57), (20.0, None), (45.0, None)):
-        assert _streamed_blocks(sizes, resident_bytes, resident_blocks) == streaming.choose_streamed(
-            [int(s) for s in sizes], resident_bytes, resident_blocks)
-
-
 def test_predict_without_torch(tiny: ModelFacts, tmp_path: Path) -> None:
     facts = tmp_path / "facts.json"
     facts.write_text(json.dumps(tiny.to_dict()))

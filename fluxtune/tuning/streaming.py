@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from fluxtune.knobs import choose_streamed
+
 
 def _inner(t: torch.Tensor) -> list[torch.Tensor] | None:
     """The inner tensors of a tensor subclass (torchao), or None for a plain tensor/parameter.
@@ -104,27 +106,6 @@ def transformer_blocks(transformer: torch.nn.Module) -> list[tuple[str, torch.nn
         if isinstance(child, torch.nn.ModuleList):
             out.extend((f"{name}.{i}", block) for i, block in enumerate(child))
     return out
-
-
-def choose_streamed(sizes: list[int], resident_bytes: int | None, resident_blocks: int | None) -> list[int]:
-    """Indices of the blocks to stream: as few as possible, spread evenly between resident ones.
-
-    Args:
-        sizes: bytes of each block in execution order.
-        resident_bytes: how many bytes of blocks may stay resident (or None).
-        resident_blocks: how many blocks may stay resident (or None).
-    """
-    n = len(sizes)
-    for k in range(n + 1):
-        streamed = sorted({min(n - 1, int((j + 0.5) * n / k)) for j in range(k)}) if k else []
-        if len(streamed) < k:  # rounding collided: fall back to the last k blocks
-            streamed = list(range(n - k, n))
-        kept = [i for i in range(n) if i not in set(streamed)]
-        if resident_blocks is not None and len(kept) <= resident_blocks:
-            return streamed
-        if resident_bytes is not None and sum(sizes[i] for i in kept) <= resident_bytes:
-            return streamed
-    return list(range(n))
 
 
 @dataclass
