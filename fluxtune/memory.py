@@ -44,7 +44,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from fluxtune.errors import FluxtuneError, PipelineError, SearchError
 from fluxtune.knobs import (
-    choose_streamed,
     Component,
     GroupOffload,
     ModelOffload,
@@ -53,6 +52,7 @@ from fluxtune.knobs import (
     Quantize,
     SequentialOffload,
     Vae,
+    choose_streamed,
 )
 from fluxtune.profile import COMPONENTS, Profile
 from fluxtune.units import format_bytes
