@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="fluxtune.png", help="output PNG (several images get _0, _1 ... suffixes)")
     p.add_argument("--device", default=None, help="execution device (default: the GPU if there is one)")
-    p.add_argument("--dtype", default="bfloat16", help="load dtype for hub/local models (default bfloat16)")
+    p.add_argument("--dtype", default=None, help="load dtype (default: bfloat16, or a built-in's own)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,7 +30,9 @@ def run(args: argparse.Namespace) -> int:
     from fluxtune.units import format_bytes
 
     profile = load_profile(args.profile, args.overrides)
-    pipe: Any = pipelines.load(args.model, dtype=args.dtype)
+    spec = pipelines.builtin(args.model)
+    dtype = args.dtype or (spec.dtype if spec is not None and spec.dtype else "bfloat16")
+    pipe: Any = pipelines.load(args.model, dtype=dtype)
     report = apply(profile, pipe, device=args.device)
     print(report)
     family = pipelines.family(pipe)
