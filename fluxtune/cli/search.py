@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", default=None, help="wall-clock limit such as 30m, 1h, 90s")
     p.add_argument("--patience", type=int, default=15, help="stop after this many trials without improvement (0: never)")
     p.add_argument("--images", type=int, default=None, help="amortise compile time over this many images")
+    p.add_argument("--floor-compiled", action="store_true",
+                   help="also measure the reference compiled, and judge quality against that floor too")
     p.add_argument("--ram-budget", default=None, help="host RAM the offload modes may use (default: all of it)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: journal file in .fluxtune/)")
     p.add_argument("--study", default=None, help="study name (default derived from model, budget, objective)")
@@ -163,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         timeout_s=parse_duration(args.timeout) if args.timeout else None, patience=args.patience or None,
         storage=args.storage, study=name, devices=devices,
         dtype=args.dtype or (spec.dtype if spec and spec.dtype else "bfloat16"), narrow=narrow, seed=args.seed,
-        home=Path(args.home), ram_budget_bytes=ram_budget,
+        home=Path(args.home), ram_budget_bytes=ram_budget, floor_compiled=args.floor_compiled,
     )
     search = Search(cfg)
     result = search.run()

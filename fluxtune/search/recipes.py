@@ -9,7 +9,7 @@ from fluxtune.search.space import SearchSpace
 
 _PLAIN = {
     "transformer.quantize": "none", "transformer.layerwise_fp8": False, "text_encoders.offload": "none",
-    "text_encoder_2.quantize": "none", "vae.tiling": False, "cache": "none", "compile": "off",
+    "text_encoder_2.quantize": "none", "vae.tiling": False, "cache": "none", "compile": "off", "attention": "native",
 }
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -62,6 +62,7 @@ def params_from_profile(profile: Profile, space: SearchSpace) -> dict[str, Any]:
     if c.kind == "taylorseer":
         p["cache.interval"] = c.cache_interval  # type: ignore[union-attr]
         p["cache.warmup"] = c.disable_cache_before_step  # type: ignore[union-attr]
+    p["attention"] = profile.attention.backend
     p["compile"] = "regional" if profile.compile.enabled else "off"
     if profile.compile.enabled:
         p["compile.fullgraph"] = profile.compile.fullgraph

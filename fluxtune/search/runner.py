@@ -55,6 +55,8 @@ class SearchConfig:
     seed: int | None = 0
     home: Path = HOME
     ram_budget_bytes: int | None = None
+    floor_compiled: bool = False
+    """Also measure the lossless profile compiled, so quality drops count against compile's own drift."""
 
     def identity(self) -> dict[str, Any]:
         return {
@@ -314,6 +316,12 @@ class Search:
         m = result["measurement"]
         ref = {"profile": profile.to_dict(exclude_defaults=True), "latency_s": m.get("latency_s"),
                "peak": obj.peak_of(m, self.on_gpu), "noise_floor": result.get("noise_floor", {})}
+        if self.cfg.floor_compiled:
+            compiled = profile.replace(compile={"mode": "regional"})
+            self.say("reference: the same run compiled, for the compiled noise floor ...")
+            cres = worker.run(-2, compiled.to_dict(), self.cfg.trial_timeout_s, compiled_floor=True)
+            ref["compiled_floor"] = cres.get("compiled_floor", {})
+            self.say(f"reference: compiled floor PSNR {ref['compiled_floor'].get('psnr', float('nan')):.1f} dB")
         self.study.set_user_attr("fluxtune_reference", ref)
         self.say(f"reference: {m.get('latency_s', 0):.2f}s, peak {format_bytes(ref['peak'] or 0)}, noise floor PSNR "
                  f"{ref['noise_floor'].get('psnr', float('nan')):.1f} dB")

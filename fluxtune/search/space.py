@@ -119,6 +119,8 @@ def default_dims(hardware: HardwareInfo, family: str) -> list[Dim]:
             when=lambda p: p.get("cache") in ("first_block", "magcache")),
         Dim("cache.interval", low=2, high=8, integer=True, when=lambda p: p.get("cache") == "taylorseer"),
         Dim("cache.warmup", low=1, high=12, integer=True, when=lambda p: p.get("cache") == "taylorseer"),
+        Dim("attention", ("native", "_native_cudnn", "_native_flash", "_native_efficient")
+            if gpu and family == "flux" else ("native",), help="diffusers attention backends of torch SDPA"),
         Dim("compile", ("off", "regional") if gpu else ("off",)),
         Dim("compile.fullgraph", (False, True), when=lambda p: p.get("compile") == "regional" and not hooks(p)),
         Dim("compile.fuse_qkv", (False, True),
@@ -213,6 +215,7 @@ class SearchSpace:
                              "disable_cache_before_step": int(params.get("cache.warmup", 3))}
         else:
             data["cache"] = {"kind": cache, "threshold": round(float(params.get("cache.threshold", 0.08)), 4)}
+        data["attention"] = {"backend": str(params.get("attention", "native"))}
         comp = str(params.get("compile", "off"))
         data["compile"] = {**data["compile"], "mode": comp,
                            "fullgraph": bool(params.get("compile.fullgraph", False)),
@@ -241,7 +244,8 @@ class SearchSpace:
         """A short one-line summary of a trial's parameters."""
         bits = []
         for key, value in params.items():
-            if (key == "steps" and value == self.base.generation.steps) or (key == "size" and value == "default"):
+            if (key == "steps" and value == self.base.generation.steps) or (key, value) in (
+                    ("size", "default"), ("attention", "native")):
                 continue
             short = key.replace("transformer.", "t.").replace("text_encoder_2.", "t5.").replace("text_encoders.", "te.")
             bits.append(f"{short}={value:.3g}" if isinstance(value, float) else f"{short}={value}")

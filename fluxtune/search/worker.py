@@ -114,7 +114,8 @@ class TrialSession:
         return self.pipe
 
     # -- running -------------------------------------------------------------------------------
-    def run(self, profile_data: dict[str, Any], *, reference: bool = False, trial: int | None = None) -> dict[str, Any]:
+    def run(self, profile_data: dict[str, Any], *, reference: bool = False, trial: int | None = None,
+            compiled_floor: bool = False) -> dict[str, Any]:
         """Apply and measure one profile; returns plain data (status, measurement, quality, timings)."""
         torch = self.torch
         from fluxtune.errors import BudgetExceededError, FluxtuneError
@@ -165,6 +166,11 @@ class TrialSession:
                                                      workload=self.workload)
                 self.reference.save(self.reference_path)
                 out["noise_floor"] = self.reference.noise_floor
+            elif compiled_floor and (self.reference is not None or self.load_reference()):
+                # The same lossless profile, compiled: how far compilation alone moves the pixels.
+                self.reference.compiled_floor = compare(m, self.reference)
+                self.reference.save(self.reference_path)
+                out["compiled_floor"] = self.reference.compiled_floor
             elif self.reference is not None or self.load_reference():
                 # (A worker started before the study's reference existed, e.g. the second of
                 # --workers 2 or --gpus 0,1, picks it up from disk once the first worker wrote it.)
@@ -228,5 +234,6 @@ def worker_main(conn: Any, cfg: WorkerConfig) -> None:
             _, job, profile_data, options = msg
             if crash_trial is not None and str(options.get("trial")) == crash_trial:
                 os._exit(1)
-            result = session.run(profile_data, reference=options.get("reference", False), trial=options.get("trial"))
+            result = session.run(profile_data, reference=options.get("reference", False), trial=options.get("trial"),
+                                 compiled_floor=options.get("compiled_floor", False))
             conn.send(("result", job, result))
