@@ -36,6 +36,7 @@ __all__ = [
     "list_presets",
     "load_profile",
     "save_profile",
+    "set_loras",
 ]
 
 
@@ -44,3 +45,10 @@ def apply(profile: Any, pipe: Any, **kwargs: Any) -> ApplyReport:
     from fluxtune.tuning import apply as _apply
 
     return _apply(profile, pipe, **kwargs)
+
+
+def set_loras(pipe: Any, loras: Any) -> ApplyReport:
+    """Switch the LoRAs of a tuned pipeline, keeping every other knob; see :func:`fluxtune.lora.set_loras`."""
+    from fluxtune.lora import set_loras as _set_loras
+
+    return _set_loras(pipe, loras)

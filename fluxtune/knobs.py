@@ -347,3 +347,52 @@ class Measured(Knob):
     study: str | None = None
     trial: int | None = None
     notes: str | None = None
+
+
+# ----------------------------------------------------------------------------------------- LoRA
+
+LORA_MODES = ("auto", "fuse", "adapter", "hotswap")
+
+
+def _lora_defaults(value: Any) -> Any:
+    # A bare string is a path; the adapter name defaults to the file stem, made a valid module key.
+    if isinstance(value, str):
+        value = {"path": value}
+    if isinstance(value, dict) and value.get("adapter_name") is None and isinstance(value.get("path"), str):
+        stem = re.split(r"[\\/]", value["path"])[-1].removesuffix(".safetensors")
+        value = {**value, "adapter_name": re.sub(r"[^A-Za-z0-9_-]", "_", stem) or "lora"}
+    return value
+
+
+class Lora(Knob):
+    """A LoRA file and how it is applied.
+
+    ``mode``: ``fuse`` bakes it into the base weights before quantization (fastest; switching restores a
+    pristine host copy and re-quantizes), ``adapter`` keeps a separate peft adapter (unquantized or
+    layerwise-cast transformer only), ``hotswap`` swaps weights into a compiled model without recompiling
+    (ranks up to ``max_rank``), ``auto`` picks from the profile's other knobs.
+    """
+
+    path: str = Field(description="a .safetensors LoRA file (pickle files are never loaded)")
+    adapter_name: str = Field(default="lora", description="default: the file stem")
+    scale: float = 1.0
+    mode: Literal["auto", "fuse", "adapter", "hotswap"] = "auto"
+    max_rank: int | None = Field(default=None, ge=1, description="hotswap only: the largest rank a swap may bring")
+
+    @model_validator(mode="after")
+    def _check(self) -> Lora:
+        if not self.path.endswith(".safetensors"):
+            raise ValueError(
+                f"path={self.path!r} is not a .safetensors file; fluxtune never loads pickled LoRAs "
+                "(.bin/.pt/.ckpt): convert it to safetensors"
+            )
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", self.adapter_name):
+            raise ValueError(
+                f"adapter_name={self.adapter_name!r}: use letters, digits, '_' or '-' (no dots or spaces)"
+            )
+        if self.max_rank is not None and self.mode not in ("hotswap", "auto"):
+            raise ValueError(f"max_rank={self.max_rank} applies to mode=hotswap (or auto), not mode={self.mode}")
+        return self
+
+
+LoraSpec = Annotated[Lora, BeforeValidator(_lora_defaults)]

@@ -21,6 +21,7 @@ from fluxtune.knobs import (
     Generation,
     GroupOffload,
     Knob,
+    LoraSpec,
     Measured,
     ModelOffload,
     NoCache,
@@ -52,6 +53,7 @@ class Profile(Knob):
     cache: Cache = NoCache()
     compile: Compile = Compile()
     generation: Generation = Generation()
+    loras: tuple[LoraSpec, ...] = Field(default=(), description="LoRA files applied to the transformer")
     measured: Measured | None = None
 
     @model_validator(mode="after")
@@ -78,7 +80,37 @@ class Profile(Knob):
             )
         if self.compile.fuse_qkv and self.transformer.layerwise_casting is not None:
             raise ValueError("compile.fuse_qkv with transformer.layerwise_casting: fuse only unquantized weights")
+        self._check_loras()
         return self
+
+    def _check_loras(self) -> None:
+        names = [lo.adapter_name for lo in self.loras]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"loras: adapter_name={dup[0]!r} is used twice; give each LoRA its own adapter_name")
+        if self.loras and self.compile.fuse_qkv:
+            raise ValueError("compile.fuse_qkv=true with loras: LoRA files target the separate to_q/to_k/to_v "
+                             "projections; set compile.fuse_qkv=false")
+        modes = sorted({lo.mode for lo in self.loras} - {"auto"})
+        if len(modes) > 1:
+            raise ValueError(f"loras: modes {', '.join(modes)} are mixed; one pipeline applies all its LoRAs one way "
+                             "(set the same mode, or auto, on each)")
+        if modes == ["adapter"] and self.transformer.quantize is not None:
+            raise ValueError(f"loras.mode=adapter with transformer.quantize.method={self.transformer.quantize.method}: "
+                             "peft adapters on torchao-quantized layers are slow and drift; use mode=fuse (or auto), "
+                             "or layerwise_casting instead of quantize")
+
+    def lora_mode(self) -> tuple[str, str]:
+        """How this profile's LoRAs are applied (fuse, adapter or hotswap) and why."""
+        explicit = sorted({lo.mode for lo in self.loras} - {"auto"})
+        if explicit:
+            return explicit[0], f"mode={explicit[0]} set in the profile"
+        if self.compile.enabled:
+            return "hotswap", f"auto: compile.mode={self.compile.mode}, so LoRAs are hot-swapped without recompiling"
+        if self.transformer.quantize is not None:
+            return "fuse", (f"auto: transformer.quantize.method={self.transformer.quantize.method} without compile, "
+                            "so LoRAs are fused before quantization (no adapter overhead)")
+        return "adapter", "auto: unquantized, uncompiled transformer, so LoRAs stay separate peft adapters"
 
     def component(self, name: str) -> Component:
         """The section of component ``name`` (one of COMPONENTS)."""

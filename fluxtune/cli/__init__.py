@@ -24,6 +24,7 @@ COMMANDS = {
     "search": "find the best profile for a budget and objective by measuring real runs",
     "bench": "profiles side by side with the plain diffusers recipes, under one memory cap",
     "report": "rebuild the tables and plots of a search study",
+    "sensitivity": "rank a DiT's layer groups by the harm quantization does, for quantize.exclude",
 }
 
 # Bad input exits 2, a failure while running exits 1 (DESIGN.md, CLI rules).

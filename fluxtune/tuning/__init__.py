@@ -26,6 +26,7 @@ from fluxtune.tuning import (  # noqa: F401  (importing registers the handlers)
     fuse,
     generation,
     layerwise,
+    lora,
     placement,
     precision,
     quantize,
@@ -100,6 +101,7 @@ def apply(
     hardware: HardwareInfo | None = None,
     device: str | None = None,
     strict: bool = False,
+    loras: Sequence[Any] | None = None,
 ) -> ApplyReport:
     """Make ``pipe`` obey ``profile``.
 
@@ -110,6 +112,7 @@ def apply(
         hardware: the machine (detected when None); passed in so nothing deep inside looks it up.
         device: the execution device (default: the detected GPU, else CPU).
         strict: turn every skipped knob into an error.
+        loras: LoRAs (paths, dicts or :class:`fluxtune.knobs.Lora`) replacing the profile's ``loras``.
 
     Returns:
         What was done to each component, in order, with reasons for anything skipped.
@@ -124,6 +127,8 @@ def apply(
     from fluxtune.presets import load_profile
 
     prof = load_profile(profile, overrides)
+    if loras is not None:
+        prof = prof.replace(loras=[lo.model_dump() if hasattr(lo, "model_dump") else lo for lo in loras])
     hw = hardware if hardware is not None else detect_hardware()
     dev = _device(hw, device)
     fam = pipeline_family(pipe)
@@ -132,6 +137,11 @@ def apply(
 
     previous: CallState | None = getattr(pipe, "_fluxtune", None)
     if previous is not None:
+        if previous.profile.loras != prof.loras:
+            raise IncompatibleKnobsError(
+                "this pipeline is already tuned and loras differ from the ones applied; switch LoRAs with "
+                "fluxtune.set_loras(pipe, loras), or reload the pipeline before applying this profile"
+            )
         old, new = irreversible_signature(previous.profile), irreversible_signature(prof)
         changed = [k for k in new if old[k] != new[k]]
         if changed:

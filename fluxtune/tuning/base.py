@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 # Phases, in the order the constraints demand (diffusers-knobs.md §11):
 PRECISION = 10  # cast before quantizing
 FUSE = 20  # fuse QKV before quantizing (quantize_ then fuse raises)
+LORA = 25  # load LoRAs; fused ones go into the base weights before quantization
 QUANTIZE = 30
 CASTING = 35  # layerwise fp8 storage (never together with quantize on one component)
 ATTENTION = 40
