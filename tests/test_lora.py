@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,3 +172,17 @@ def test_auto_mode_choices():
     assert validate_profile({"loras": lo, "transformer": {"quantize": "int8_weight"}}).lora_mode()[0] == "fuse"
     assert validate_profile({"loras": lo}).lora_mode()[0] == "adapter"
     assert validate_profile({"loras": ["dir/my.lora.safetensors"]}).loras[0].adapter_name == "my_lora"
+
+
+def test_search_tunes_with_a_lora_in_place(files, tmp_path, monkeypatch):
+    """`fluxtune search --lora FILE`: every trial (and the reference) runs with the LoRA applied, and
+    the winning profile names it."""
+    from fluxtune.cli import main
+    from fluxtune.presets import load_profile
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["search", "--model", "tiny-flux", "--steps", "2", "--budget", "12GB", "--trials", "3",
+                 "--lora", files["a"], "--home", str(tmp_path / "ft"), "--out", "best.yaml", "--min-psnr", "0"])
+    assert code == 0
+    best = load_profile(tmp_path / "best.yaml")
+    assert [lo.path for lo in best.loras] == [str(Path(files["a"]).resolve())]

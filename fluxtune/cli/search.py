@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pin", action="append", default=[], metavar="DIM=VALUE",
                    help="pin or narrow a dimension, e.g. --pin transformer.offload=partial or --pin cache=[none,first_block]")
     p.add_argument("--prompt", action="append", default=None, help="workload prompt (repeatable)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE",
+                   help="tune with this LoRA (.safetensors) in place; repeatable; the profile's lora mode is auto")
     p.add_argument("--runs", type=int, default=None, help="timed repeats per trial (default 3 on GPU, 2 on CPU)")
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
     p.add_argument("--home", default=".fluxtune", help="folder for the journal, references and reports")
@@ -138,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
         narrow_sizes = []
     if budget is not None:
         data["budget"] = {"vram": budget, "enforce": True, **({"host_ram": ram_budget} if ram_budget else {})}
+    if args.lora:
+        data["loras"] = [{"path": str(Path(f).resolve())} for f in args.lora]
     narrow: dict[str, Any] = {}
     if args.space:
         narrow.update(load_space_file(args.space))
