@@ -173,15 +173,41 @@ def _dump(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
-    # pydantic puts the union tag into the location (offload.group.level); users wrote offload.level.
-    parts = [str(p) for p in loc if not (isinstance(p, str) and p in _UNION_TAGS)]
+    # pydantic puts union tags and validator labels into the location (offload.group.level); users
+    # wrote offload.level. Walk the schema and keep only what a user writes.
+    parts: list[str] = []
+    model: Any = Profile
+    for p in loc:
+        if isinstance(model, tuple):  # a union: the next part may be the member's tag
+            member = _tagged(model, p)
+            if member is not None:
+                model = member
+                continue
+        if isinstance(p, str) and p.startswith("function-"):
+            continue
+        fields = getattr(model, "model_fields", None) or {}
+        parts.append(str(p))
+        model = _knob_of(fields[p].annotation) if p in fields else None
     return ".".join(parts) or "profile"
 
 
-_UNION_TAGS = {
-    "none", "model", "sequential", "group", "partial", "first_block", "taylorseer", "magcache",
-    "function-after[_check(), GroupOffload]", "function-after[_check(), PartialResidency]",
-}
+def _knob_of(annotation: Any) -> Any:
+    """The Knob class (or union of them) a field holds, for walking error locations."""
+    if isinstance(annotation, type) and issubclass(annotation, Knob):
+        return annotation
+    members = [a for a in getattr(annotation, "__args__", ()) if isinstance(a, type) and issubclass(a, Knob)]
+    for a in getattr(annotation, "__args__", ()):  # Annotated[Union[...], ...]
+        members += [m for m in getattr(a, "__args__", ()) if isinstance(m, type) and issubclass(m, Knob)]
+    return members[0] if len(members) == 1 else tuple(members) or None
+
+
+def _tagged(model: Any, tag: Any) -> Any:
+    for m in model if isinstance(model, tuple) else ():
+        for key in ("mode", "kind", "method"):
+            field = m.model_fields.get(key)
+            if field is not None and field.default == tag:
+                return m
+    return None
 
 
 def format_validation_error(error: ValidationError, source: str = "profile") -> str:
@@ -198,7 +224,7 @@ def format_validation_error(error: ValidationError, source: str = "profile") -> 
             text += f"; allowed here: {', '.join(parent_model.model_fields)}"
     elif kind == "union_tag_invalid":
         text = f"{source}: {loc}={_short(inp)}: {msg}"
-    elif loc == "profile" or kind == "value_error" and "." not in loc and loc in ("profile",):
+    elif loc == "profile":
         text = f"{source}: {msg}"
     else:
         shown = "" if isinstance(inp, dict) else f"={_short(inp)}"

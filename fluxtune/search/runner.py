@@ -14,7 +14,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -361,6 +361,7 @@ class Search:
 
     def _loop(self, worker: Worker) -> None:
         from optuna.storages._heartbeat import get_heartbeat_thread
+        from optuna.trial import TrialState
 
         while True:
             with self.lock:
@@ -376,7 +377,7 @@ class Search:
             except WorkerDied as e:
                 trial.set_user_attr("status", "crashed")
                 trial.set_user_attr("error", str(e))
-                self.study.tell(trial, state=__import__("optuna").trial.TrialState.FAIL)
+                self.study.tell(trial, state=TrialState.FAIL)
                 self.say(f"trial {trial.number}: {e}; starting a new worker")
                 try:
                     worker.restart()
@@ -384,7 +385,7 @@ class Search:
                     self.stop_reason = str(e2)
                     return
             except Exception as e:
-                self.study.tell(trial, state=__import__("optuna").trial.TrialState.FAIL)
+                self.study.tell(trial, state=TrialState.FAIL)
                 self.say(f"trial {trial.number}: failed in the search loop: {type(e).__name__}: {e}")
 
     def _one(self, worker: Worker, trial: Any) -> None:
@@ -480,7 +481,3 @@ def _cpu_view(hw: HardwareInfo) -> HardwareInfo:
     from dataclasses import replace
 
     return replace(hw, gpu_index=None, gpu_name=None, total_memory_bytes=None, compute_capability=None)
-
-
-def config_summary(cfg: SearchConfig) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "base"}

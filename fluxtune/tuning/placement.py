@@ -13,12 +13,6 @@ from fluxtune.units import format_bytes
 _GROUP_HOOKS = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
 
 
-def _param_bytes(module: Any) -> int:
-    from fluxtune.tuning.streaming import module_bytes
-
-    return module_bytes(module)
-
-
 def _remove_group_offload(module: Any) -> None:
     # diffusers has no disable_group_offload (diffusers-knobs.md §1.3): remove the three hooks by name.
     from diffusers.hooks import HookRegistry
@@ -44,7 +38,9 @@ class PlacementHandler(Handler):
                 if not transformer_blocks(module):
                     problems.append(f"{name}.offload.mode=partial: {type(module).__name__} has no repeated blocks")
             if not isinstance(off, NoOffload):
-                offloaded += _param_bytes(module)
+                from fluxtune.tuning.streaming import module_bytes
+
+                offloaded += module_bytes(module)
             if isinstance(off, PartialResidency | GroupOffload) and ctx.profile.compile.inductor_mode in (
                 "reduce-overhead", "max-autotune") and ctx.profile.compile.enabled and name == "transformer":
                 problems.append(f"compile.inductor_mode={ctx.profile.compile.inductor_mode} uses CUDA graphs, "
