@@ -339,6 +339,7 @@ class Measured(Knob):
     model: str | None = None
     workload: dict[str, Any] = Field(default_factory=dict)
     latency_s: float | None = None
+    throughput: float | None = Field(default=None, description="images per second at the profile's batch")
     first_call_s: float | None = None
     peak_allocated: ByteSize | None = None
     peak_reserved: ByteSize | None = None

@@ -159,14 +159,20 @@ def _switch_adapters(pipe: Any, state: Any, new: tuple[Lora, ...]) -> str:
 
 
 def _switch_hotswap(pipe: Any, state: Any, new: tuple[Lora, ...]) -> str:
-    from fluxtune.tuning.lora import _load
+    from fluxtune.tuning.lora import _load, record_hotswap_base, write_hotswap_scales
 
+    t = pipe.transformer
     slots = list(state.loaded)
     swapped = 0
     for slot, lo in zip(slots, new, strict=True):
         if state.loaded[slot] != lo.path:
+            # peft writes the new file's alpha/rank into the scaling only where it differs from the current
+            # value: put the old file's back first so the slot ends up holding exactly the new one's.
+            write_hotswap_scales(t, state, {slot: 1.0})
             _load(pipe, lo.model_copy(update={"adapter_name": slot}), hotswap=True)
+            record_hotswap_base(t, state, [slot])
             state.loaded[slot] = lo.path
             swapped += 1
-    pipe.set_adapters(slots, [lo.scale for lo in new])
+    # Not set_adapters: it would write float scalings (recompiling) from the first file's alpha and rank.
+    write_hotswap_scales(t, state, {slot: lo.scale for slot, lo in zip(slots, new, strict=True)})
     return f"hot-swapped {swapped} adapter(s) without recompiling"

@@ -236,6 +236,8 @@ class Measurement:
     steps: int | None = None
     step_times: list[float] = field(default_factory=list)
     calls_per_run: int = 0
+    images_per_call: int | None = None
+    """Images one call renders (DiT: class labels x images per label; text: images per prompt)."""
     peak_allocated: int | None = None
     peak_reserved: int | None = None
     peak_nvml: int | None = None
@@ -250,6 +252,11 @@ class Measurement:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def throughput(self) -> float | None:
+        """Images per second in steady state."""
+        return self.images_per_call / self.latency_s if self.images_per_call and self.latency_s else None
 
     @property
     def peak(self) -> int | None:
@@ -642,6 +649,9 @@ def measure(
         m.device = str(device) if device is not None else "cpu"
         calls = workload.calls(pipe)
         m.calls_per_run = len(calls)
+        first = calls[0][1]
+        m.images_per_call = len(first["class_labels"]) if "class_labels" in first else int(
+            first.get("num_images_per_prompt") or 1)
         with _Sampler(device.index if device is not None else None) as sampler, _Instrument(pipe) as inst:
             try:
                 for i in range(workload.warmup):

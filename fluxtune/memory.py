@@ -696,6 +696,8 @@ def predict(
             acts[n] = _vae_activations(profile.vae, cf, batch, h, w, cb)
         else:  # pragma: no cover - COMPONENTS is closed
             acts[n] = 0.0
+        if calibration is not None:
+            acts[n] *= calibration.activation_ratio(n)
 
     phases: dict[str, float] = {}
     terms: dict[str, dict[str, float]] = {}
@@ -751,13 +753,20 @@ def _vae_activations(vae: Vae, cf: ComponentFacts, batch: int, h: int, w: int, c
 
 @dataclass
 class Calibration:
-    """A multiplicative correction of the allocator peak per offload family, learnt from runs.
+    """Corrections learnt from runs.
 
-    Each pair contributes ``measured / predicted``; a family's ratio is the median of its pairs (robust
-    to the odd broken run), falling back to the median of all pairs, then 1.0.
+    Allocated peaks correct the *activations* of the phase that peaked (``measured - weights`` over the
+    predicted activations): on the H200 replica every trial whose peak was the VAE decode missed by the
+    same 0.6 GB whatever its resident weights (10 GB or 0.2 GB), an additive error in one term that a
+    ratio on the whole peak cannot learn. Reserved/NVML peaks (or an allocated peak with negligible
+    activations) give a multiplicative correction of the whole peak per offload family. Each correction
+    is the median of its pairs (robust to the odd broken run).
     """
 
     pairs: list[tuple[str, float]] = field(default_factory=list)
+    """(offload family, measured / predicted peak)."""
+    activation_pairs: list[tuple[str, float]] = field(default_factory=list)
+    """(phase, measured / predicted activations of that phase)."""
     min_ratio: float = 0.25
     max_ratio: float = 4.0
 
@@ -779,6 +788,12 @@ class Calibration:
         if measured is None or measured <= 0:
             return None
         base = prediction.peak_allocated / prediction.calibration_ratio
+        act = prediction.breakdown.get(f"activations:{prediction.peak_phase}", 0)
+        if kind == "allocated" and base > 0 and act > 0.05 * base:
+            resident = base - act
+            ratio = min(self.max_ratio, max(self.min_ratio, (measured - resident) / act))
+            self.activation_pairs.append((prediction.peak_phase, ratio))
+            return ratio
         if kind == "allocated":
             ratio = measured / base if base > 0 else math.nan
         elif kind == "reserved":
@@ -800,13 +815,21 @@ class Calibration:
         pool = own or [r for _, r in self.pairs]
         return float(statistics.median(pool)) if pool else 1.0
 
+    def activation_ratio(self, phase: str) -> float:
+        """The correction of one phase's activations (1.0 until that phase has peaked in a run)."""
+        own = [r for p, r in self.activation_pairs if p == phase]
+        return float(statistics.median(own)) if own else 1.0
+
     def to_dict(self) -> dict[str, Any]:
-        return {"pairs": [[f, r] for f, r in self.pairs], "min_ratio": self.min_ratio, "max_ratio": self.max_ratio}
+        return {"pairs": [[f, r] for f, r in self.pairs],
+                "activation_pairs": [[p, r] for p, r in self.activation_pairs],
+                "min_ratio": self.min_ratio, "max_ratio": self.max_ratio}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibration:
         try:
             return cls(pairs=[(str(f), float(r)) for f, r in data.get("pairs", [])],
+                       activation_pairs=[(str(p), float(r)) for p, r in data.get("activation_pairs", [])],
                        min_ratio=float(data.get("min_ratio", 0.25)), max_ratio=float(data.get("max_ratio", 4.0)))
         except (TypeError, ValueError) as e:
             raise FluxtuneError(f"calibration: not a Calibration dump ({e})") from None

@@ -91,7 +91,7 @@ def plot_latency_vs_memory(
 
 
 def plot_best_so_far(curve: Sequence[tuple[int, float | None]], path: Path, *, baseline: float | None = None,
-                     ylabel: str = "best feasible latency [s]") -> Path:
+                     ylabel: str = "best feasible latency [s]", baseline_label: str = "baseline") -> Path:
     """The best feasible objective after each trial, with a baseline line when given."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -100,7 +100,7 @@ def plot_best_so_far(curve: Sequence[tuple[int, float | None]], path: Path, *, b
     if xs:
         ax.step(xs, ys, where="post", c="#3b7dd8", label="best so far")
     if baseline is not None:
-        ax.axhline(baseline, c="#cc2222", ls="--", label=f"baseline {baseline:.2f}")
+        ax.axhline(baseline, c="#cc2222", ls="--", label=f"{baseline_label} {baseline:.2f}")
     ax.set_xlabel("trial")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -140,7 +140,7 @@ def build(study: Any, folder: Path) -> dict[str, Path]:
     """Every report file of a study, (re)built from its storage and image folder."""
     import torch
 
-    from fluxtune.search.results import best_so_far, best_trial, pareto_front, rows
+    from fluxtune.search.results import best_trial, pareto_front, rows
     from fluxtune.search.study import CONFIG_KEY
 
     cfg = study.user_attrs.get(CONFIG_KEY, {})
@@ -160,7 +160,7 @@ def build(study: Any, folder: Path) -> dict[str, Path]:
         memory_label="peak VRAM (reserved)" if on_gpu else "peak host RAM",
     )
     ref = study.user_attrs.get("fluxtune_reference", {})
-    out["progress"] = plot_best_so_far(best_so_far(study), folder / "best_so_far.png", baseline=ref.get("latency_s"))
+    out["progress"] = _progress_plot(study, table, ref, cfg.get("objective"), folder / "best_so_far.png")
     tiles = []
     ref_file = folder / "reference.pt"
     if ref_file.exists():
@@ -180,6 +180,24 @@ def build(study: Any, folder: Path) -> dict[str, Path]:
     if grid:
         out["grid"] = grid
     return out
+
+
+def _progress_plot(study: Any, table: Sequence[dict[str, Any]], ref: dict[str, Any], objective: str | None,
+                   path: Path) -> Path:
+    """Best so far against the baseline that matters: the fastest diffusers recipe that fit, measured in
+    this same study (else the lossless reference)."""
+    from fluxtune.search.results import best_so_far
+
+    if objective == "throughput":
+        return plot_best_so_far(best_so_far(study), path, ylabel="best feasible throughput [images/s]")
+    if objective == "quality":
+        return plot_best_so_far(best_so_far(study), path, ylabel="best feasible PSNR [dB]")
+    recipes = [r for r in table if str(r.get("source", "")).startswith("recipe") and r["feasible"] and r.get("latency_s")]
+    if recipes:
+        fastest = min(recipes, key=lambda r: r["latency_s"])
+        return plot_best_so_far(best_so_far(study), path, baseline=fastest["latency_s"],
+                                baseline_label=f"fastest recipe ({fastest['source'][7:]})")
+    return plot_best_so_far(best_so_far(study), path, baseline=ref.get("latency_s"), baseline_label="reference")
 
 
 def _memory_front(table: Sequence[dict[str, Any]]) -> list[int]:

@@ -186,3 +186,167 @@ def test_search_tunes_with_a_lora_in_place(files, tmp_path, monkeypatch):
     assert code == 0
     best = load_profile(tmp_path / "best.yaml")
     assert [lo.path for lo in best.loras] == [str(Path(files["a"]).resolve())]
+
+
+# ------------------------------------------------------------------ hot-swap on a compiled transformer
+
+
+def make_lora_rank(pipe, path, seed: int, r: int, alpha: int) -> str:
+    """Like :func:`make_lora` with another rank and alpha; the alpha goes into the file's metadata
+    (without it diffusers reads alpha = rank back)."""
+    from diffusers import FluxPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    t = copy.deepcopy(pipe.transformer)
+    t.add_adapter(LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS), adapter_name="x")
+    g = torch.Generator().manual_seed(seed)
+    for name, p in t.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 3.0
+    sd = get_peft_model_state_dict(t, adapter_name="x")
+    path.mkdir(parents=True, exist_ok=True)
+    FluxPipeline.save_lora_weights(str(path), transformer_lora_layers=sd, weight_name=f"{path.name}.safetensors",
+                                   transformer_lora_adapter_metadata={"r": r, "lora_alpha": alpha,
+                                                                      "target_modules": TARGETS})
+    return str(path / f"{path.name}.safetensors")
+
+
+@pytest.fixture(scope="module")
+def ranked(tmp_path_factory):
+    """``c``: rank 2 with alpha 4 (scaling 2, where ``a`` and ``b`` have 1); ``r8``: rank 8."""
+    from fluxtune.pipelines import load
+
+    pipe = load("tiny-flux", dtype="float32")
+    root = tmp_path_factory.mktemp("ranked")
+    return {"c": make_lora_rank(pipe, root / "c", 5, r=2, alpha=4), "r8": make_lora_rank(pipe, root / "r8", 6, r=8, alpha=8)}
+
+
+class DynamoWatch:
+    """What TorchDynamo compiled inside a ``with`` block.
+
+    ``frames``: frames handed to Dynamo's compiler (``counters["frames"]["total"]``; a cache hit runs the
+    compiled code without coming here, so in steady state this stays 0). ``recompiles``: guard failures
+    that sent an already compiled frame back to the compiler (``guard_failures``, one per failed cache
+    entry). Both move even when ``error_on_recompile`` aborts the recompilation.
+    """
+
+    @staticmethod
+    def _now() -> tuple[int, int]:
+        from torch._dynamo.utils import counters, guard_failures
+
+        return counters["frames"]["total"], sum(len(v) for v in guard_failures.values())
+
+    def __enter__(self) -> DynamoWatch:
+        self._start = self._now()
+        self.frames = self.recompiles = 0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        frames, failures = self._now()
+        self.frames, self.recompiles = frames - self._start[0], failures - self._start[1]
+
+
+def run_at(pipe, size: int):
+    return pipe("a red circle at the top left", generator=gen(), num_inference_steps=STEPS, output_type="pt",
+                height=size, width=size).images
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compile_mode", ["regional", "full"])
+def test_hotswap_on_compiled_transformer_never_recompiles(tiny_flux, files, ranked, compile_mode):
+    """compile + hotswap (max_rank 8): swapping in another LoRA (same rank; then a smaller rank with another
+    alpha and scale) and back recompiles nothing, changes the images, and swapping back restores them."""
+    from torch._dynamo.exc import RecompileError
+
+    from fluxtune.pipelines import load
+
+    reference = load("tiny-flux", dtype="float32")  # eager adapter: what c at 0.7 should give
+    fluxtune.apply({}, reference, loras=[{"path": ranked["c"], "mode": "adapter", "scale": 0.7}])
+    c_ref = run(reference)
+
+    torch._dynamo.reset()
+    try:
+        report = fluxtune.apply({"compile": {"mode": compile_mode}}, tiny_flux,
+                                loras=[{"path": files["a"], "mode": "hotswap", "max_rank": 8}])
+        assert f"compile      transformer     {compile_mode}:" in str(report)
+        assert "hot-swappable up to rank 8" in str(report)
+        with DynamoWatch() as first:
+            first_a = run(tiny_flux)
+        assert first.frames > 0  # the transformer really was compiled on this call
+
+        with DynamoWatch() as swaps, torch._dynamo.config.patch(error_on_recompile=True):
+            fluxtune.set_loras(tiny_flux, [{"path": files["b"], "mode": "hotswap"}])
+            b = run(tiny_flux)
+            fluxtune.set_loras(tiny_flux, [{"path": ranked["c"], "scale": 0.7}])
+            c = run(tiny_flux)
+            report = fluxtune.set_loras(tiny_flux, [files["a"]])
+            again_a = run(tiny_flux)
+        assert (swaps.frames, swaps.recompiles) == (0, 0)
+        assert "hot-swapped 1 adapter(s)" in str(report)
+        assert tiny_flux.get_list_adapters() == {"transformer": ["a"]}  # one slot, swapped in place
+        assert psnr(b, first_a) < PSNR_CHANGED_DB and psnr(c, b) < PSNR_CHANGED_DB
+        assert psnr(c, c_ref) > PSNR_CLOSE_DB  # c's own alpha/rank and scale, not a's
+        torch.testing.assert_close(again_a, first_a, atol=1e-5, rtol=0)
+
+        # The detector fires on a real recompile. (1) Another image size under error_on_recompile: the
+        # recompilation is refused (nothing gets compiled) and the counters saw it too.
+        with DynamoWatch() as shape, pytest.raises(RecompileError, match="size mismatch"), \
+                torch._dynamo.config.patch(error_on_recompile=True):
+            run_at(tiny_flux, 32)
+        assert shape.frames > 0 and shape.recompiles > 0
+        # (2) What set_loras did before scalings were kept in tensors, without error_on_recompile: diffusers'
+        # set_adapters writes float scalings, the compiled code guards on them, Dynamo really recompiles.
+        with DynamoWatch() as floats:
+            tiny_flux.set_adapters(["a"], [0.7])
+            run(tiny_flux)
+        assert floats.frames > 0 and floats.recompiles > 0
+    finally:
+        torch._dynamo.reset()
+
+
+def test_hotswap_takes_the_new_lora_alpha_rank_and_scale(tiny_flux, files, ranked):
+    """A swapped-in LoRA of another rank and alpha, at another scale, gives what it gives as a plain adapter."""
+    from fluxtune.pipelines import load
+
+    reference = load("tiny-flux", dtype="float32")
+    fluxtune.apply({}, reference, loras=[{"path": ranked["c"], "mode": "adapter", "scale": 0.7}])
+    fluxtune.apply({}, tiny_flux, loras=[{"path": files["a"], "mode": "hotswap", "max_rank": 4}])
+    fluxtune.set_loras(tiny_flux, [{"path": ranked["c"], "mode": "hotswap", "scale": 0.7}])
+    torch.testing.assert_close(run(tiny_flux), run(reference), atol=1e-5, rtol=0)
+
+
+def test_hotswap_rank_over_max_rank_refused_and_nothing_changes(tiny_flux, files, ranked):
+    from fluxtune.pipelines import load
+
+    fluxtune.apply({}, tiny_flux, loras=[{"path": files["a"], "mode": "hotswap", "max_rank": 4}])
+    first_a = run(tiny_flux)
+    before, profile = _state(tiny_flux), tiny_flux._fluxtune.profile
+    with pytest.raises(IncompatibleKnobsError) as err:
+        fluxtune.set_loras(tiny_flux, [{"path": ranked["r8"], "mode": "hotswap"}])
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "r8.safetensors: rank 8 exceeds the declared hot-swap max_rank=4; declare max_rank>=8" in msg
+    after = _state(tiny_flux)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert tiny_flux._fluxtune.profile is profile and tiny_flux._fluxtune_lora.loaded == {"a": files["a"]}
+    assert tiny_flux.get_list_adapters() == {"transformer": ["a"]}
+    torch.testing.assert_close(run(tiny_flux), first_a, atol=0, rtol=0)
+
+    fresh = load("tiny-flux", dtype="float32")  # at apply time: refused before anything is loaded
+    before = _state(fresh)
+    with pytest.raises(IncompatibleKnobsError, match="r8.safetensors: rank 8 exceeds max_rank=4; declare max_rank>=8"):
+        fluxtune.apply({}, fresh, loras=[{"path": ranked["r8"], "mode": "hotswap", "max_rank": 4}])
+    assert not fluxtune.tuning.is_tuned(fresh) and not any("lora" in n for n, _ in fresh.transformer.named_modules())
+    after = _state(fresh)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_hotswap_on_a_quantized_transformer(tiny_flux, files):
+    report = fluxtune.apply({"transformer": {"quantize": "int8_weight"}}, tiny_flux,
+                            loras=[{"path": files["a"], "mode": "hotswap", "max_rank": 4}])
+    assert "hot-swappable" in str(report)
+    first_a = run(tiny_flux)
+    fluxtune.set_loras(tiny_flux, [{"path": files["b"], "mode": "hotswap"}])
+    assert psnr(run(tiny_flux), first_a) < PSNR_CHANGED_DB
+    fluxtune.set_loras(tiny_flux, [files["a"]])
+    torch.testing.assert_close(run(tiny_flux), first_a, atol=1e-5, rtol=0)

@@ -14,9 +14,10 @@ DEFAULT_MODEL = "flux-mini"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", help="VRAM budget such as 12GB (on a CPU-only machine it bounds host memory)")
-    p.add_argument("--objective", choices=("latency", "quality", "pareto"), default="latency",
+    p.add_argument("--objective", choices=("latency", "quality", "pareto", "throughput"), default="latency",
                    help="latency: fastest above the quality floor; quality: best PSNR under --max-latency; "
-                   "pareto: the whole front, with a knee proposed (default latency)")
+                   "pareto: the whole front, with a knee proposed; throughput: most images per second, "
+                   "batch size searched within the budget (default latency)")
     p.add_argument("--min-psnr", type=float, default=None,
                    help="quality floor in dB against the lossless reference (default 30; none for the random-weight "
                    "replicas, whose quality means nothing; 0 turns it off)")
@@ -43,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", default=None, help="workload prompt (repeatable)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE",
                    help="tune with this LoRA (.safetensors) in place; repeatable; the profile's lora mode is auto")
+    p.add_argument("--sensitivity", action="append", default=[], metavar="FILE|auto|off",
+                   help="per-layer sensitivity scans (from `fluxtune sensitivity`, one per method) that let the search "
+                   "keep the N most sensitive layer groups unquantized; auto (DiT default) scans in the first worker")
     p.add_argument("--runs", type=int, default=None, help="timed repeats per trial (default 3 on GPU, 2 on CPU)")
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
     p.add_argument("--home", default=".fluxtune", help="folder for the journal, references and reports")
@@ -81,6 +85,27 @@ def _devices(args: argparse.Namespace, has_cuda: bool) -> list[str]:
     if args.workers < 1:
         raise ProfileError(f"--workers {args.workers}: use 1 or more")
     return ["cpu"] * args.workers
+
+
+def _sensitivity(items: list[str], family: str) -> dict[str, Any] | str | None:
+    """``--sensitivity``: scan files by method, ``"auto"`` (scan in the worker) or None (off)."""
+    if not items:
+        return "auto" if family == "dit" else None
+    if items == ["off"]:
+        return None
+    if items == ["auto"]:
+        if family != "dit":
+            raise ProfileError("--sensitivity auto scans class-conditional DiT models; for FLUX pass scan files or off")
+        return "auto"
+    from fluxtune.sensitivity import SensitivityResult
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if item in ("auto", "off"):
+            raise ProfileError(f"--sensitivity {item} cannot be mixed with scan files")
+        res = SensitivityResult.load(item)
+        out[res.method] = list(res.exclude_patterns(len(res.groups)))
+    return out
 
 
 def default_workload(model: str, family: str, prompts: list[str] | None, on_gpu: bool, runs: int | None) -> dict[str, Any]:
@@ -152,10 +177,20 @@ def run(args: argparse.Namespace) -> int:
         steps = parse_steps(args.steps)
         narrow["steps"] = steps
         data["generation"]["steps"] = steps if isinstance(steps, int) else steps["high"]
-    base = load_profile(data)
-    # Check --pin/--space now: a typo should cost one line, not a model load and a study in the journal.
-    SearchSpace.create(hw if on_gpu else _cpu_view(hw), family, base, narrow)
     workload = default_workload(args.model, family, args.prompt, on_gpu, args.runs)
+    if family == "dit":
+        # For DiT, images_per_prompt is the batch: every class label of a call is one image.
+        data["generation"]["images_per_prompt"] = max(data["generation"].get("images_per_prompt") or 1,
+                                                      len(workload["class_labels"]))
+    base = load_profile(data)
+    if args.objective == "throughput" and "batch" not in narrow:
+        b0 = base.generation.images_per_prompt
+        narrow["batch"] = sorted({b0, *(b for b in ((4, 8, 16, 32, 64) if family == "dit" else (2, 4)) if b > b0)})
+        print(f"throughput: searching batch sizes {narrow['batch']} (narrow with --pin batch=[...])")
+    sensitivity = _sensitivity(args.sensitivity, family)
+    # Check --pin/--space now: a typo should cost one line, not a model load and a study in the journal.
+    SearchSpace.create(hw if on_gpu else _cpu_view(hw), family, base, narrow,
+                       sensitivity=sensitivity if isinstance(sensitivity, dict) else None)
     min_psnr = args.min_psnr
     if min_psnr is None and not (spec is not None and spec.needs_gpu):
         min_psnr = 30.0
@@ -170,11 +205,26 @@ def run(args: argparse.Namespace) -> int:
         storage=args.storage, study=name, devices=devices,
         dtype=args.dtype or (spec.dtype if spec and spec.dtype else "bfloat16"), narrow=narrow, seed=args.seed,
         home=Path(args.home), ram_budget_bytes=ram_budget, floor_compiled=args.floor_compiled,
+        sensitivity=sensitivity,
     )
     search = Search(cfg)
-    result = search.run()
     from fluxtune import report as rep
     from fluxtune.search.results import profile_of
+
+    try:
+        result = search.run()
+    except KeyboardInterrupt:
+        # Keep what was measured visible: the report of the finished trials, then the resume hint.
+        study = getattr(search, "study", None)
+        if study is not None:
+            try:
+                files = rep.build(study, search.dir)
+                _print_table(study, budget, on_gpu)
+                print(f"interrupted; report of the finished trials: {files.get('csv', search.dir)}")
+            except Exception as e:  # never let the report hide the interrupt
+                print(f"interrupted; the report could not be built: {type(e).__name__}: {e}")
+            print("run the same command again to resume the study")
+        raise
 
     files = rep.build(result.study, search.dir)
     print(f"\nstopped: {search.stop_reason or 'done'}; {result.trials_run} trials run in {result.elapsed_s / 60:.1f} min")
@@ -199,9 +249,35 @@ def run(args: argparse.Namespace) -> int:
     ref_lat = result.reference.get("latency_s")
     speed = f" ({ref_lat / m.latency_s:.2f}x the reference's {ref_lat:.2f}s)" if ref_lat and m.latency_s else ""
     peak = m.peak_reserved if on_gpu else result.best.user_attrs.get("peak")
-    print(f"best: trial {result.best.number}: {m.latency_s:.3f}s{speed}, peak {format_bytes(peak or 0)}, "
-          f"PSNR {min(m.quality.get('psnr', float('nan')), 100):.1f} dB -> {out}")
+    tput = f", {m.throughput:.2f} images/s at batch {prof.generation.images_per_prompt}" if m.throughput else ""
+    print(f"best: trial {result.best.number}: {m.latency_s:.3f}s per call{tput}{speed if not tput else ''}, "
+          f"peak {format_bytes(peak or 0)}, PSNR {min(m.quality.get('psnr', float('nan')), 100):.1f} dB -> {out}")
+    _print_summary(result.study, m.latency_s if args.objective == "latency" else None)
     return 0
+
+
+def _print_summary(study: Any, best_latency: float | None) -> None:
+    """The best against the fastest diffusers recipe measured in this same study, and how well the
+    memory model predicted the peaks it was checked against."""
+    from fluxtune.search.results import rows
+
+    table = rows(study)
+    recipes = [r for r in table if str(r.get("source", "")).startswith("recipe") and r["feasible"] and r.get("latency_s")]
+    if recipes and best_latency:
+        fastest = min(recipes, key=lambda r: r["latency_s"])
+        print(f"baseline: fastest recipe that fits, measured in this study: {fastest['source'][7:]} "
+              f"{fastest['latency_s']:.2f}s (trial {fastest['trial']}); the best is {fastest['latency_s'] / best_latency:.2f}x faster")
+    ok = [r for r in table if r.get("status") == "ok"]
+    pairs = [(r["predicted_allocated"], r["peak_allocated"]) for r in ok if r.get("predicted_allocated") and r.get("peak_allocated")]
+    what = "allocated peak"
+    if not pairs:  # CPU: host memory
+        pairs = [(r["predicted_peak"], r["peak"]) for r in ok if r.get("predicted_peak") and r.get("peak")]
+        what = "peak"
+    if pairs:
+        close = sum(abs(p - m) <= 0.10 * m for p, m in pairs)
+        worst = max(abs(p - m) / m for p, m in pairs)
+        print(f"memory model: predicted {what} within 10% of the measured one for {close} of {len(pairs)} measured "
+              f"trials (worst {worst:.0%}; each prediction made before its trial ran)")
 
 
 def _no_feasible(search: Any, cfg: Any) -> int:
@@ -231,13 +307,18 @@ def _print_table(study: Any, budget: int | None, on_gpu: bool) -> None:
     from fluxtune.search.results import rows
     from fluxtune.units import format_bytes
 
-    table = Table("#", "config", "status", "latency", "first call", "peak", "predicted", "PSNR", title="trials")
+    table = Table("#", "config", "status", "latency", "first call", "peak", "allocated", "predicted", "PSNR",
+                  title="trials")
     for r in rows(study):
+        if r["state"] == "WAITING":  # enqueued warm starts the run ended before
+            continue
         lat = f"{r['latency_s']:.3f}s" if r.get("latency_s") else "-"
         first = f"{r['first_call_s']:.2f}s" if r.get("first_call_s") else "-"
         peak = format_bytes(r["peak"]) if r.get("peak") else "-"
-        pred = format_bytes(r["predicted_peak"]) if r.get("predicted_peak") else "-"
+        pred_b = r.get("predicted_allocated") or r.get("predicted_peak")
+        pred = format_bytes(pred_b) if pred_b else "-"
+        alloc = format_bytes(r["peak_allocated"]) if r.get("peak_allocated") else "-"
         psnr = f"{min(r['psnr'], 100):.1f}" if r.get("psnr") is not None else "-"
         status = r["status"] + ("" if r["feasible"] or r["status"] != "ok" else " (infeasible)")
-        table.add_row(str(r["trial"]), str(r.get("config", ""))[:60], status, lat, first, peak, pred, psnr)
+        table.add_row(str(r["trial"]), str(r.get("config", ""))[:60], status, lat, first, peak, alloc, pred, psnr)
     Console(width=160).print(table)

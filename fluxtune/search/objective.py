@@ -19,7 +19,7 @@ GB = 1e9
 class Goal:
     """What the user asked for."""
 
-    objective: str  # latency | quality | pareto
+    objective: str  # latency | quality | pareto | throughput
     budget_bytes: int | None
     min_psnr: float | None = None
     max_latency: float | None = None
@@ -36,6 +36,8 @@ class Score:
     latency: float | None = None
     peak: int | None = None
     psnr: float | None = None
+    throughput: float | None = None
+    """Images per second: images per call over the (amortised) latency per call."""
 
     @property
     def feasible(self) -> bool:
@@ -58,11 +60,19 @@ def effective_latency(measurement: dict[str, Any], images: int | None) -> float 
     return float(lat + max(0.0, first - lat) / images) if images else float(lat)
 
 
-def _values(goal: Goal, latency: float, psnr: float) -> list[float]:
+def throughput_of(measurement: dict[str, Any], latency: float | None) -> float | None:
+    """Images per second of a call of ``images_per_call`` images that takes ``latency`` seconds."""
+    n = measurement.get("images_per_call") or 1
+    return float(n / latency) if latency else None
+
+
+def _values(goal: Goal, latency: float, psnr: float, throughput: float) -> list[float]:
     if goal.objective == "latency":
         return [latency]
     if goal.objective == "quality":
         return [psnr]
+    if goal.objective == "throughput":
+        return [throughput]
     return [latency, psnr]
 
 
@@ -86,7 +96,8 @@ def score(goal: Goal, result: dict[str, Any]) -> Score:
         constraints["latency_s"] = (latency if latency is not None else PENALTY_LATENCY) - goal.max_latency
     lat_value = latency if latency is not None and status != "oom" else PENALTY_LATENCY
     psnr_value = psnr if psnr is not None and math.isfinite(psnr) else 0.0
-    return Score(_values(goal, lat_value, psnr_value), constraints, latency, peak, psnr)
+    tput = throughput_of(m, latency) if status != "oom" else None
+    return Score(_values(goal, lat_value, psnr_value, tput or 0.0), constraints, latency, peak, psnr, tput)
 
 
 def predicted_infeasible(goal: Goal, predicted_peak: int) -> Score:
@@ -97,4 +108,4 @@ def predicted_infeasible(goal: Goal, predicted_peak: int) -> Score:
         constraints["quality_db"] = 0.0
     if goal.max_latency is not None:
         constraints["latency_s"] = 0.0
-    return Score(_values(goal, PENALTY_LATENCY, 0.0), constraints, None, predicted_peak, None)
+    return Score(_values(goal, PENALTY_LATENCY, 0.0, 0.0), constraints, None, predicted_peak, None)

@@ -26,6 +26,8 @@ def rows(study: Any) -> list[dict[str, Any]]:
             "config": a.get("config", ""),
             "feasible": bool(cons) and all(v <= 0 for v in cons.values()) if t.state.name == "COMPLETE" else False,
             "latency_s": a.get("latency_s"),
+            "images_per_call": m.get("images_per_call"),
+            "throughput": a.get("throughput"),
             "first_call_s": m.get("first_call_s"),
             "step_s": m.get("step_s"),
             "text_encode_s": m.get("text_encode_s"),
@@ -36,6 +38,7 @@ def rows(study: Any) -> list[dict[str, Any]]:
             "host_ram_peak": m.get("host_ram_peak"),
             "peak": a.get("peak"),
             "predicted_peak": a.get("predicted_peak"),
+            "predicted_allocated": a.get("predicted_allocated"),
             "psnr": q.get("psnr"),
             "ssim": q.get("ssim"),
             "latent_rmse": q.get("latent_rmse"),
@@ -67,7 +70,7 @@ def best_trial(study: Any) -> Any | None:
     objective = study.user_attrs.get(CONFIG_KEY, {}).get("objective", "latency")
     if objective == "latency":
         return min(feas, key=lambda t: t.values[0])
-    if objective == "quality":
+    if objective in ("quality", "throughput"):
         return max(feas, key=lambda t: t.values[0])
     return knee(pareto_front(study))
 
@@ -103,10 +106,12 @@ def best_so_far(study: Any) -> list[tuple[int, float | None]]:
     """(trial number, best feasible objective so far) for the progress curve (first objective)."""
     feas = {t.number for t in feasible_trials(study)}
     objective = study.user_attrs.get(CONFIG_KEY, {}).get("objective", "latency")
-    sign = -1.0 if objective == "quality" else 1.0
+    sign = -1.0 if objective in ("quality", "throughput") else 1.0
     best: float | None = None
     out = []
     for t in study.get_trials(deepcopy=False):
+        if not t.state.is_finished():  # enqueued or running: not a point of the curve yet
+            continue
         if t.number in feas:
             v = t.values[0]
             if best is None or sign * v < sign * best:
@@ -133,6 +138,7 @@ def profile_of(trial: Any, study: Any, name: str | None = None) -> Profile:
         "model": cfg.get("model"),
         "workload": cfg.get("workload", {}),
         "latency_s": m.get("latency_s"),
+        "throughput": trial.user_attrs.get("throughput"),
         "first_call_s": m.get("first_call_s"),
         "peak_allocated": m.get("peak_allocated"),
         "peak_reserved": m.get("peak_reserved"),

@@ -57,12 +57,15 @@ class SearchConfig:
     ram_budget_bytes: int | None = None
     floor_compiled: bool = False
     """Also measure the lossless profile compiled, so quality drops count against compile's own drift."""
+    sensitivity: dict[str, list[str]] | str | None = None
+    """Method -> ranked exclude patterns, ``"auto"`` (scan each int8/fp8 method in the first worker), or None."""
 
     def identity(self) -> dict[str, Any]:
         return {
             "model": self.model, "budget_bytes": self.budget_bytes, "objective": self.objective,
             "workload": self.workload, "space": self.narrow, "min_psnr": self.min_psnr,
             "max_latency": self.max_latency, "images": self.images,
+            "sensitivity": self.sensitivity if not isinstance(self.sensitivity, dict) else sorted(self.sensitivity),
         }
 
 
@@ -111,6 +114,11 @@ class Worker:
 
     def run(self, job: int, profile: dict[str, Any], timeout: float, **options: Any) -> dict[str, Any]:
         self.conn.send(("run", job, profile, options))
+        msg = self._recv(timeout)
+        return msg[2]  # type: ignore[no-any-return]
+
+    def scan(self, method: str, steps: int, timeout: float) -> dict[str, Any]:
+        self.conn.send(("scan", -3, method, steps))
         msg = self._recv(timeout)
         return msg[2]  # type: ignore[no-any-return]
 
@@ -172,6 +180,7 @@ class Search:
         self.dir = study_dir(cfg.study, cfg.home)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ran = 0
+        self.durations: list[float] = []
         self.stop_reason = ""
 
     # -- set-up ----------------------------------------------------------------------------------
@@ -231,9 +240,13 @@ class Search:
             self.facts = ModelFacts.from_dict(workers[0].ready["facts"])
             cal_path = self.dir / "calibration.json"
             self.calibration = Calibration.load(cal_path) if cal_path.exists() else Calibration()
-            self.space = SearchSpace.create(self.hardware if self.on_gpu else _cpu_view(self.hardware),
-                                            _family(self.facts), self.cfg.base, self.cfg.narrow,
+            hw = self.hardware if self.on_gpu else _cpu_view(self.hardware)
+            self.space = SearchSpace.create(hw, _family(self.facts), self.cfg.base, self.cfg.narrow,
                                             transformer_bytes=_block_bytes(self.facts))
+            sensitivity = self._sensitivity(workers[0])
+            if sensitivity:
+                self.space = SearchSpace.create(hw, _family(self.facts), self.cfg.base, self.cfg.narrow,
+                                                transformer_bytes=_block_bytes(self.facts), sensitivity=sensitivity)
             self._check_budget_reachable()
             reference = self._reference(workers[0])
             if not study.get_trials(deepcopy=False):  # new, or its first run stopped before this point
@@ -263,6 +276,36 @@ class Search:
         from fluxtune.search.results import best_trial
 
         return SearchResult(study, best_trial(study), reference, time.monotonic() - self.started, self.ran)
+
+    def _sensitivity(self, worker: Worker) -> dict[str, list[str]]:
+        """Ranked exclude patterns per quantization method: given, or scanned once per study and kept
+        in its folder (a resumed study reads them back instead of scanning again)."""
+        import json
+
+        from fluxtune.sensitivity import METHODS, SensitivityResult
+
+        if isinstance(self.cfg.sensitivity, dict):
+            return dict(self.cfg.sensitivity)
+        if self.cfg.sensitivity != "auto":
+            return {}
+        quant = next(d for d in self.space.dims if d.name == "transformer.quantize")
+        out: dict[str, list[str]] = {}
+        steps = min(10, self.cfg.base.generation.steps)
+        for method in (m for m in METHODS if m in quant.choices):
+            path = self.dir / f"sensitivity-{method}.json"
+            if not path.exists():
+                self.say(f"sensitivity: scanning {method} one layer group at a time ({steps} steps) ...")
+                t0 = time.monotonic()
+                res = worker.scan(method, steps, self.cfg.trial_timeout_s)
+                if res["status"] != "ok":
+                    self.say(f"sensitivity: {method} scan failed ({res.get('error')}); searching it without exclusions")
+                    continue
+                path.write_text(json.dumps(res["result"], indent=2) + "\n")
+                self.say(f"sensitivity: {method}: {len(res['result']['groups'])} groups in {time.monotonic() - t0:.0f}s, "
+                         f"most sensitive {', '.join(g['name'] for g in res['result']['groups'][:3])}")
+            scan = SensitivityResult.load(path)
+            out[method] = list(scan.exclude_patterns(len(scan.groups)))
+        return out
 
     def _check_budget_reachable(self) -> None:
         """Refuse a budget below anything the space can do, naming the smallest predicted peak."""
@@ -343,11 +386,17 @@ class Search:
             return True
         if self._started() >= self.cfg.trials:
             self.stop_reason = f"reached {self.cfg.trials} trials"
-        elif self.cfg.timeout_s is not None and time.monotonic() - self.started > self.cfg.timeout_s:
-            self.stop_reason = f"reached the time limit ({self.cfg.timeout_s:.0f}s)"
+        elif self.cfg.timeout_s is not None and time.monotonic() - self.started + self._typical_trial_s() > self.cfg.timeout_s:
+            self.stop_reason = f"reached the time limit ({self.cfg.timeout_s:.0f}s; a typical trial would overrun it)"
         elif self.cfg.patience and self._stale() >= self.cfg.patience:
             self.stop_reason = f"no improvement in the last {self.cfg.patience} trials"
         return bool(self.stop_reason)
+
+    def _typical_trial_s(self) -> float:
+        """Median wall time of the trials that ran here, so the last one started still ends in time."""
+        import statistics
+
+        return statistics.median(self.durations) if self.durations else 0.0
 
     def _stale(self) -> int:
         from fluxtune.search.results import best_so_far
@@ -395,8 +444,13 @@ class Search:
         desc = self.space.describe(trial.params)
         trial.set_user_attr("profile", profile.to_dict(exclude_defaults=True))
         trial.set_user_attr("config", desc)
-        predicted = self._predict(profile)
+        pred = self._prediction(profile)
+        predicted = None if pred is None else int(pred.peak_reserved if self.on_gpu else pred.peak_vram)
         trial.set_user_attr("predicted_peak", predicted)
+        if pred is not None and self.on_gpu:
+            # What the program needs, compared with torch's allocated peak (a capped allocator reserves
+            # up to the cap whatever the need, so reserved is the budget check, not the model's test).
+            trial.set_user_attr("predicted_allocated", int(pred.peak_allocated))
         n = trial.number
         total = self.cfg.trials
         if self.goal.budget_bytes is not None and predicted is not None and predicted > self.goal.budget_bytes * SKIP_MARGIN:
@@ -406,7 +460,9 @@ class Search:
                      f"{format_bytes(self.goal.budget_bytes)}")
             return
         self.say(f"[{n + 1}/{total}] running on {worker.cfg.device}: {desc}")
+        t0 = time.monotonic()
         result = worker.run(n, profile.to_dict(), self.cfg.trial_timeout_s, trial=n)
+        self.durations.append(time.monotonic() - t0)
         self.ran += 1
         status = result.get("status")
         if status in ("invalid", "error"):
@@ -430,7 +486,7 @@ class Search:
         for key, value in sc.constraints.items():
             trial.set_constraint(key, value)
         attrs = {"status": result.get("status"), "error": result.get("error"), "constraints": sc.constraints,
-                 "latency_s": sc.latency, "peak": sc.peak, "quality": result.get("quality"),
+                 "latency_s": sc.latency, "throughput": sc.throughput, "peak": sc.peak, "quality": result.get("quality"),
                  "measurement": result.get("measurement"), "apply_s": result.get("apply_s"),
                  "hardware": self.hardware.fingerprint()}
         for k, v in attrs.items():
@@ -447,6 +503,8 @@ class Search:
             lat = f"{sc.latency:.2f}s" if sc.latency is not None else "?"
             first = m.get("first_call_s")
             bits.append(f"{lat}" + (f" (first {first:.1f}s)" if first and sc.latency and first > 1.5 * sc.latency else ""))
+            if self.goal.objective == "throughput" and sc.throughput:
+                bits.append(f"{sc.throughput:.2f} img/s (batch {m.get('images_per_call')})")
             bits.append(f"peak {format_bytes(sc.peak or 0)}")
             if sc.psnr is not None:
                 bits.append(f"PSNR {min(sc.psnr, 100):.1f}")
@@ -455,7 +513,9 @@ class Search:
         else:
             bits.append(f"{status}: {str(result.get('error') or '')[:80]}")
         best = best_trial(self.study)
-        if best is not None:
+        if best is not None and self.goal.objective == "throughput":
+            bits.append(f"best #{best.number} {best.user_attrs.get('throughput') or 0:.2f} img/s")
+        elif best is not None:
             bits.append(f"best #{best.number} {best.user_attrs.get('latency_s', 0):.2f}s")
         elapsed = time.monotonic() - self.started
         done = max(1, self._finished())

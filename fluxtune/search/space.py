@@ -99,9 +99,12 @@ def default_dims(hardware: HardwareInfo, family: str) -> list[Dim]:
     dims = [
         Dim("steps", low=28, high=28, integer=True, help="denoising steps (pin a range with --steps 20-50)"),
         Dim("size", ("default",), help="WIDTHxHEIGHT choices (--size 768x768,1024x1024)"),
+        Dim("batch", (1,), help="images per call (DiT: class labels per call); searched by --objective throughput"),
         Dim("transformer.quantize", tuple(quant)),
         Dim("transformer.granularity", ("row", "tensor") if hardware.supports_fp8_rowwise else ("tensor",),
             when=lambda p: _q(p) == "fp8_dynamic"),
+        Dim("transformer.keep_sensitive", (0, 1, 2, 4, 8, 16, 32), help="how many of the most quantization-sensitive layer groups "
+            "(from a sensitivity scan of that method) stay unquantized"),
         Dim("transformer.layerwise_fp8", (False, True), when=lambda p: _q(p) == "none"),
         Dim("transformer.offload", tuple(offloads)),
         Dim("transformer.group_level", ("leaf", "block"), when=lambda p: _off(p) == "group"),
@@ -142,6 +145,8 @@ class SearchSpace:
     family: str
     transformer_bytes: int | None = None
     """Bytes of the transformer's repeated blocks (after the trial's quantization: scaled per method)."""
+    sensitivity: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    """Quantization method -> exclude patterns of its layer groups, most sensitive first."""
 
     @classmethod
     def create(
@@ -151,11 +156,27 @@ class SearchSpace:
         base: Profile,
         narrow: Mapping[str, Any] | None = None,
         transformer_bytes: int | None = None,
+        sensitivity: Mapping[str, Sequence[str]] | None = None,
     ) -> SearchSpace:
+        """The space for this machine, family and base profile, narrowed by the user.
+
+        ``sensitivity`` (method -> ranked exclude patterns) adds the dimension of how many of the most
+        sensitive groups stay unquantized, for each method that has a ranking; the benefit is not
+        monotonic in the count (measured on dit-mini), so the count is searched, not assumed.
+        """
         dims = default_dims(hardware, family)
         steps = base.generation.steps
         dims[0] = replace(dims[0], low=steps, high=steps)
+        sens = {m: tuple(p) for m, p in (sensitivity or {}).items() if p}
         by_name = {d.name: d for d in dims}
+        by_name["batch"] = replace(by_name["batch"], choices=(base.generation.images_per_prompt,))
+        keep = by_name["transformer.keep_sensitive"]
+        if sens:
+            longest = max(len(p) for p in sens.values())
+            by_name[keep.name] = replace(keep, choices=tuple(n for n in keep.choices if n <= longest),
+                                         when=lambda p: _q(p) in sens)
+        else:
+            by_name[keep.name] = replace(keep, when=lambda p: False)
         for key, spec in (narrow or {}).items():
             if key not in by_name:
                 raise ProfileError(f"space: unknown dimension {key!r}; known: {', '.join(by_name)}")
@@ -163,8 +184,18 @@ class SearchSpace:
                 sizes = [str(v) for v in (spec if isinstance(spec, list | tuple) else [spec])]
                 by_name[key] = replace(by_name[key], choices=tuple(sizes))
                 continue
+            if key == "batch":  # any positive batch sizes the user lists are choices
+                sizes = list(spec) if isinstance(spec, list | tuple) else [spec]
+                bad = [b for b in sizes if not isinstance(b, int) or isinstance(b, bool) or b < 1]
+                if bad or not sizes:
+                    raise ProfileError(f"space: batch={bad[0] if bad else spec!r} is not a positive integer; "
+                                       "use e.g. batch: [1, 4, 16]")
+                by_name[key] = replace(by_name[key], choices=tuple(sizes))
+                continue
             by_name[key] = by_name[key].narrowed(spec)
-        return cls([by_name[d.name] for d in dims], base, family, transformer_bytes)
+        if len(by_name["batch"].choices) == 1 and by_name["batch"].choices[0] == base.generation.images_per_prompt:
+            by_name["batch"] = replace(by_name["batch"], when=lambda p: False)  # the base's batch: nothing to ask
+        return cls([by_name[d.name] for d in dims], base, family, transformer_bytes, sens)
 
     def suggest(self, trial: Any) -> Profile:
         """Define-by-run: ask the trial for each active dimension, return the profile."""
@@ -179,6 +210,7 @@ class SearchSpace:
         data = self.base.to_dict()
         g = data["generation"]
         g["steps"] = int(params.get("steps", g["steps"]))
+        g["images_per_prompt"] = int(params.get("batch", g["images_per_prompt"]))
         size = str(params.get("size", "default"))
         if size != "default":
             w, _, h = size.partition("x")
@@ -189,6 +221,13 @@ class SearchSpace:
             t["quantize"] = {"method": q}
             if q == "fp8_dynamic":
                 t["quantize"]["granularity"] = params.get("transformer.granularity", "row")
+            keep = int(params.get("transformer.keep_sensitive", 0))
+            if keep:
+                ranked = self.sensitivity.get(q, ())
+                if keep > len(ranked):
+                    raise ProfileError(f"transformer.keep_sensitive={keep}: the {q} sensitivity scan ranks only "
+                                       f"{len(ranked)} groups")
+                t["quantize"]["exclude"] = list(ranked[:keep])
         elif params.get("transformer.layerwise_fp8"):
             t["layerwise_casting"] = {"storage": "float8_e4m3fn"}
         off = _off(params)
@@ -244,7 +283,8 @@ class SearchSpace:
         """A short one-line summary of a trial's parameters."""
         bits = []
         for key, value in params.items():
-            if (key == "steps" and value == self.base.generation.steps) or (key, value) in (
+            if (key == "steps" and value == self.base.generation.steps) or (
+                    key == "batch" and value == self.base.generation.images_per_prompt) or (key, value) in (
                     ("size", "default"), ("attention", "native")):
                 continue
             short = key.replace("transformer.", "t.").replace("text_encoder_2.", "t5.").replace("text_encoders.", "te.")

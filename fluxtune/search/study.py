@@ -55,8 +55,9 @@ def open_storage(url: str | None, home: Path = HOME) -> Any:
 
 
 def directions(objective: str) -> list[Any]:
-    """Optuna directions for an objective: latency min, quality (PSNR) max, or both."""
-    return {"latency": ["minimize"], "quality": ["maximize"], "pareto": ["minimize", "maximize"]}[objective]
+    """Optuna directions for an objective: latency min, quality (PSNR) max, both, or images/s max."""
+    return {"latency": ["minimize"], "quality": ["maximize"], "pareto": ["minimize", "maximize"],
+            "throughput": ["maximize"]}[objective]
 
 
 def create_or_resume(name: str, storage: Any, config: dict[str, Any], sampler: Any) -> tuple[Any, bool]:

@@ -150,7 +150,8 @@ class TrialSession:
                        traceback=traceback.format_exc(limit=8))
             return out
         index = self.device.index or 0 if self.device.type == "cuda" else 0
-        m = measure(pipe, self.workload, budget_bytes=self.cfg.budget_bytes, device_index=index)
+        workload = self._trial_workload(profile)
+        m = measure(pipe, workload, budget_bytes=self.cfg.budget_bytes, device_index=index)
         if m.status in ("oom", "error"):
             self.dirty = True
         out["status"] = m.status
@@ -174,14 +175,53 @@ class TrialSession:
             elif self.reference is not None or self.load_reference():
                 # (A worker started before the study's reference existed, e.g. the second of
                 # --workers 2 or --gpus 0,1, picks it up from disk once the first worker wrote it.)
+                from dataclasses import replace
+
                 from fluxtune.measure import quality_drop
 
+                if workload is not self.workload:
+                    # Another batch draws other noise: judge quality on one call of the reference's workload.
+                    qm = measure(pipe, replace(self.workload, runs=1, warmup=0), device_index=index)
+                    if qm.status == "ok":
+                        m.images = qm.images
                 q = compare(m, self.reference)
                 # Drops relative to the GPU's own noise floor are what the numbers mean.
                 out["quality"] = {**q, **quality_drop(q, self.reference.floor)}
             if trial is not None and m.images is not None:
                 self._save_images(m.images, f"trial_{trial:04d}.pt")
         return out
+
+    def _trial_workload(self, profile: Any) -> Any:
+        """The study's workload at the profile's batch (``generation.images_per_prompt``)."""
+        from dataclasses import replace
+
+        wl, batch = self.workload, profile.generation.images_per_prompt
+        if wl.class_labels:  # DiT: the batch is the number of labels in a call
+            n = len(wl.class_labels) * (wl.images_per_prompt or 1)
+            if batch == n:
+                return wl
+            labels = [wl.class_labels[i % len(wl.class_labels)] for i in range(batch)]
+            return replace(wl, class_labels=tuple(labels), images_per_prompt=None)
+        if batch == (wl.images_per_prompt or 1):
+            return wl
+        return replace(wl, images_per_prompt=batch)
+
+    def scan(self, method: str, steps: int) -> dict[str, Any]:
+        """A per-block sensitivity scan of ``method`` on the pristine pipeline; plain data, never raises."""
+        from fluxtune.sensitivity import scan
+        from fluxtune.tuning import is_tuned
+
+        try:
+            if self.dirty or is_tuned(self.pipe):
+                self._restore()
+            self.dirty = True  # the scan moves the pipeline; the next trial starts from pristine
+            self.pipe.to(self.device)
+            labels = list(self.workload.class_labels) or [0, 1]
+            res = scan(self.pipe, method, class_labels=labels, seeds=[0], steps=steps, per_block=True,
+                       model=self.cfg.model)
+            return {"status": "ok", "result": res.to_dict()}
+        except Exception as e:
+            return {"status": "error", "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
 
     @property
     def reference_path(self) -> Path:
@@ -237,3 +277,6 @@ def worker_main(conn: Any, cfg: WorkerConfig) -> None:
             result = session.run(profile_data, reference=options.get("reference", False), trial=options.get("trial"),
                                  compiled_floor=options.get("compiled_floor", False))
             conn.send(("result", job, result))
+        if msg[0] == "scan":
+            _, job, method, steps = msg
+            conn.send(("result", job, session.scan(method, steps)))

@@ -49,6 +49,12 @@ class CompileHandler(Handler):
         if c.inductor_flags:
             for key, value in INDUCTOR_FLAGS.items():
                 setattr(torch._inductor.config, key, value)
+        q = ctx.profile.transformer.quantize
+        if q is not None and q.method.startswith("int8"):
+            # torchao's int8 kernels expect the int_mm and its rescale fused (what its own quantize_
+            # would set; fluxtune passes set_inductor_config=False so that compile owns inductor flags).
+            torch._inductor.config.force_fuse_int_mm_with_mul = True
+            torch._inductor.config.use_mixed_mm = True
         if c.recompile_limit is not None:
             torch._dynamo.config.recompile_limit = c.recompile_limit
         if c.dynamic:

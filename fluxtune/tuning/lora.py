@@ -42,6 +42,8 @@ class LoraState:
     """adapter/hotswap mode: adapter name -> path of the weights it holds."""
     hotswap_rank: int = 0
     hotswap_targets: frozenset[str] = frozenset()
+    hotswap_base: dict[tuple[str, str], float] = field(default_factory=dict)
+    """hotswap mode: (module name, slot) -> alpha/rank of the LoRA in that slot (its scaling at scale 1)."""
 
 
 def inspect_lora(lora: Lora, pipe: Any) -> LoraFile:
@@ -156,6 +158,38 @@ def fuse(pipe: Any, loras: tuple[Lora, ...]) -> None:
     pipe.unload_lora_weights()  # keeps the fused weights, removes the peft layers
 
 
+def record_hotswap_base(transformer: Any, state: LoraState, slots: list[str]) -> None:
+    """Remember the alpha/rank scaling of ``slots`` as just loaded (before any ``scale`` is applied)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, m in transformer.named_modules():
+        if isinstance(m, LoraLayer):
+            for slot in slots:
+                if slot in m.scaling:
+                    state.hotswap_base[(name, slot)] = float(m.scaling[slot])
+
+
+def write_hotswap_scales(transformer: Any, state: LoraState, scales: dict[str, float]) -> None:
+    """Set each hot-swap slot's scaling to alpha/rank x scale, in place in a 0-dim tensor.
+
+    Compiled code reads a tensor scaling as an input but guards a float one as a constant, so the floats
+    that ``set_adapters`` writes would recompile on every new scale (and they use the alpha and rank of
+    the first file loaded into the slot, not of the LoRA swapped in).
+    """
+    import torch
+
+    for (name, slot), base in state.hotswap_base.items():
+        if slot not in scales:
+            continue
+        m = transformer.get_submodule(name)
+        value = base * scales[slot]
+        current = m.scaling.get(slot)
+        if isinstance(current, torch.Tensor):
+            current.fill_(value)
+        else:
+            m.scaling[slot] = torch.tensor(value, device=m.weight.device)
+
+
 def set_adapter_weights(pipe: Any, loras: tuple[Lora, ...]) -> None:
     if loras:
         pipe.set_adapters([lo.adapter_name for lo in loras], [lo.scale for lo in loras])
@@ -211,7 +245,11 @@ class LoraHandler(Handler):
             for lo in loras:
                 _load(pipe, lo)
                 state.loaded[lo.adapter_name] = lo.path
+            if mode == "hotswap":
+                record_hotswap_base(t, state, list(state.loaded))
             set_adapter_weights(pipe, loras)
+            if mode == "hotswap":
+                write_hotswap_scales(t, state, {lo.adapter_name: lo.scale for lo in loras})
             detail = f"{len(loras)} peft adapter(s)" + (
                 f", hot-swappable up to rank {state.hotswap_rank} on {len(state.hotswap_targets)} layers"
                 if mode == "hotswap" else "")

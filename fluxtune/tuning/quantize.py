@@ -67,6 +67,8 @@ def _linear_filter(q: Quantize, excluded: list[str]) -> Any:
     def keep(mod: torch.nn.Module, fqn: str) -> bool:
         if not isinstance(mod, torch.nn.Linear):
             return False
+        if {"lora_A", "lora_B"} & set(fqn.split(".")):
+            return False  # peft's LoRA factors stay high precision: a hot-swap copies new weights into them
         if any(p.search(fqn) for p in patterns):
             excluded.append(fqn)
             return False
