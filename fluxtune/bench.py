@@ -72,6 +72,8 @@ class BenchRow:
     ssim: float | None = None
     apply_s: float | None = None
     quantize_s: float | None = None
+    generations: int = 0
+    """Calls that ran back to back under the cap (warm-up and timed), all without running out of memory."""
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -152,6 +154,7 @@ def _row(cand: Candidate, result: dict[str, Any]) -> BenchRow:
         latency_spread=spread, first_call_s=m.get("first_call_s"), peak_reserved=m.get("peak_reserved"),
         peak_allocated=m.get("peak_allocated"), peak_nvml=m.get("peak_nvml"), psnr=q.get("psnr"), ssim=q.get("ssim"),
         apply_s=result.get("apply_s"), quantize_s=result.get("quantize_s"), error=result.get("error"),
+        generations=(len(m.get("warmup_s") or []) + len(runs)) if result.get("status") == "ok" else 0,
         extra={k: m.get(k) for k in ("text_encode_s", "step_s", "decode_s", "host_ram_peak")},
     )
 

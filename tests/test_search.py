@@ -460,7 +460,8 @@ def test_every_suggestion_is_a_valid_profile():
     # FixedTrial holding only the other parameters raises if suggest asks for compile.fullgraph.
     params = {"steps": 28, "size": "default", "transformer.quantize": "none", "transformer.layerwise_fp8": True,
               "transformer.offload": "none", "text_encoders.offload": "none", "text_encoder_2.quantize": "none",
-              "vae.tiling": False, "cache": "none", "attention": "native", "compile": "regional"}
+              "vae.tiling": False, "cache": "none", "attention": "native", "compile": "regional",
+              "compile.inductor_flags": False}
     prof = _space(H200).suggest(FixedTrial(params))
     assert prof.compile.enabled and not prof.compile.fullgraph and prof.transformer.layerwise_casting is not None
     for hw in (A100, H200):  # would raise ProfileError on an invalid combination

@@ -15,7 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="flux-mini", help="built-in name, local path or hub id")
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: each profile's / the model's)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps for every candidate")
-    p.add_argument("--runs", type=int, default=3, help="timed repeats (default 3)")
+    p.add_argument("--runs", type=int, default=3,
+                   help="timed repeats after one warm-up, back to back under the cap (default 3; 10 checks that "
+                   "ten consecutive generations never run out of memory)")
     p.add_argument("--prompt", action="append", default=None, help="workload prompt (repeatable)")
     p.add_argument("--out", default=".fluxtune/bench", help="folder for bench.json, the table and the plot")
     p.add_argument("--no-reference", action="store_true", help="skip the bf16 reference run (no quality column)")
@@ -66,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = args.dtype or (spec.dtype if spec and spec.dtype else "bfloat16")
     rows = run_bench(candidates, model=args.model, device=device, workload=workload, folder=folder, dtype=dtype)
     table = Table("candidate", "status", "latency (median)", "spread", "first call", "peak reserved", "PSNR",
+                  "generations", "apply (quantize)",
                   title=f"{args.model}, budget {format_bytes(budget) if budget else 'none'}, {device}")
     for r in rows:
         table.add_row(r.name, r.status if r.fits else f"[red]{r.status}[/]",
@@ -73,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
                       f"{r.latency_spread:.2f}s" if r.latency_spread is not None else "-",
                       f"{r.first_call_s:.1f}s" if r.first_call_s else "-",
                       format_bytes(r.peak_reserved) if r.peak_reserved else "-",
-                      f"{min(r.psnr, 100):.1f}" if r.psnr is not None else "-")
+                      f"{min(r.psnr, 100):.1f}" if r.psnr is not None else "-",
+                      str(r.generations) if r.generations else "-",
+                      f"{r.apply_s:.2f}s ({r.quantize_s or 0:.2f}s)" if r.apply_s is not None else "-")
     console = Console(width=160)
     console.print(table)
     for prof, recipe, ratio in speedups(rows):

@@ -23,7 +23,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         "transformer.blocks_per_group": 1, "transformer.use_stream": True, "text_encoders.offload": "group"},
     "flux-fast core (fp8 rowwise + regional compile)": {
         **_PLAIN, "transformer.offload": "none", "transformer.quantize": "fp8_dynamic",
-        "transformer.granularity": "row", "compile": "regional", "compile.fullgraph": True, "compile.fuse_qkv": True},
+        "transformer.granularity": "row", "compile": "regional", "compile.fullgraph": True, "compile.fuse_qkv": True,
+        "compile.inductor_flags": True},
     "fluxtune partial residency, fp8": {
         **_PLAIN, "transformer.offload": "partial", "transformer.quantize": "fp8_dynamic",
         "transformer.granularity": "row", "transformer.resident_fraction": 0.7, "text_encoders.offload": "group",
@@ -67,6 +68,7 @@ def params_from_profile(profile: Profile, space: SearchSpace) -> dict[str, Any]:
     if profile.compile.enabled:
         p["compile.fullgraph"] = profile.compile.fullgraph
         p["compile.fuse_qkv"] = profile.compile.fuse_qkv
+        p["compile.inductor_flags"] = profile.compile.inductor_flags
     return p
 
 
