@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 import fluxtune
-from fluxtune.measure import Measurement, Workload, compare, measure
+from fluxtune.measure import DynamoWatch, Measurement, Workload, compare, measure
 from fluxtune.pipelines import load
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -81,26 +81,6 @@ def make_lora_files(transformer: torch.nn.Module, root: Path, rank: int) -> list
 
 
 # ------------------------------------------------------------------------------------- recompiles
-
-
-class DynamoWatch:
-    """TorchDynamo work inside a ``with`` block: ``frames`` handed to the compiler (a first compile or a
-    recompile; cache hits never get there) and ``recompiles`` (guard failures of compiled frames)."""
-
-    @staticmethod
-    def _now() -> tuple[int, int]:
-        from torch._dynamo.utils import counters, guard_failures
-
-        return counters["frames"]["total"], sum(len(v) for v in guard_failures.values())
-
-    def __enter__(self) -> DynamoWatch:
-        self._start = self._now()
-        self.frames = self.recompiles = 0
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        frames, failures = self._now()
-        self.frames, self.recompiles = frames - self._start[0], failures - self._start[1]
 
 
 # ------------------------------------------------------------------------------------------ cases
