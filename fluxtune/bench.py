@@ -74,6 +74,9 @@ class BenchRow:
     quantize_s: float | None = None
     generations: int = 0
     """Calls that ran back to back under the cap (warm-up and timed), all without running out of memory."""
+    fd: float | None = None
+    kid: float | None = None
+    """DiT ``--samples``: distribution shift from the reference's samples (:mod:`fluxtune.distribution`)."""
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -113,30 +116,50 @@ def run_bench(
     folder: Path,
     dtype: str = "bfloat16",
     timeout_s: float = 900.0,
+    samples: int = 0,
     say: Callable[[str], None] = print,
 ) -> list[BenchRow]:
-    """Run every candidate in a fresh worker process; the first is the quality reference."""
+    """Run every candidate in a fresh worker process; the first is the quality reference.
+
+    ``samples`` (class-conditional models): each candidate also renders that many samples on fixed
+    labels and seeds, and its row gets their distribution shift from the reference's (FD and KID in
+    :mod:`fluxtune.distribution`'s random-feature space; not FID)."""
     from fluxtune.search.runner import Worker, WorkerDied
     from fluxtune.search.worker import WorkerConfig
 
     folder.mkdir(parents=True, exist_ok=True)
     rows: list[BenchRow] = []
+    ref_feats: list[list[float]] | None = None
     for i, cand in enumerate(candidates):
         budget = cand.profile.budget.vram
         cfg = WorkerConfig(model=model, device=device, dtype=dtype, workload=workload, budget_bytes=budget,
-                           study_dir=str(folder))
+                           study_dir=str(folder), extra={"fixed_workload": True})
         t0 = time.monotonic()
         say(f"[{i + 1}/{len(candidates)}] {cand.name} ...")
         try:
             worker = Worker(cfg)
             try:
-                result = worker.run(i, cand.profile.to_dict(), timeout_s, reference=cand.kind == "reference")
+                result = worker.run(i, cand.profile.to_dict(), timeout_s, reference=cand.kind == "reference",
+                                    samples=samples)
             finally:
                 worker.stop()
         except WorkerDied as e:
             result = {"status": "crashed", "error": str(e)}
         rows.append(_row(cand, result))
         r = rows[-1]
+        if result.get("features_error"):
+            say(f"    samples failed: {result['features_error']}")
+        feats = result.get("features")
+        if feats is not None and cand.kind == "reference":
+            ref_feats = feats
+        elif feats is not None and ref_feats is not None and len(feats) == len(ref_feats):
+            import torch
+
+            from fluxtune.distribution import compare_features
+
+            shift = compare_features(torch.tensor(feats, dtype=torch.float64),
+                                     torch.tensor(ref_feats, dtype=torch.float64))
+            r.fd, r.kid = shift.fd, shift.kid_mean
         lat = f"{r.latency_s:.2f}s" if r.latency_s else "-"
         say(f"    {r.status}: {lat}, peak {format_bytes(r.peak_reserved or 0)} ({time.monotonic() - t0:.0f}s)"
             + (f" - {r.error}" if r.error and r.status != "ok" else ""))

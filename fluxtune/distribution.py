@@ -42,6 +42,7 @@ __all__ = [
     "FEATURE_DIM",
     "RESIZE",
     "DistributionShift",
+    "compare_features",
     "compare_sets",
     "features",
     "frechet_distance",
@@ -290,8 +291,12 @@ def compare_sets(candidate: torch.Tensor, reference: torch.Tensor, *, seed: int 
     if candidate.shape[0] != reference.shape[0]:
         raise ProfileError(f"candidate has {candidate.shape[0]} images but reference has {reference.shape[0]}; "
                            "render both on the same labels and seeds")
-    a = features(candidate, seed=seed)
-    b = features(reference, seed=seed)
-    kid_mean, kid_std = kernel_distance(a, b, seed=seed)
-    return DistributionShift(fd=frechet_distance(a, b), kid_mean=kid_mean, kid_std=kid_std,
+    return compare_features(features(candidate, seed=seed), features(reference, seed=seed), seed=seed)
+
+
+def compare_features(candidate: torch.Tensor, reference: torch.Tensor, *, seed: int = 0) -> DistributionShift:
+    """:func:`compare_sets` on features already extracted (with the same ``seed``), e.g. in worker
+    processes that send back (N, FEATURE_DIM) features instead of images."""
+    kid_mean, kid_std = kernel_distance(candidate, reference, seed=seed)
+    return DistributionShift(fd=frechet_distance(candidate, reference), kid_mean=kid_mean, kid_std=kid_std,
                              n=int(candidate.shape[0]))

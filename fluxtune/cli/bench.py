@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", default=None, help="workload prompt (repeatable)")
     p.add_argument("--out", default=".fluxtune/bench", help="folder for bench.json, the table and the plot")
     p.add_argument("--no-reference", action="store_true", help="skip the bf16 reference run (no quality column)")
+    p.add_argument("--samples", type=int, default=0,
+                   help="DiT: also render N samples per candidate and report their distribution shift from the "
+                   "reference's (FD/KID in a fixed random-feature space, not FID); a few hundred is typical")
     p.add_argument("--device", default=None, help="cuda:N or cpu (default: the GPU if there is one)")
     p.add_argument("--dtype", default=None, help="load dtype (default: bfloat16, or a built-in's own)")
 
@@ -57,18 +60,30 @@ def run(args: argparse.Namespace) -> int:
     if profiles and not (size or args.steps):
         g = profiles[0].generation
         generation = {k: v for k, v in (("height", g.height), ("width", g.width), ("steps", g.steps)) if v is not None}
+    workload = default_workload(args.model, family, args.prompt, device.startswith("cuda"), args.runs)
+    if family == "dit":
+        # One workload for all: every candidate renders all the class labels in one call (its batch).
+        n = len(workload["class_labels"])
+        generation["images_per_prompt"] = max(int(generation.get("images_per_prompt") or 1), n)  # type: ignore[call-overload]
+        profiles = [p.replace(generation={**p.generation.model_dump(), "images_per_prompt":
+                                          max(p.generation.images_per_prompt, n)}) for p in profiles]
     candidates = make_candidates(profiles, family, budget, args.baselines or bool(args.recipes), generation)
     if args.recipes:
         words = [w.strip().lower() for w in args.recipes.split(",") if w.strip()]
         candidates = [c for c in candidates if c.kind != "recipe" or any(w in c.name.lower() for w in words)]
     if args.no_reference:
         candidates = [c for c in candidates if c.kind != "reference"]
-    workload = default_workload(args.model, family, args.prompt, device.startswith("cuda"), args.runs)
     folder = Path(args.out)
     dtype = args.dtype or (spec.dtype if spec and spec.dtype else "bfloat16")
-    rows = run_bench(candidates, model=args.model, device=device, workload=workload, folder=folder, dtype=dtype)
+    if args.samples and family != "dit":
+        raise ProfileError(f"--samples {args.samples}: distribution samples are for class-conditional (DiT) models; "
+                           f"{args.model} is {family}")
+    if args.samples == 1 or args.samples < 0:
+        raise ProfileError(f"--samples {args.samples}: use 0 (off) or at least 2, typically a few hundred")
+    rows = run_bench(candidates, model=args.model, device=device, workload=workload, folder=folder, dtype=dtype,
+                     samples=args.samples)
     table = Table("candidate", "status", "latency (median)", "spread", "first call", "peak reserved", "PSNR",
-                  "generations", "apply (quantize)",
+                  "generations", "apply (quantize)", *(("FD", "KID") if args.samples else ()),
                   title=f"{args.model}, budget {format_bytes(budget) if budget else 'none'}, {device}")
     for r in rows:
         table.add_row(r.name, r.status if r.fits else f"[red]{r.status}[/]",
@@ -78,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
                       format_bytes(r.peak_reserved) if r.peak_reserved else "-",
                       f"{min(r.psnr, 100):.1f}" if r.psnr is not None else "-",
                       str(r.generations) if r.generations else "-",
-                      f"{r.apply_s:.2f}s ({r.quantize_s or 0:.2f}s)" if r.apply_s is not None else "-")
+                      f"{r.apply_s:.2f}s ({r.quantize_s or 0:.2f}s)" if r.apply_s is not None else "-",
+                      *((f"{r.fd:.3g}" if r.fd is not None else "-", f"{r.kid:.2g}" if r.kid is not None else "-")
+                        if args.samples else ()))
     console = Console(width=160)
     console.print(table)
     for prof, recipe, ratio in speedups(rows):

@@ -115,7 +115,7 @@ class TrialSession:
 
     # -- running -------------------------------------------------------------------------------
     def run(self, profile_data: dict[str, Any], *, reference: bool = False, trial: int | None = None,
-            compiled_floor: bool = False) -> dict[str, Any]:
+            compiled_floor: bool = False, samples: int = 0) -> dict[str, Any]:
         """Apply and measure one profile; returns plain data (status, measurement, quality, timings)."""
         torch = self.torch
         from fluxtune.errors import BudgetExceededError, FluxtuneError
@@ -189,13 +189,35 @@ class TrialSession:
                 out["quality"] = {**q, **quality_drop(q, self.reference.floor)}
             if trial is not None and m.images is not None:
                 self._save_images(m.images, f"trial_{trial:04d}.pt")
+            if samples and self.workload.class_labels:
+                try:
+                    out["features"] = self._sample_features(pipe, profile, samples)
+                except Exception as e:  # extra evidence: its failure is reported, the run stays measured
+                    out["features_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         return out
+
+    def _sample_features(self, pipe: Any, profile: Any, n: int) -> list[list[float]]:
+        """Distribution features (:mod:`fluxtune.distribution`) of ``n`` class-conditional samples on fixed
+        labels and seeds, in batches of the profile's batch; features, not images, cross the pipe."""
+        import numpy as np
+
+        from fluxtune.distribution import features
+        from fluxtune.sensitivity import render
+
+        batch = profile.generation.images_per_prompt
+        labels = [(i * 37) % 1000 for i in range(n)]
+        steps = profile.generation.steps
+        imgs = [render(pipe, labels[i:i + batch], seeds=[i // batch], steps=steps) for i in range(0, n, batch)]
+        x = self.torch.from_numpy(np.concatenate(imgs)).permute(0, 3, 1, 2)
+        return features(x).tolist()  # type: ignore[no-any-return]
 
     def _trial_workload(self, profile: Any) -> Any:
         """The study's workload at the profile's batch (``generation.images_per_prompt``)."""
         from dataclasses import replace
 
         wl, batch = self.workload, profile.generation.images_per_prompt
+        if self.cfg.extra.get("fixed_workload"):  # bench: the same workload for every candidate
+            return wl
         if wl.class_labels:  # DiT: the batch is the number of labels in a call
             n = len(wl.class_labels) * (wl.images_per_prompt or 1)
             if batch == n:
@@ -275,7 +297,8 @@ def worker_main(conn: Any, cfg: WorkerConfig) -> None:
             if crash_trial is not None and str(options.get("trial")) == crash_trial:
                 os._exit(1)
             result = session.run(profile_data, reference=options.get("reference", False), trial=options.get("trial"),
-                                 compiled_floor=options.get("compiled_floor", False))
+                                 compiled_floor=options.get("compiled_floor", False),
+                                 samples=int(options.get("samples", 0)))
             conn.send(("result", job, result))
         if msg[0] == "scan":
             _, job, method, steps = msg
