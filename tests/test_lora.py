@@ -171,6 +171,8 @@ def test_auto_mode_choices():
     lo = [{"path": "x.safetensors"}]
     assert validate_profile({"loras": lo, "compile": {"mode": "regional"}}).lora_mode()[0] == "hotswap"
     assert validate_profile({"loras": lo, "transformer": {"quantize": "int8_weight"}}).lora_mode()[0] == "fuse"
+    quantized_compiled = {"loras": lo, "transformer": {"quantize": "int8_weight"}, "compile": {"mode": "regional"}}
+    assert validate_profile(quantized_compiled).lora_mode()[0] == "fuse"
     assert validate_profile({"loras": lo}).lora_mode()[0] == "adapter"
     assert validate_profile({"loras": ["dir/my.lora.safetensors"]}).loras[0].adapter_name == "my_lora"
 
@@ -225,6 +227,29 @@ def ranked(tmp_path_factory):
 def run_at(pipe, size: int):
     return pipe("a red circle at the top left", generator=gen(), num_inference_steps=STEPS, output_type="pt",
                 height=size, width=size).images
+
+
+def test_switching_a_fused_lora_on_a_quantized_compiled_model_recompiles_nothing(tiny_flux, files):
+    """auto on quantize + compile fuses: a switch re-quantizes from the host copy into tensors of the same
+    shapes and types, so the compiled blocks run on without recompiling, and switching back is exact."""
+    torch._dynamo.reset()
+    try:
+        report = fluxtune.apply({"transformer": {"quantize": "int8_weight"}, "compile": {"mode": "regional"}},
+                                tiny_flux, loras=[files["a"]])
+        assert "fuse (auto: transformer.quantize.method=int8_weight" in str(report)
+        with DynamoWatch() as first:
+            first_a = run(tiny_flux)
+        assert first.frames > 0
+        with DynamoWatch() as swaps, torch._dynamo.config.patch(error_on_recompile=True):
+            fluxtune.set_loras(tiny_flux, [files["b"]])
+            b = run(tiny_flux)
+            fluxtune.set_loras(tiny_flux, [files["a"]])
+            again_a = run(tiny_flux)
+        assert (swaps.frames, swaps.recompiles) == (0, 0)
+        assert psnr(b, first_a) < PSNR_CHANGED_DB
+        torch.testing.assert_close(again_a, first_a, atol=0, rtol=0)
+    finally:
+        torch._dynamo.reset()
 
 
 @pytest.mark.slow
