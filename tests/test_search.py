@@ -513,7 +513,7 @@ def test_warm_start_keeps_what_fits_a_narrowed_space():
     narrowed = _space(H200, {"transformer.offload": "none", "compile": "off"})
     kept = recipes.warm_start(narrowed, presets)
     kept_labels = [label for label, _ in kept]
-    assert "recipe bf16 on the GPU" in kept_labels and "recipe int8 weight-only" in kept_labels
+    assert "recipe bf16, no offload" in kept_labels and "recipe int8 weight-only" in kept_labels
     assert "recipe enable_model_cpu_offload" not in kept_labels
     assert not [label for label in kept_labels if "group offload" in label or "flux-fast" in label]
     for _, params in kept:
@@ -526,7 +526,7 @@ def test_warm_start_keeps_what_fits_a_narrowed_space():
         assert narrowed.suggest(study.ask()) == prof
     # On CPU: nothing that needs a GPU.
     cpu = recipes.warm_start(_space(CPU), presets)
-    assert [label for label, _ in cpu] == ["recipe bf16 on the GPU", "recipe int8 weight-only"]
+    assert [label for label, _ in cpu] == ["recipe bf16, no offload", "recipe int8 weight-only"]
 
 
 GB = int(1e9)

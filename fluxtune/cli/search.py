@@ -249,7 +249,8 @@ def run(args: argparse.Namespace) -> int:
     ref_lat = result.reference.get("latency_s")
     speed = f" ({ref_lat / m.latency_s:.2f}x the reference's {ref_lat:.2f}s)" if ref_lat and m.latency_s else ""
     peak = m.peak_reserved if on_gpu else result.best.user_attrs.get("peak")
-    tput = f", {m.throughput:.2f} images/s at batch {prof.generation.images_per_prompt}" if m.throughput else ""
+    tput = (f", {m.throughput:.2f} images/s at batch {prof.generation.images_per_prompt}"
+            if m.throughput and args.objective == "throughput" else "")
     print(f"best: trial {result.best.number}: {m.latency_s:.3f}s per call{tput}{speed if not tput else ''}, "
           f"peak {format_bytes(peak or 0)}, PSNR {min(m.quality.get('psnr', float('nan')), 100):.1f} dB -> {out}")
     _print_summary(result.study, m.latency_s if args.objective == "latency" else None)

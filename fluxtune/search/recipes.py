@@ -13,7 +13,7 @@ _PLAIN = {
 }
 
 RECIPES: dict[str, dict[str, Any]] = {
-    "bf16 on the GPU": {**_PLAIN, "transformer.offload": "none"},
+    "bf16, no offload": {**_PLAIN, "transformer.offload": "none"},
     "enable_model_cpu_offload": {**_PLAIN, "transformer.offload": "model"},
     "group offload, leaf level, streams": {
         **_PLAIN, "transformer.offload": "group", "transformer.group_level": "leaf", "transformer.use_stream": True,
