@@ -1,16 +1,23 @@
-"""``fluxtune bench``: profiles side by side with the plain diffusers recipes, same workload, same cap.
+"""``fluxtune bench``: profiles side by side with the plain diffusers recipes, same workload, same caps.
 
-Each candidate runs in its own worker process (a fresh CUDA context and allocator), under the same
-memory cap; a recipe that does not fit is shown as such, not dropped. The first candidate measured is
-the bf16 reference that quality is computed against.
+Each candidate runs in its own worker process (a fresh CUDA context and allocator) under a memory cap;
+a recipe that does not fit is shown as such, not dropped. The first candidate measured is the bf16
+reference that quality is computed against.
+
+Several budgets in one run: each profile runs under its own budget, and each recipe climbs the
+budgets from the smallest until one fits (a recipe's memory does not depend on the cap, so a recipe
+that fits 8 GB fits 12 GB too, and is measured once). A cap that a recipe's weights alone exceed is
+recorded as ``no_fit`` without running it (the memory model's weight floor, no activations). Rows are
+written after every candidate; re-running the same command resumes, keeping what was measured.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +25,15 @@ from fluxtune.profile import COMPONENTS, Profile, validate_profile
 from fluxtune.units import format_bytes
 
 GB = 1e9
+Cap = int | None
+"""A memory cap in bytes; None = no cap."""
+
+DID_NOT_FIT = ("oom", "over_budget", "no_fit")
+FINAL = ("ok", "invalid", "error", *DID_NOT_FIT)
+"""Statuses a resumed bench keeps; the others (crashed, timeout) run again."""
+
+MIN_START_S = 60.0
+"""Under --timeout, a candidate starts only with at least this much time left."""
 
 
 def _all(mode: dict[str, Any], *, vae: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -31,23 +47,32 @@ def recipes(family: str) -> dict[str, dict[str, Any]]:
     """The diffusers one-liners, as fluxtune profiles (what a user would write by hand)."""
     leaf = {"mode": "group", "level": "leaf", "use_stream": True}
     block = {"mode": "group", "level": "block", "blocks_per_group": 1, "use_stream": True}
+    # flux-fast's inductor flags are left out: on the H200 they lengthened the first call from 19 s to
+    # 120 s and did not make the steady state faster (2.87 s without, 2.91 s with).
+    fast = {"transformer": {"quantize": {"method": "fp8_dynamic", "granularity": "row"}},
+            "compile": {"mode": "regional", "fullgraph": True, "fuse_qkv": True, "inductor_flags": False}}
     out = {
         "bf16": {},
-        "enable_model_cpu_offload": _all({"mode": "model"}),
-        "enable_sequential_cpu_offload": _all({"mode": "sequential"}),
-        "group offload, block level, streams": _all(block, vae=leaf),
         "group offload, leaf level, streams": _all(leaf),
-        "flux-fast core (fused QKV, fp8 rowwise, regional compile)": {
-            "transformer": {"quantize": {"method": "fp8_dynamic", "granularity": "row"}},
-            "compile": {"mode": "regional", "fullgraph": True, "fuse_qkv": True},
-        },
+        "enable_model_cpu_offload": _all({"mode": "model"}),
+        "flux-fast core (fused QKV, fp8 rowwise, regional compile)": fast,
+        "group offload, block level, streams": _all(block, vae=leaf),
+        "enable_sequential_cpu_offload": _all({"mode": "sequential"}),
     }
     if family == "dit":
-        # DiT has no text encoders; its transformer is small, so block-level grouping is per block.
+        # DiT has no text encoders and no fuse_qkv_projections; its blocks are compiled one by one.
         out.pop("flux-fast core (fused QKV, fp8 rowwise, regional compile)")
         out["fp8 rowwise + compile"] = {"transformer": {"quantize": {"method": "fp8_dynamic", "granularity": "row"}},
-                                        "compile": {"mode": "regional", "fullgraph": True}}
+                                        "compile": {"mode": "regional", "fullgraph": True, "inductor_flags": False}}
     return out
+
+
+def cap_label(cap: Cap) -> str:
+    return format_bytes(cap) if cap is not None else "none"
+
+
+def _cap_order(cap: Cap) -> float:
+    return float("inf") if cap is None else float(cap)
 
 
 @dataclass
@@ -55,6 +80,8 @@ class Candidate:
     name: str
     profile: Profile
     kind: str  # "profile" | "recipe" | "reference"
+    caps: tuple[Cap, ...] = (None,)
+    """Caps tried in order until one fits (a profile or the reference: exactly one)."""
 
 
 @dataclass
@@ -62,9 +89,14 @@ class BenchRow:
     name: str
     kind: str
     status: str
+    cap: int | None = None
+    """The allocator cap this row ran under (None: no cap)."""
     latency_s: float | None = None
     latency_spread: float | None = None
     first_call_s: float | None = None
+    warmup_steps: int | None = None
+    """Steps of the warm-up call when it was shorter than the workload's (first_call_s is that call)."""
+    runs: int = 0
     peak_reserved: int | None = None
     peak_allocated: int | None = None
     peak_nvml: int | None = None
@@ -72,39 +104,97 @@ class BenchRow:
     ssim: float | None = None
     apply_s: float | None = None
     quantize_s: float | None = None
+    placement_s: float | None = None
     generations: int = 0
     """Calls that ran back to back under the cap (warm-up and timed), all without running out of memory."""
     fd: float | None = None
     kid: float | None = None
     """DiT ``--samples``: distribution shift from the reference's samples (:mod:`fluxtune.distribution`)."""
     error: str | None = None
+    seconds: float | None = None
+    key: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def fits(self) -> bool:
         return self.status == "ok"
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BenchRow:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
-def make_candidates(profiles: list[Profile], family: str, budget: int | None, with_recipes: bool,
-                    generation: dict[str, Any]) -> list[Candidate]:
-    """The reference first, then the recipes (under the cap), then the user's profiles."""
 
-    def prof(name: str, data: dict[str, Any]) -> Profile:
-        data = {**data, "name": name, "generation": {**generation, **data.get("generation", {})}}
-        if budget is not None:
-            data["budget"] = {"vram": budget, "enforce": True}
-        return validate_profile(data, source=f"recipe {name!r}")
+def candidate_key(cand: Candidate, cap: Cap) -> str:
+    """Identifies one (candidate, cap) measurement across resumed runs: name, kind, cap and the knobs (a
+    profile's description and measured block, which ``--write-measured`` rewrites, do not count)."""
+    knobs = {k: v for k, v in cand.profile.to_dict().items() if k not in ("measured", "description")}
+    digest = hashlib.sha256(json.dumps(knobs, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{cand.kind}|{cand.name}|{cap_label(cap)}|{digest}"
 
-    out = [Candidate("reference (bf16, no cap)", validate_profile({"name": "reference", "generation": generation}),
-                     "reference")]
-    if with_recipes:
-        out += [Candidate(n, prof(n, d), "recipe") for n, d in recipes(family).items()]
+
+def make_candidates(profiles: list[Profile], family: str, budgets: Sequence[Cap] | None, with_recipes: bool,
+                    generation: dict[str, Any], *, reference: bool = True) -> list[Candidate]:
+    """The reference first, then the user's profiles, then the recipes.
+
+    Args:
+        budgets: None: no cap for anyone. One cap: every candidate runs under it. Several: each profile
+            under its own ``budget.vram`` (which must be listed; None = no cap), each recipe under the
+            smallest listed cap it fits.
+
+    Raises:
+        ProfileError: a profile's budget is not among several listed budgets.
+    """
+    from fluxtune.errors import ProfileError
+
+    def uncapped(data: dict[str, Any]) -> dict[str, Any]:
+        return {**data, "budget": {"vram": None, "enforce": False}}
+
+    out: list[Candidate] = []
+    if reference:
+        out.append(Candidate("reference (bf16, no cap)",
+                             validate_profile({"name": "reference", "generation": generation}), "reference"))
+    ladder: tuple[Cap, ...] = (None,)
+    several = budgets is not None and len(budgets) > 1
+    if budgets:
+        ladder = tuple(sorted(set(budgets), key=_cap_order))
     for p in profiles:
         data = p.to_dict()
-        if budget is not None:
-            data["budget"] = {"vram": budget, "enforce": True}
-        out.append(Candidate(p.name, validate_profile(data), "profile"))
+        if several:
+            own = p.budget.vram if p.budget.enforce else None
+            if own not in ladder:
+                raise ProfileError(f"profile {p.name!r}: its budget.vram={cap_label(own)} is not in --budget "
+                                   f"{','.join(cap_label(c) for c in ladder)}; add it to the list")
+            caps: tuple[Cap, ...] = (own,)
+        else:
+            caps = ladder[:1]
+        out.append(Candidate(p.name, validate_profile(uncapped(data)), "profile", caps))
+    if with_recipes:
+        for n, d in recipes(family).items():
+            data = uncapped({**d, "name": n, "generation": {**generation, **d.get("generation", {})}})
+            caps = ladder
+            if n == "bf16" and reference and several:
+                caps = tuple(c for c in ladder if c is not None)  # the reference is bf16 with no cap
+                if not caps:
+                    continue
+            out.append(Candidate(n, validate_profile(data, source=f"recipe {n!r}"), "recipe", caps))
     return out
+
+
+def _with_cap(profile: Profile, cap: Cap) -> Profile:
+    data = profile.to_dict()
+    data["budget"] = {"vram": cap, "enforce": cap is not None}
+    return validate_profile(data)
+
+
+def _weight_floor(profile: Profile, facts: Any) -> tuple[int, str] | None:
+    from fluxtune.memory import predict
+
+    try:
+        pred = predict(profile, facts)
+    except Exception:  # a model the memory model does not know: run it and see
+        return None
+    return pred.weights_floor, pred.weights_floor_phase
 
 
 def run_bench(
@@ -114,89 +204,249 @@ def run_bench(
     device: str,
     workload: dict[str, Any],
     folder: Path,
+    recipe_workload: dict[str, Any] | None = None,
     dtype: str = "bfloat16",
     timeout_s: float = 900.0,
+    total_timeout_s: float | None = None,
+    time_box_s: float | None = None,
     samples: int = 0,
+    resume: bool = True,
     say: Callable[[str], None] = print,
 ) -> list[BenchRow]:
     """Run every candidate in a fresh worker process; the first is the quality reference.
 
-    ``samples`` (class-conditional models): each candidate also renders that many samples on fixed
-    labels and seeds, and its row gets their distribution shift from the reference's (FD and KID in
-    :mod:`fluxtune.distribution`'s random-feature space; not FID)."""
+    Args:
+        workload: what profiles render (``Workload`` data).
+        recipe_workload: what the reference and the recipes render (same calls; fewer timed runs or a
+            shorter warm-up); default ``workload``.
+        timeout_s: the most one candidate may take.
+        total_timeout_s: the whole bench: no candidate starts with less than a minute left, and a
+            running one is stopped at the deadline (status ``timeout``, run again on resume).
+        time_box_s: per recipe (and the reference), timed runs stop before one that would end past this
+            (>= 1 run); profiles always run all of theirs, so that their back-to-back count means something.
+        samples: class-conditional models: each candidate also renders that many samples on fixed
+            labels and seeds, and its row gets their distribution shift from the reference's (FD and KID
+            in :mod:`fluxtune.distribution`'s random-feature space; not FID).
+        resume: keep the rows of a previous run of the same model and workload in ``folder``.
+    """
     from fluxtune.search.runner import Worker, WorkerDied
     from fluxtune.search.worker import WorkerConfig
 
     folder.mkdir(parents=True, exist_ok=True)
+    meta = {"model": model, "workload": workload, "recipe_workload": recipe_workload or workload, "samples": samples}
+    previous = _previous_rows(folder, meta) if resume else {}
+    if previous:
+        say(f"resuming: {len(previous)} row(s) from {folder / 'bench.json'} kept")
     rows: list[BenchRow] = []
+    facts: Any = None
     ref_feats: list[list[float]] | None = None
+    deadline = time.monotonic() + total_timeout_s if total_timeout_s else None
+    stopped = False
+    n = len(candidates)
     for i, cand in enumerate(candidates):
-        budget = cand.profile.budget.vram
-        cfg = WorkerConfig(model=model, device=device, dtype=dtype, workload=workload, budget_bytes=budget,
-                           study_dir=str(folder), extra={"fixed_workload": True})
-        t0 = time.monotonic()
-        say(f"[{i + 1}/{len(candidates)}] {cand.name} ...")
-        try:
-            worker = Worker(cfg)
+        wl = workload if cand.kind == "profile" else (recipe_workload or workload)
+        for cap in cand.caps:
+            key = candidate_key(cand, cap)
+            label = f"[{i + 1}/{n}] {cand.name} (cap {cap_label(cap)})"
+            if key in previous:
+                r = previous[key]
+                say(f"{label}: kept from the previous run: {r.status}"
+                    + (f" {r.latency_s:.2f}s" if r.latency_s else ""))
+                rows.append(r)
+                if r.extra.get("features") is not None and cand.kind == "reference":
+                    ref_feats = r.extra["features"]
+                if r.status not in DID_NOT_FIT:
+                    break
+                continue
+            profile = _with_cap(cand.profile, cap)
+            floor = _weight_floor(profile, facts) if cap is not None and facts is not None else None
+            if floor is not None and floor[0] > cap:  # type: ignore[operator]
+                r = BenchRow(cand.name, cand.kind, "no_fit", cap=cap, key=key, error=(
+                    f"its weights alone need {format_bytes(floor[0])} on the GPU at once (during {floor[1]}) "
+                    f"> cap {cap_label(cap)}; not run"))
+                say(f"{label}: does not fit: {r.error}")
+                rows.append(r)
+                _write(folder, meta, rows, previous)
+                continue
+            left = deadline - time.monotonic() if deadline is not None else None
+            if left is not None and left < MIN_START_S:
+                stopped = True
+                break
+            limit = min(timeout_s, left) if left is not None else timeout_s
+            cfg = WorkerConfig(model=model, device=device, dtype=dtype, workload=wl, budget_bytes=cap,
+                               study_dir=str(folder), extra={"fixed_workload": True})
+            t0 = time.monotonic()
+            say(f"{label} ...")
             try:
-                result = worker.run(i, cand.profile.to_dict(), timeout_s, reference=cand.kind == "reference",
-                                    samples=samples)
-            finally:
-                worker.stop()
-        except WorkerDied as e:
-            result = {"status": "crashed", "error": str(e)}
-        rows.append(_row(cand, result))
-        r = rows[-1]
-        if result.get("features_error"):
-            say(f"    samples failed: {result['features_error']}")
-        feats = result.get("features")
-        if feats is not None and cand.kind == "reference":
-            ref_feats = feats
-        elif feats is not None and ref_feats is not None and len(feats) == len(ref_feats):
-            import torch
+                worker = Worker(cfg)
+                try:
+                    if facts is None and worker.ready.get("facts"):
+                        from fluxtune.memory import ModelFacts
 
-            from fluxtune.distribution import compare_features
+                        facts = ModelFacts.from_dict(worker.ready["facts"])
+                    result = worker.run(i, profile.to_dict(), max(1.0, limit - (time.monotonic() - t0)),
+                                        reference=cand.kind == "reference", samples=samples,
+                                        time_box_s=None if cand.kind == "profile" else time_box_s)
+                finally:
+                    worker.stop()
+            except WorkerDied as e:
+                timed_out = "timed out" in str(e)
+                result = {"status": "timeout" if timed_out else "crashed", "error": str(e)}
+            r = _row(cand, cap, key, result, wl)
+            r.seconds = time.monotonic() - t0
+            feats = result.get("features")
+            if feats is not None and cand.kind == "reference":
+                ref_feats = feats
+                r.extra["features"] = feats  # kept so a resumed bench still has the reference's samples
+            elif feats is not None and ref_feats is not None and len(feats) == len(ref_feats):
+                import torch
 
-            shift = compare_features(torch.tensor(feats, dtype=torch.float64),
-                                     torch.tensor(ref_feats, dtype=torch.float64))
-            r.fd, r.kid = shift.fd, shift.kid_mean
-        lat = f"{r.latency_s:.2f}s" if r.latency_s else "-"
-        say(f"    {r.status}: {lat}, peak {format_bytes(r.peak_reserved or 0)} ({time.monotonic() - t0:.0f}s)"
-            + (f" - {r.error}" if r.error and r.status != "ok" else ""))
-    (folder / "bench.json").write_text(json.dumps([r.__dict__ for r in rows], indent=1, default=str))
+                from fluxtune.distribution import compare_features
+
+                shift = compare_features(torch.tensor(feats, dtype=torch.float64),
+                                         torch.tensor(ref_feats, dtype=torch.float64))
+                r.fd, r.kid = shift.fd, shift.kid_mean
+            if result.get("features_error"):
+                say(f"    samples failed: {result['features_error']}")
+            rows.append(r)
+            _write(folder, meta, rows, previous)
+            lat = f"{r.latency_s:.2f}s" if r.latency_s else "-"
+            say(f"    {r.status}: {lat}, peak {format_bytes(r.peak_reserved or 0)} ({r.seconds:.0f}s)"
+                + (f" - {r.error}" if r.error and r.status != "ok" else ""))
+            if r.status not in DID_NOT_FIT:
+                break
+        if stopped:
+            say(f"stopped: less than {MIN_START_S:.0f}s left of --timeout; re-run the same command to continue "
+                f"({n - i} candidate(s) to go)")
+            break
+    _write(folder, meta, rows, previous)
     return rows
 
 
-def _row(cand: Candidate, result: dict[str, Any]) -> BenchRow:
+def _previous_rows(folder: Path, meta: dict[str, Any]) -> dict[str, BenchRow]:
+    path = folder / "bench.json"
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    if not isinstance(data, dict) or data.get("meta") != json.loads(json.dumps(meta, default=str)):
+        return {}
+    out: dict[str, BenchRow] = {}
+    for raw in data.get("rows", []):
+        r = BenchRow.from_dict(raw)
+        if r.key and r.status in FINAL:
+            out[r.key] = r
+    return out
+
+
+def _write(folder: Path, meta: dict[str, Any], rows: list[BenchRow], previous: dict[str, BenchRow]) -> None:
+    # Rows of the previous run that this one did not reach (yet) are kept too: nothing measured is lost.
+    seen = {r.key for r in rows}
+    kept = rows + [r for k, r in previous.items() if k not in seen]
+    data = {"meta": meta, "rows": [asdict(r) for r in kept], "summary": summary(kept)}
+    tmp = folder / "bench.json.tmp"
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(folder / "bench.json")
+
+
+def _row(cand: Candidate, cap: Cap, key: str, result: dict[str, Any], workload: dict[str, Any]) -> BenchRow:
     m = result.get("measurement") or {}
     q = result.get("quality") or {}
     runs = m.get("latency_runs") or []
     spread = (max(runs) - min(runs)) if len(runs) > 1 else None
+    short = workload.get("warmup_steps")
     return BenchRow(
-        name=cand.name, kind=cand.kind, status=str(result.get("status")), latency_s=m.get("latency_s"),
-        latency_spread=spread, first_call_s=m.get("first_call_s"), peak_reserved=m.get("peak_reserved"),
-        peak_allocated=m.get("peak_allocated"), peak_nvml=m.get("peak_nvml"), psnr=q.get("psnr"), ssim=q.get("ssim"),
-        apply_s=result.get("apply_s"), quantize_s=result.get("quantize_s"), error=result.get("error"),
+        name=cand.name, kind=cand.kind, status=str(result.get("status")), cap=cap, key=key,
+        latency_s=m.get("latency_s"), latency_spread=spread, first_call_s=m.get("first_call_s"),
+        warmup_steps=short if short and m.get("warmup_s") else None, runs=len(runs),
+        peak_reserved=m.get("peak_reserved"), peak_allocated=m.get("peak_allocated"), peak_nvml=m.get("peak_nvml"),
+        psnr=q.get("psnr"), ssim=q.get("ssim"), apply_s=result.get("apply_s"), quantize_s=result.get("quantize_s"),
+        placement_s=result.get("placement_s"), error=result.get("error"),
         generations=(len(m.get("warmup_s") or []) + len(runs)) if result.get("status") == "ok" else 0,
-        extra={k: m.get(k) for k in ("text_encode_s", "step_s", "decode_s", "host_ram_peak")},
+        extra={k: m.get(k) for k in ("text_encode_s", "step_s", "decode_s", "host_ram_peak", "latency_runs")},
     )
 
 
+def summary(rows: list[BenchRow]) -> list[dict[str, Any]]:
+    """Per cap a profile ran under: the profile, the fastest recipe that fits that cap, and the ratio.
+
+    A recipe fits a cap when it ran under that cap or a smaller one (its memory does not depend on the
+    cap); the uncapped bf16 reference is the ``bf16`` recipe of the no-cap budget."""
+    out: list[dict[str, Any]] = []
+    for p in (r for r in rows if r.kind == "profile"):
+        fitting = [r for r in rows if r.kind in ("recipe", "reference") and r.fits and r.latency_s
+                   and _cap_order(r.cap) <= _cap_order(p.cap)]
+        best = min(fitting, key=lambda r: r.latency_s or 0.0) if fitting else None
+        ratio = (best.latency_s / p.latency_s) if best and best.latency_s and p.fits and p.latency_s else None
+        out.append({"cap": p.cap, "profile": p.name, "status": p.status, "latency_s": p.latency_s,
+                    "recipe": best.name if best else None, "recipe_latency_s": best.latency_s if best else None,
+                    "recipe_cap": best.cap if best else None, "speedup": ratio})
+    return out
+
+
 def speedups(rows: list[BenchRow]) -> list[tuple[str, str, float]]:
-    """(profile, fastest recipe that fits, ratio) for each profile row."""
-    fitting = [r for r in rows if r.kind == "recipe" and r.fits and r.latency_s]
-    if not fitting:
-        return []
-    best = min(fitting, key=lambda r: r.latency_s or 0.0)
-    return [(r.name, best.name, (best.latency_s or 0) / r.latency_s) for r in rows
-            if r.kind == "profile" and r.fits and r.latency_s]
+    """(profile, fastest recipe that fits its cap, ratio) for each measured profile row."""
+    return [(s["profile"], s["recipe"], s["speedup"]) for s in summary(rows) if s["speedup"]]
 
 
-def plot(rows: list[BenchRow], path: Path, budget: int | None, title: str) -> Path:
+def plot(rows: list[BenchRow], path: Path, budgets: Sequence[Cap], title: str) -> Path:
+    """Latency against peak reserved memory, profiles and recipes, with a line at each budget."""
     from fluxtune.report import plot_latency_vs_memory
 
-    table = [{"trial": i, "latency_s": r.latency_s, "peak": r.peak_reserved, "feasible": r.fits}
-             for i, r in enumerate(rows) if r.kind == "profile"]
+    table = [{"trial": i, "latency_s": r.latency_s, "peak": r.peak_reserved, "feasible": r.fits,
+              "name": r.name[:28]} for i, r in enumerate(rows) if r.kind == "profile"]
     baselines = [{"name": r.name[:28], "latency_s": r.latency_s, "peak": r.peak_reserved}
                  for r in rows if r.kind != "profile" and r.fits]
-    return plot_latency_vs_memory(table, path, budget=budget, baselines=baselines, title=title)
+    return plot_latency_vs_memory(table, path, budget=[c for c in budgets if c is not None], baselines=baselines,
+                                  title=title, label_points=True, point_label="profiles",
+                                  baseline_label="diffusers recipes (run under the smallest cap they fit)")
+
+
+def write_measured(source: str, profile: Profile, rows: list[BenchRow], *, model: str, workload: dict[str, Any],
+                   hardware: Any) -> Path | None:
+    """Write a profile's bench row into its YAML file's ``measured`` block (the rest of the file is kept).
+
+    Args:
+        source: the profile's YAML path or preset name, as given to the bench.
+        profile: the profile as benched.
+        rows: the bench's rows.
+        model: the model benched.
+        workload: the profiles' workload.
+        hardware: the :class:`fluxtune.hardware.HardwareInfo` it ran on.
+
+    Returns:
+        The file written, or None when the profile has no measured row.
+    """
+    import datetime as dt
+
+    from fluxtune.hardware import library_versions
+    from fluxtune.presets import list_presets, load_profile, save_profile
+
+    row = next((r for r in rows if r.kind == "profile" and r.name == profile.name and r.fits), None)
+    if row is None:
+        return None
+    path = Path(source) if Path(source).exists() else list_presets().get(source)
+    if path is None:
+        return None
+    s = next((x for x in summary(rows) if x["profile"] == profile.name), None)
+    notes = None
+    if s and s["speedup"]:
+        notes = (f"the fastest diffusers recipe that fits {cap_label(row.cap)}, measured in the same bench: "
+                 f"{s['recipe']} at {s['recipe_latency_s']:.2f} s ({s['speedup']:.2f}x); {row.generations} "
+                 f"generations back to back under the cap without running out of memory; apply {row.apply_s:.2f} s "
+                 f"(quantize {row.quantize_s or 0:.2f} s, placement {row.placement_s or 0:.2f} s)")
+    versions = {k: v for k, v in library_versions().items() if k in ("torch", "diffusers", "torchao", "transformers")}
+    measured = {
+        "status": "measured", "source": "fluxtune bench", "date": dt.date.today().isoformat(),
+        "hardware": hardware.fingerprint(), "versions": versions, "model": model,
+        "workload": {**workload, "height": profile.generation.height, "width": profile.generation.width,
+                     "steps": profile.generation.steps},
+        "latency_s": round(row.latency_s or 0.0, 3), "first_call_s": round(row.first_call_s or 0.0, 2),
+        "peak_allocated": row.peak_allocated, "peak_reserved": row.peak_reserved, "peak_nvml": row.peak_nvml,
+        "quality": {k: round(v, 2) for k, v in (("psnr", row.psnr), ("ssim", row.ssim)) if v is not None},
+        "notes": notes,
+    }
+    original = load_profile(path)
+    return save_profile(original.replace(measured=measured), path)

@@ -82,7 +82,9 @@ class Workload:
 
     Each run renders every (prompt, seed) pair, one ``pipe()`` call each (text pipelines), or for DiT
     one call per seed with all class labels as the batch (each label ``images_per_prompt`` times).
-    ``warmup`` untimed calls (first prompt, first seed) precede the ``runs`` timed repeats.
+    ``warmup`` untimed calls (first prompt, first seed) precede the ``runs`` timed repeats; with
+    ``warmup_steps`` they run that many denoising steps instead of ``steps`` (the shapes, and so any
+    compilation, are the same; an uncompiled offloading recipe needs no full warm-up call).
     """
 
     prompts: tuple[str, ...] = ()
@@ -96,6 +98,7 @@ class Workload:
     images_per_prompt: int | None = None
     runs: int = 3
     warmup: int = 1
+    warmup_steps: int | None = None
 
     def __post_init__(self) -> None:
         # Accept lists (from JSON/YAML) but store tuples, so a Workload is hashable and immutable.
@@ -108,7 +111,7 @@ class Workload:
             problems.append(f"runs={self.runs} must be >= 1")
         if self.warmup < 0:
             problems.append(f"warmup={self.warmup} must be >= 0")
-        for name in ("steps", "height", "width", "max_sequence_length", "images_per_prompt"):
+        for name in ("steps", "height", "width", "max_sequence_length", "images_per_prompt", "warmup_steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 problems.append(f"{name}={value!r} must be a positive integer or null")
@@ -626,6 +629,7 @@ def measure(
     device_index: int = 0,
     progress: Callable[[str], None] | None = None,
     reference: Reference | None = None,
+    time_box_s: float | None = None,
 ) -> Measurement:
     """Time a pipeline on a workload and record its peak memory (and quality, given a reference).
 
@@ -637,6 +641,8 @@ def measure(
         device_index: CUDA device for peak statistics and NVML when the pipeline does not say.
         progress: called with a short line before each call.
         reference: when given, ``quality`` is filled with :func:`compare` and the drops below the floor.
+        time_box_s: stop the timed runs before one that would end past this many seconds of timed
+            calls (at least one run always happens); ``latency_runs`` says how many ran.
 
     Returns:
         A :class:`Measurement`; never raises except ``KeyboardInterrupt``.
@@ -655,20 +661,27 @@ def measure(
             first.get("num_images_per_prompt") or 1)
         with _Sampler(device.index if device is not None else None) as sampler, _Instrument(pipe) as inst:
             try:
+                seed, kwargs = calls[0]
+                if workload.warmup_steps is not None:
+                    kwargs = {**kwargs, "num_inference_steps": workload.warmup_steps}
                 for i in range(workload.warmup):
                     say(f"warm-up {i + 1}/{workload.warmup}")
-                    seed, kwargs = calls[0]
                     m.warmup_s.append(_one_call(pipe, inst, device, seed, kwargs, keep=False).latency)
                 if device is not None:
                     torch.cuda.synchronize(device)
                     torch.cuda.reset_peak_memory_stats(device)
                 sampler.reset_device()
                 results: list[_CallResult] = []
+                timed = 0.0
                 for run in range(workload.runs):
-                    last = run == workload.runs - 1
+                    # Under a time box any run may be the last, so each one keeps its images.
+                    last = run == workload.runs - 1 or time_box_s is not None
                     for j, (seed, kwargs) in enumerate(calls):
                         say(f"run {run + 1}/{workload.runs}, call {j + 1}/{len(calls)}")
                         results.append(_one_call(pipe, inst, device, seed, kwargs, keep=keep_images and last))
+                    timed = sum(r.latency for r in results)
+                    if time_box_s is not None and timed * (run + 2) / (run + 1) > time_box_s:
+                        break
                 _summarise(m, results, len(calls))
             finally:
                 sampler.sample()

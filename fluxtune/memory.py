@@ -613,6 +613,10 @@ class Prediction:
     phases: dict[str, int]
     breakdown: dict[str, int]
     calibration_ratio: float = 1.0
+    weights_floor: int = 0
+    """The most weight bytes that must be on the GPU at one moment (the largest phase, activations,
+    calibration and fragmentation left out): a cap below it certainly does not fit."""
+    weights_floor_phase: str = "none"
 
     def exceeds(self, budget: int, *, tolerance: float = 0.1) -> bool:
         """True when the profile certainly does not fit: ``peak_vram > budget * (1 + tolerance)``."""
@@ -710,6 +714,8 @@ def predict(
         terms[phase] = row
         phases[phase] = sum(row.values())
     peak_phase = max(phases, key=lambda p: phases[p]) if phases else "none"
+    weight_sums = {p: sum(v for k, v in row.items() if not k.startswith("activations:")) for p, row in terms.items()}
+    floor_phase = max(weight_sums, key=lambda p: weight_sums[p]) if weight_sums else "none"
     raw_peak = phases.get(peak_phase, 0.0)
     fam = offload_family(profile.component(peak_phase).offload) if peak_phase in facts.components else "none"
     ratio = calibration.ratio(fam) if calibration is not None else 1.0
@@ -732,6 +738,8 @@ def predict(
         phases={p: int(v * ratio) for p, v in phases.items()},
         breakdown={**{k: int(v) for k, v in peak_terms.items()}, "overhead": int(overhead)},
         calibration_ratio=ratio,
+        weights_floor=int(weight_sums.get(floor_phase, 0.0)),
+        weights_floor_phase=floor_phase,
     )
 
 

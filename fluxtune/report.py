@@ -44,14 +44,18 @@ def plot_latency_vs_memory(
     table: Sequence[dict[str, Any]],
     path: Path,
     *,
-    budget: int | None,
+    budget: int | Sequence[int] | None,
     front: Sequence[int] = (),
     best: int | None = None,
     baselines: Sequence[dict[str, Any]] = (),
     title: str = "",
     memory_label: str = "peak VRAM (reserved)",
+    label_points: bool = False,
+    point_label: str = "feasible trials",
+    baseline_label: str | None = None,
 ) -> Path:
-    """Scatter of every measured trial (and baselines) by latency and peak memory, budget line, front."""
+    """Scatter of every measured trial (and baselines) by latency and peak memory, a line at each budget,
+    the front; ``label_points`` writes each trial's ``name`` beside it."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 5.5))
     ok = [r for r in table if r.get("latency_s") and r.get("peak")]
@@ -62,21 +66,30 @@ def plot_latency_vs_memory(
                    label="infeasible trials", marker="x")
     if feas:
         ax.scatter([r["peak"] / GB for r in feas], [r["latency_s"] for r in feas], c="#3b7dd8", s=26,
-                   label="feasible trials")
+                   label=point_label)
     fr = sorted((r for r in ok if r["trial"] in set(front)), key=lambda r: r["peak"])
     if fr:
         ax.plot([r["peak"] / GB for r in fr], [r["latency_s"] for r in fr], "-o", c="#e07b00", ms=5, label="Pareto front")
-    for b in baselines:
+    for i, b in enumerate(baselines):
         if b.get("latency_s") and b.get("peak"):
-            ax.scatter([b["peak"] / GB], [b["latency_s"]], c="#cc2222", marker="s", s=40)
+            ax.scatter([b["peak"] / GB], [b["latency_s"]], c="#cc2222", marker="s", s=40,
+                       label=baseline_label if i == 0 else None)
             ax.annotate(b["name"], (b["peak"] / GB, b["latency_s"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     if best is not None:
         br = next((r for r in ok if r["trial"] == best), None)
         if br:
             ax.scatter([br["peak"] / GB], [br["latency_s"]], s=160, facecolors="none", edgecolors="#1a9c3e",
                        linewidths=2, label=f"best (trial {best})")
-    if budget:
-        ax.axvline(budget / GB, color="#cc2222", ls="--", lw=1.2, label=f"budget {format_bytes(budget)}")
+    if label_points:
+        for r in feas:
+            if r.get("name"):
+                ax.annotate(r["name"], (r["peak"] / GB, r["latency_s"]), fontsize=7, color="#1f4f99",
+                            xytext=(4, -10), textcoords="offset points")
+    budgets = [budget] if isinstance(budget, int) else list(budget or [])
+    names = ", ".join(format_bytes(x) for x in sorted(budgets))
+    for i, cap in enumerate(sorted(budgets)):
+        label = (f"budget{'s' if len(budgets) > 1 else ''} {names}") if i == 0 else None
+        ax.axvline(cap / GB, color="#cc2222", ls="--", lw=1.2, label=label)
     ax.set_xlabel(f"{memory_label} [GB]")
     ax.set_ylabel("latency per call [s]")
     if ok and max(r["latency_s"] for r in ok) / max(1e-9, min(r["latency_s"] for r in ok)) > 20:

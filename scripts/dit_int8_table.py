@@ -174,7 +174,7 @@ def main() -> None:
     ap.add_argument("--scan-steps", type=int, default=5)
     ap.add_argument("--dist-steps", type=int, default=25, help="steps of the distribution sample sets")
     ap.add_argument("--samples", type=int, default=192)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", default="64", help="images per call: one count, or one per model (64,32)")
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--keep", default="2,4", help="group counts to try keeping in bf16")
     ap.add_argument("--compile", action="store_true", help="regional compile for every row")
@@ -184,6 +184,11 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix of the output file names")
     args = ap.parse_args()
     args.keep = [int(k) for k in args.keep.split(",")]
+    models = args.models.split(",")
+    batches = [int(b) for b in args.batch.split(",")]
+    if len(batches) not in (1, len(models)):
+        ap.error(f"--batch {args.batch}: give one count or one per model ({len(models)})")
+    batches = batches * len(models) if len(batches) == 1 else batches
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -191,8 +196,8 @@ def main() -> None:
         print(msg, flush=True)
 
     rows: list[dict[str, Any]] = []
-    for model in args.models.split(","):
-        rows += run_model(model, args.device, args, say)
+    for model, batch in zip(models, batches, strict=True):
+        rows += run_model(model, args.device, argparse.Namespace(**{**vars(args), "batch": batch}), say)
         (out / f"dit_int8{args.tag}.json").write_text(json.dumps(rows, indent=2))
     table = markdown(rows)
     (out / f"dit_int8{args.tag}.md").write_text(table)

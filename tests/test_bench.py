@@ -18,7 +18,7 @@ def test_bench_runs_profiles_against_the_reference(tmp_path: Path) -> None:
         code = main(["bench", str(prof), "--model", "tiny-flux", "--steps", "2", "--runs", "3",
                      "--out", str(tmp_path / "b")])
     assert code == 0, out.getvalue()
-    rows = {r["name"]: r for r in json.loads((tmp_path / "b" / "bench.json").read_text())}
+    rows = {r["name"]: r for r in json.loads((tmp_path / "b" / "bench.json").read_text())["rows"]}
     assert set(rows) == {"reference (bf16, no cap)", "int8"}
     ref, int8 = rows["reference (bf16, no cap)"], rows["int8"]
     assert ref["status"] == int8["status"] == "ok"
@@ -36,7 +36,7 @@ def test_bench_samples_give_a_distribution_shift_on_dit(tmp_path: Path) -> None:
         code = main(["bench", str(prof), "--model", "tiny-dit", "--steps", "2", "--runs", "1", "--samples", "12",
                      "--out", str(tmp_path / "b")])
     assert code == 0, out.getvalue()
-    rows = {r["name"]: r for r in json.loads((tmp_path / "b" / "bench.json").read_text())}
+    rows = {r["name"]: r for r in json.loads((tmp_path / "b" / "bench.json").read_text())["rows"]}
     assert rows["reference (bf16, no cap)"]["fd"] is None  # the reference is what the others are compared with
     assert rows["int8"]["fd"] is not None and rows["int8"]["fd"] >= 0 and rows["int8"]["kid"] is not None
     assert "KID" in out.getvalue()
@@ -45,3 +45,52 @@ def test_bench_samples_give_a_distribution_shift_on_dit(tmp_path: Path) -> None:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         code = main(["bench", str(prof), "--model", "tiny-flux", "--samples", "8"])
     assert code == 2 and "--samples 8" in err.getvalue()
+
+
+def test_bench_several_budgets_climbs_caps_skips_certain_misfits_and_resumes(tmp_path: Path) -> None:
+    prof = tmp_path / "int8.yaml"
+    prof.write_text("name: int8\nbudget: {vram: 12GB, enforce: true}\ntransformer:\n  quantize: int8_weight\n")
+    args = ["bench", str(prof), "--baselines", "--recipes", "bf16", "--budget", "100KB,12GB,none", "--model",
+            "tiny-flux", "--steps", "2", "--runs", "2", "--recipe-runs", "1", "--recipe-warmup-steps", "1",
+            "--out", str(tmp_path / "b"), "--write-measured"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        code = main(args)
+    assert code == 0, out.getvalue()
+    data = json.loads((tmp_path / "b" / "bench.json").read_text())
+    rows = [(r["name"], r["cap"], r["status"]) for r in data["rows"]]
+    # The reference, the profile under its own budget, then the bf16 recipe: its weights alone exceed 100 kB
+    # (not run), so it climbs to 12 GB and runs there (the reference already is bf16 without a cap).
+    assert rows == [("reference (bf16, no cap)", None, "ok"), ("int8", 12 * 10**9, "ok"),
+                    ("bf16", 10**5, "no_fit"), ("bf16", 12 * 10**9, "ok")]
+    assert "weights alone need" in data["rows"][2]["error"]
+    ref, bf16 = data["rows"][0], data["rows"][3]
+    assert ref["warmup_steps"] == 1 and ref["runs"] == 1 and data["rows"][1]["runs"] == 2
+    (s,) = data["summary"]
+    assert s["profile"] == "int8" and s["recipe"] == "bf16" and s["speedup"] == bf16["latency_s"] / s["latency_s"]
+    assert (tmp_path / "b" / "bench.md").read_text().count("| bf16 |") == 3  # two rows, and the summary
+    # --write-measured put the profile's row into its YAML, next to the recipe it was compared with.
+    from fluxtune.presets import load_profile
+
+    measured = load_profile(prof).measured
+    assert measured is not None and measured.source == "fluxtune bench" and measured.model == "tiny-flux"
+    assert measured.latency_s == round(s["latency_s"], 3) and "bf16 at" in (measured.notes or "")
+    assert load_profile(prof).transformer.quantize is not None  # the rest of the file is kept
+    # Re-running the same command measures nothing again; a changed workload starts over.
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        assert main(args) == 0
+    assert out.getvalue().count("kept from the previous run") == 4 and " ...\n" not in out.getvalue()
+    assert json.loads((tmp_path / "b" / "bench.json").read_text())["rows"] == data["rows"]
+
+
+def test_bench_rejects_a_profile_budget_outside_the_list_in_one_line(tmp_path: Path) -> None:
+    prof = tmp_path / "p.yaml"
+    prof.write_text("name: p\nbudget: {vram: 16GB, enforce: true}\n")
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = main(["bench", str(prof), "--budget", "8GB,12GB", "--model", "tiny-flux"])
+    assert code == 2 and "budget.vram=16GB is not in --budget 8GB,12GB" in err.getvalue()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err := io.StringIO()):
+        code = main(["bench", str(prof), "--budget", "8GB,lots", "--model", "tiny-flux"])
+    assert code == 2 and "'none' for no cap" in err.getvalue() and len(err.getvalue().strip().splitlines()) == 1

@@ -328,3 +328,27 @@ def test_measure_on_cuda_oom_under_a_cap() -> None:
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, 0)
     assert m.status == "oom" and "OutOfMemoryError" in (m.error or "")
+
+
+def test_short_warmup_and_time_box(dit: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fluxtune.measure as fm
+
+    steps_seen: list[int] = []
+    real = fm._one_call
+
+    def counting(pipe: object, inst: object, device: object, seed: int, kwargs: dict, keep: bool) -> object:
+        steps_seen.append(kwargs["num_inference_steps"])
+        return real(pipe, inst, device, seed, kwargs, keep)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fm, "_one_call", counting)
+    wl = Workload(class_labels=(1,), steps=4, runs=5, warmup=1, warmup_steps=1)
+    # A box far larger than the calls: every run happens; the warm-up ran 1 step, the runs 4.
+    m = measure(dit, wl, time_box_s=1e6)
+    assert m.status == "ok" and steps_seen == [1, 4, 4, 4, 4, 4] and len(m.latency_runs) == 5
+    assert m.images is not None  # kept, whichever run is the last
+    # A box smaller than one call: exactly one timed run, its images kept.
+    steps_seen.clear()
+    m = measure(dit, wl, time_box_s=1e-6)
+    assert steps_seen == [1, 4] and len(m.latency_runs) == 1 and m.images is not None
+    with pytest.raises(ProfileError, match="warmup_steps=0"):
+        Workload(class_labels=(1,), warmup_steps=0)

@@ -344,3 +344,18 @@ def test_calibrated_predictions_within_10_percent_on_the_h200_search() -> None:
     # Uncalibrated the model is 29 % high on both offload recipes; learning the VAE-decode activations
     # from the first run brings every later prediction within 10 %.
     assert max(errors) < 0.10, errors
+
+
+def test_weights_floor_says_which_caps_a_recipe_certainly_cannot_fit(flux: ModelFacts) -> None:
+    from fluxtune.bench import recipes
+
+    gen = {"steps": 28, "height": 1024, "width": 1024}
+    floors = {n: predict(validate_profile({**d, "name": "x", "generation": gen}), flux) for n, d in recipes("flux").items()}
+    gb = 10**9
+    # Model offload holds the whole bf16 transformer while it runs; leaf offload a few layers at a time.
+    assert floors["enable_model_cpu_offload"].weights_floor > 22 * gb
+    assert floors["enable_model_cpu_offload"].weights_floor_phase == "transformer"
+    assert floors["group offload, leaf level, streams"].weights_floor < gb
+    assert floors["bf16"].weights_floor > 31 * gb
+    for p in floors.values():  # a floor, never above the predicted peak
+        assert p.weights_floor <= p.peak_allocated

@@ -169,7 +169,9 @@ def test_save_pretrained_load_round_trip(name: str, tmp_path: Path, tiny_flux: A
         expected, got = flux_images(pipe, height=64, width=64), flux_images(loaded, height=64, width=64)
     else:
         expected, got = dit_images(pipe), dit_images(loaded)
-    assert torch.equal(expected, got)
+    # The same weights, but loaded tensors may sit in another memory layout, which changes the CPU
+    # matmul's summation order (seen: 1e-6 with transformers 5.24); a broken load differs by far more.
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 def test_load_local_dir_with_dtype(tmp_path: Path, tiny_dit: Any) -> None:

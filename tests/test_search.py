@@ -505,7 +505,7 @@ def test_narrowing_rejects_unknown_dimensions_and_values():
 
 def test_warm_start_keeps_what_fits_a_narrowed_space():
     presets = [load_profile(p) for p in list_presets().values()]
-    assert len(presets) == 3
+    assert len(presets) == 4
     full = recipes.warm_start(_space(H200), presets)
     labels = [label for label, _ in full]
     assert "recipe enable_model_cpu_offload" in labels and "recipe flux-fast core (fp8 rowwise + regional compile)" in labels

@@ -1,9 +1,12 @@
-"""fluxtune bench: profiles side by side with the plain diffusers recipes, same workload and cap."""
+"""fluxtune bench: profiles side by side with the plain diffusers recipes, same workload and caps."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 from pathlib import Path
+from typing import Any
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -11,13 +14,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baselines", action="store_true", help="also run the diffusers recipes")
     p.add_argument("--recipes", default=None,
                    help="comma-separated words picking some recipes, e.g. model,leaf (default: all with --baselines)")
-    p.add_argument("--budget", default=None, help="memory cap for every candidate, e.g. 12GB")
+    p.add_argument("--budget", default=None,
+                   help="memory cap for every candidate, e.g. 12GB; or several, e.g. 8GB,12GB,24GB,none: then each "
+                   "profile runs under its own budget and each recipe under the smallest listed cap it fits")
     p.add_argument("--model", default="flux-mini", help="built-in name, local path or hub id")
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: each profile's / the model's)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps for every candidate")
     p.add_argument("--runs", type=int, default=3,
                    help="timed repeats after one warm-up, back to back under the cap (default 3; 10 checks that "
                    "ten consecutive generations never run out of memory)")
+    p.add_argument("--recipe-runs", type=int, default=None,
+                   help="timed repeats of the recipes and the reference (default: --runs)")
+    p.add_argument("--recipe-warmup-steps", type=int, default=None,
+                   help="steps of the recipes' and the reference's warm-up call (default: the full workload; the "
+                   "uncompiled offloading recipes need no full warm-up)")
+    p.add_argument("--recipe-time-box", type=float, default=None, metavar="SECONDS",
+                   help="per recipe: no timed run starts that would end past this many seconds of timed runs (at "
+                   "least one runs); keeps a slow recipe such as sequential offload from eating the bench")
+    p.add_argument("--timeout", default=None,
+                   help="wall-clock limit of the whole bench, e.g. 9m; re-running the same command continues")
+    p.add_argument("--fresh", action="store_true", help="ignore the rows a previous run left in --out")
+    p.add_argument("--write-measured", action="store_true",
+                   help="write each profile's measurement into its YAML file's measured block")
     p.add_argument("--prompt", action="append", default=None, help="workload prompt (repeatable)")
     p.add_argument("--out", default=".fluxtune/bench", help="folder for bench.json, the table and the plot")
     p.add_argument("--no-reference", action="store_true", help="skip the bf16 reference run (no quality column)")
@@ -28,30 +46,60 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="load dtype (default: bfloat16, or a built-in's own)")
 
 
+def _budgets(text: str | None) -> list[int | None] | None:
+    from fluxtune.errors import ProfileError
+    from fluxtune.units import parse_bytes
+
+    if not text:
+        return None
+    out: list[int | None] = []
+    for word in (w.strip() for w in text.split(",")):
+        if word.lower() in ("none", "nocap", "no-cap"):
+            out.append(None)
+            continue
+        try:
+            out.append(parse_bytes(word, field="--budget"))
+        except ValueError as e:
+            raise ProfileError(f"{e}; or 'none' for no cap, e.g. --budget 8GB,12GB,24GB,none") from None
+    return out
+
+
+def _positive(name: str, value: int | None) -> None:
+    from fluxtune.errors import ProfileError
+
+    if value is not None and value < 1:
+        raise ProfileError(f"{name} {value}: must be at least 1")
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     from fluxtune import pipelines
-    from fluxtune.bench import make_candidates, plot, run_bench, speedups
-    from fluxtune.cli.search import default_workload
+    from fluxtune.bench import make_candidates, plot, run_bench
+    from fluxtune.cli.search import default_workload, parse_duration
     from fluxtune.errors import ProfileError
     from fluxtune.hardware import detect_hardware
     from fluxtune.presets import load_profile
-    from fluxtune.units import format_bytes, parse_bytes, parse_image_size
+    from fluxtune.units import parse_image_size
 
     if not args.profiles and not args.baselines:
         raise ProfileError("nothing to bench: give profiles and/or --baselines")
+    budgets = _budgets(args.budget)
+    for name in ("--runs", "--recipe-runs", "--recipe-warmup-steps"):
+        _positive(name, getattr(args, name[2:].replace("-", "_")))
+    if args.recipe_time_box is not None and args.recipe_time_box <= 0:
+        raise ProfileError(f"--recipe-time-box {args.recipe_time_box}: give a positive number of seconds, e.g. 60")
     try:
-        budget = parse_bytes(args.budget, field="--budget") if args.budget else None
         size = parse_image_size(args.size, field="--size") if args.size else None
     except ValueError as e:
         raise ProfileError(str(e)) from None
+    total = parse_duration(args.timeout) if args.timeout else None
     hw = detect_hardware()
     device = args.device or ("cuda:0" if hw.has_cuda else "cpu")
     spec = pipelines.builtin(args.model)
     family = spec.family if spec else "flux"
-    profiles = [load_profile(p) for p in args.profiles]
+    sources = list(args.profiles)
+    profiles = [load_profile(p) for p in sources]
     generation: dict[str, object] = dict(spec.generation) if spec else {}
     if size:
         generation.update(height=size[0], width=size[1])
@@ -67,12 +115,14 @@ def run(args: argparse.Namespace) -> int:
         generation["images_per_prompt"] = max(int(generation.get("images_per_prompt") or 1), n)  # type: ignore[call-overload]
         profiles = [p.replace(generation={**p.generation.model_dump(), "images_per_prompt":
                                           max(p.generation.images_per_prompt, n)}) for p in profiles]
-    candidates = make_candidates(profiles, family, budget, args.baselines or bool(args.recipes), generation)
+    recipe_workload = {**workload, "runs": args.recipe_runs or args.runs}
+    if args.recipe_warmup_steps:
+        recipe_workload["warmup_steps"] = args.recipe_warmup_steps
+    candidates = make_candidates(profiles, family, budgets, args.baselines or bool(args.recipes), generation,
+                                 reference=not args.no_reference)
     if args.recipes:
         words = [w.strip().lower() for w in args.recipes.split(",") if w.strip()]
         candidates = [c for c in candidates if c.kind != "recipe" or any(w in c.name.lower() for w in words)]
-    if args.no_reference:
-        candidates = [c for c in candidates if c.kind != "reference"]
     folder = Path(args.out)
     dtype = args.dtype or (spec.dtype if spec and spec.dtype else "bfloat16")
     if args.samples and family != "dit":
@@ -81,25 +131,96 @@ def run(args: argparse.Namespace) -> int:
     if args.samples == 1 or args.samples < 0:
         raise ProfileError(f"--samples {args.samples}: use 0 (off) or at least 2, typically a few hundred")
     rows = run_bench(candidates, model=args.model, device=device, workload=workload, folder=folder, dtype=dtype,
-                     samples=args.samples)
-    table = Table("candidate", "status", "latency (median)", "spread", "first call", "peak reserved", "PSNR",
-                  "generations", "apply (quantize)", *(("FD", "KID") if args.samples else ()),
-                  title=f"{args.model}, budget {format_bytes(budget) if budget else 'none'}, {device}")
-    for r in rows:
-        table.add_row(r.name, r.status if r.fits else f"[red]{r.status}[/]",
-                      f"{r.latency_s:.2f}s" if r.latency_s else "-",
-                      f"{r.latency_spread:.2f}s" if r.latency_spread is not None else "-",
-                      f"{r.first_call_s:.1f}s" if r.first_call_s else "-",
-                      format_bytes(r.peak_reserved) if r.peak_reserved else "-",
-                      f"{min(r.psnr, 100):.1f}" if r.psnr is not None else "-",
-                      str(r.generations) if r.generations else "-",
-                      f"{r.apply_s:.2f}s ({r.quantize_s or 0:.2f}s)" if r.apply_s is not None else "-",
-                      *((f"{r.fd:.3g}" if r.fd is not None else "-", f"{r.kid:.2g}" if r.kid is not None else "-")
-                        if args.samples else ()))
-    console = Console(width=160)
-    console.print(table)
-    for prof, recipe, ratio in speedups(rows):
-        console.print(f"{prof}: {ratio:.2f}x faster than the fastest recipe that fits ({recipe})")
-    png = plot(rows, folder / "bench.png", budget, f"{args.model}: profiles vs diffusers recipes")
-    console.print(f"table: {folder / 'bench.json'}; plot: {png}")
+                     recipe_workload=recipe_workload, total_timeout_s=total, time_box_s=args.recipe_time_box,
+                     samples=args.samples, resume=not args.fresh)
+    console = Console(width=200)
+    title = f"{args.model}, {device}, {hw.gpu_name or 'cpu'}"
+    console.print(results_table(rows, title, samples=bool(args.samples)))
+    console.print(summary_table(rows))
+    caps = sorted({r.cap for r in rows if r.cap is not None})
+    png = plot(rows, folder / "bench.png", caps, f"{args.model}: profiles vs diffusers recipes")
+    (folder / "bench.md").write_text(markdown(rows, command="fluxtune bench " + shlex.join(sys.argv[2:])
+                                              if sys.argv[1:2] == ["bench"] else None))
+    console.print(f"table: {folder / 'bench.json'}, {folder / 'bench.md'}; plot: {png}")
+    if args.write_measured:
+        from fluxtune.bench import write_measured
+
+        for src, prof in zip(sources, profiles, strict=True):
+            path = write_measured(src, prof, rows, model=args.model, workload=workload, hardware=hw)
+            if path is not None:
+                console.print(f"measured block written: {path}")
     return 0
+
+
+def _fmt_first(r: Any) -> str:
+    if not r.first_call_s:
+        return "-"
+    return f"{r.first_call_s:.1f}s" + (f" ({r.warmup_steps} steps)" if r.warmup_steps else "")
+
+
+def results_table(rows: list[Any], title: str, *, samples: bool = False) -> Any:
+    """Every measured (or refused) candidate, in run order."""
+    from rich.table import Table
+
+    from fluxtune.bench import cap_label
+    from fluxtune.units import format_bytes
+
+    table = Table("candidate", "cap", "status", "latency (median)", "spread", "runs", "first call", "peak reserved",
+                  "PSNR", "generations", "apply (quantize, placement)", *(("FD", "KID") if samples else ()),
+                  title=title)
+    for r in rows:
+        table.add_row(
+            r.name, cap_label(r.cap), r.status if r.fits else f"[red]{r.status}[/]",
+            f"{r.latency_s:.2f}s" if r.latency_s else "-",
+            f"{r.latency_spread:.2f}s" if r.latency_spread is not None else "-", str(r.runs or "-"), _fmt_first(r),
+            format_bytes(r.peak_reserved) if r.peak_reserved else "-",
+            f"{min(r.psnr, 100):.1f}" if r.psnr is not None else "-", str(r.generations) if r.generations else "-",
+            f"{r.apply_s:.2f}s ({r.quantize_s or 0:.2f}s, {r.placement_s or 0:.2f}s)" if r.apply_s is not None else "-",
+            *((f"{r.fd:.3g}" if r.fd is not None else "-", f"{r.kid:.2g}" if r.kid is not None else "-")
+              if samples else ()))
+    return table
+
+
+def summary_table(rows: list[Any]) -> Any:
+    """Per budget: the profile against the fastest recipe that fits the same cap."""
+    from rich.table import Table
+
+    from fluxtune.bench import cap_label, summary
+
+    table = Table("budget", "profile", "latency", "fastest recipe that fits", "its latency", "speedup",
+                  title="per budget")
+    for s in summary(rows):
+        table.add_row(cap_label(s["cap"]), s["profile"], f"{s['latency_s']:.2f}s" if s["latency_s"] else s["status"],
+                      s["recipe"] or "none fits", f"{s['recipe_latency_s']:.2f}s" if s["recipe_latency_s"] else "-",
+                      f"{s['speedup']:.2f}x" if s["speedup"] else "-")
+    return table
+
+
+def markdown(rows: list[Any], *, command: str | None = None) -> str:
+    """The two tables as Markdown (for a README or a results folder)."""
+    from fluxtune.bench import cap_label, summary
+    from fluxtune.units import format_bytes
+
+    lines = ["| candidate | cap | status | latency | spread | runs | first call | peak reserved | PSNR vs bf16 | "
+             "generations | apply (quantize, placement) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        status = r.status if r.fits else (r.error or r.status)[:90]
+        latency = f"{r.latency_s:.2f} s" if r.latency_s else "-"
+        spread = f"{r.latency_spread:.2f} s" if r.latency_spread is not None else "-"
+        peak = format_bytes(r.peak_reserved) if r.peak_reserved else "-"
+        psnr = f"{min(r.psnr, 100):.1f} dB" if r.psnr is not None else "-"
+        apply = (f"{r.apply_s:.2f} s ({r.quantize_s or 0:.2f} s, {r.placement_s or 0:.2f} s)"
+                 if r.apply_s is not None else "-")
+        lines.append(f"| {r.name} | {cap_label(r.cap)} | {status} | {latency} | {spread} | {r.runs or '-'} | "
+                     f"{_fmt_first(r)} | {peak} | {psnr} | {r.generations or '-'} | {apply} |")
+    lines += ["", "| budget | profile | latency | fastest recipe that fits | its latency | speedup |",
+              "|---|---|---|---|---|---|"]
+    for s in summary(rows):
+        latency = f"{s['latency_s']:.2f} s" if s["latency_s"] else s["status"]
+        recipe = f"{s['recipe_latency_s']:.2f} s" if s["recipe_latency_s"] else "-"
+        speedup = f"{s['speedup']:.2f}x" if s["speedup"] else "-"
+        lines.append(f"| {cap_label(s['cap'])} | {s['profile']} | {latency} | {s['recipe'] or 'none fits'} | "
+                     f"{recipe} | {speedup} |")
+    if command:
+        lines += ["", f"Command: `{command}`"]
+    return "\n".join(lines) + "\n"

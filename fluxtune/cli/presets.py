@@ -16,14 +16,14 @@ def run(args: argparse.Namespace) -> int:
     from fluxtune.units import format_bytes
 
     rows = []
-    for name, path in sorted(list_presets().items(), key=lambda kv: load_profile(kv[1]).budget.vram or 0):
+    for name, path in sorted(list_presets().items(), key=lambda kv: load_profile(kv[1]).budget.vram or float("inf")):
         p = load_profile(path)
         m = p.measured
         measured = m is not None and m.status == "measured"
         rows.append({
             "name": name,
             "family": p.family,
-            "budget": format_bytes(p.budget.vram) if p.budget.vram else "-",
+            "budget": format_bytes(p.budget.vram) if p.budget.vram else "none",
             "latency_s": m.latency_s if measured and m else None,
             "peak": format_bytes(m.peak_reserved) if measured and m and m.peak_reserved else None,
             "measured_on": (m.hardware.get("name") if measured and m else None) or "unmeasured",

@@ -115,7 +115,7 @@ class TrialSession:
 
     # -- running -------------------------------------------------------------------------------
     def run(self, profile_data: dict[str, Any], *, reference: bool = False, trial: int | None = None,
-            compiled_floor: bool = False, samples: int = 0) -> dict[str, Any]:
+            compiled_floor: bool = False, samples: int = 0, time_box_s: float | None = None) -> dict[str, Any]:
         """Apply and measure one profile; returns plain data (status, measurement, quality, timings)."""
         torch = self.torch
         from fluxtune.errors import BudgetExceededError, FluxtuneError
@@ -134,6 +134,7 @@ class TrialSession:
             report = apply(profile, pipe, hardware=self.hardware, device=str(self.device))
             out["apply_s"] = time.perf_counter() - t0
             out["quantize_s"] = report.seconds("quantize")
+            out["placement_s"] = report.seconds("offload")
             out["report"] = str(report)
             self.dirty = False
         except BudgetExceededError as e:
@@ -151,7 +152,7 @@ class TrialSession:
             return out
         index = self.device.index or 0 if self.device.type == "cuda" else 0
         workload = self._trial_workload(profile)
-        m = measure(pipe, workload, budget_bytes=self.cfg.budget_bytes, device_index=index)
+        m = measure(pipe, workload, budget_bytes=self.cfg.budget_bytes, device_index=index, time_box_s=time_box_s)
         if m.status in ("oom", "error"):
             self.dirty = True
         out["status"] = m.status
@@ -301,7 +302,7 @@ def worker_main(conn: Any, cfg: WorkerConfig) -> None:
                 os._exit(1)
             result = session.run(profile_data, reference=options.get("reference", False), trial=options.get("trial"),
                                  compiled_floor=options.get("compiled_floor", False),
-                                 samples=int(options.get("samples", 0)))
+                                 samples=int(options.get("samples", 0)), time_box_s=options.get("time_box_s"))
             conn.send(("result", job, result))
         if msg[0] == "scan":
             _, job, method, steps = msg

@@ -64,14 +64,20 @@ def _moved(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return type(t).__tensor_unflatten__(moved, ctx, t.shape, t.stride())  # type: ignore[attr-defined, no-any-return]
 
 
-def _pin(t: torch.Tensor) -> torch.Tensor:
+def _pinned_host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` in pinned host memory (inner tensors for subclasses), written in one copy from
+    wherever ``t`` is: allocating pinned memory first and copying into it skips the pageable
+    intermediate that ``t.cpu().pin_memory()`` would fault in and copy twice."""
     if not torch.cuda.is_available():
-        return t
-    if type(t) is torch.Tensor or not hasattr(t, "__tensor_flatten__"):
-        return t.pin_memory()
+        return _moved(t, "cpu")
+    inner = _inner(t)
+    if inner is None:
+        out = torch.empty_like(t.detach(), device="cpu", pin_memory=True)
+        out.copy_(t.detach())
+        return out
     names, ctx = t.__tensor_flatten__()  # type: ignore[attr-defined]
-    inner = {n: _pin(getattr(t, n)) for n in names}
-    return type(t).__tensor_unflatten__(inner, ctx, t.shape, t.stride())  # type: ignore[attr-defined, no-any-return]
+    moved = {n: _pinned_host_copy(getattr(t, n)) for n in names}
+    return type(t).__tensor_unflatten__(moved, ctx, t.shape, t.stride())  # type: ignore[attr-defined, no-any-return]
 
 
 def _is_subclass(t: torch.Tensor) -> bool:
@@ -158,7 +164,7 @@ class BlockStreamer:
             item = _Streamed(blocks[i][1])
             for module in item.block.modules():
                 for name, p in module.named_parameters(recurse=False):
-                    home = _pin(_moved(p, "cpu"))
+                    home = _pinned_host_copy(p)
                     _assign(p, home)
                     item.homes.append((module, name, home))
                     self._origin[id(p)] = p.device  # the wrapper's device, restored by remove()
