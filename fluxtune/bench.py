@@ -386,9 +386,48 @@ def summary(rows: list[BenchRow]) -> list[dict[str, Any]]:
     return out
 
 
-def speedups(rows: list[BenchRow]) -> list[tuple[str, str, float]]:
-    """(profile, fastest recipe that fits its cap, ratio) for each measured profile row."""
-    return [(s["profile"], s["recipe"], s["speedup"]) for s in summary(rows) if s["speedup"]]
+ROW_COLUMNS = ("candidate", "cap", "status", "latency (median)", "spread", "runs", "first call", "peak reserved",
+               "PSNR vs bf16", "generations", "apply (quantize, placement)")
+SUMMARY_COLUMNS = ("budget", "profile", "latency", "fastest recipe that fits", "its latency", "speedup")
+
+
+def row_cells(r: BenchRow, *, samples: bool = False, why: bool = False) -> list[str]:
+    """One row's cells under :data:`ROW_COLUMNS` (plus FD, KID with ``samples``); ``why`` puts the error
+    of a row that did not run in the status cell."""
+    first = "-"
+    if r.first_call_s:
+        first = f"{r.first_call_s:.1f} s" + (f" ({r.warmup_steps} steps)" if r.warmup_steps else "")
+    status = (r.error or r.status)[:90] if why and not r.fits else r.status
+    cells = [
+        r.name, cap_label(r.cap), status, f"{r.latency_s:.2f} s" if r.latency_s else "-",
+        f"{r.latency_spread:.2f} s" if r.latency_spread is not None else "-", str(r.runs or "-"), first,
+        format_bytes(r.peak_reserved) if r.peak_reserved else "-",
+        f"{min(r.psnr, 100):.1f} dB" if r.psnr is not None else "-", str(r.generations or "-"),
+        f"{r.apply_s:.2f} s ({r.quantize_s or 0:.2f} s, {r.placement_s or 0:.2f} s)" if r.apply_s is not None else "-",
+    ]
+    if samples:
+        cells += [f"{r.fd:.3g}" if r.fd is not None else "-", f"{r.kid:.2g}" if r.kid is not None else "-"]
+    return cells
+
+
+def summary_cells(rows: list[BenchRow]) -> list[list[str]]:
+    """The per-budget comparison of :func:`summary` as cells under :data:`SUMMARY_COLUMNS`."""
+    return [[cap_label(s["cap"]), s["profile"], f"{s['latency_s']:.2f} s" if s["latency_s"] else s["status"],
+             s["recipe"] or "none fits", f"{s['recipe_latency_s']:.2f} s" if s["recipe_latency_s"] else "-",
+             f"{s['speedup']:.2f}x" if s["speedup"] else "-"] for s in summary(rows)]
+
+
+def markdown(rows: list[BenchRow], *, command: str | None = None) -> str:
+    """The rows and the per-budget comparison as Markdown tables (for a README or a results folder)."""
+
+    def table(head: Sequence[str], body: list[list[str]]) -> list[str]:
+        return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(c) + " |" for c in body)]
+
+    lines = table(ROW_COLUMNS, [row_cells(r, why=True) for r in rows])
+    lines += ["", *table(SUMMARY_COLUMNS, summary_cells(rows))]
+    if command:
+        lines += ["", f"Command: `{command}`"]
+    return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[BenchRow], path: Path, budgets: Sequence[Cap], title: str) -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from fluxtune import pipelines
-    from fluxtune.bench import make_candidates, plot, run_bench
+    from fluxtune.bench import make_candidates, markdown, plot, run_bench
     from fluxtune.cli.search import default_workload, parse_duration
     from fluxtune.errors import ProfileError
     from fluxtune.hardware import detect_hardware
@@ -139,8 +138,7 @@ def run(args: argparse.Namespace) -> int:
     console.print(summary_table(rows))
     caps = sorted({r.cap for r in rows if r.cap is not None})
     png = plot(rows, folder / "bench.png", caps, f"{args.model}: profiles vs diffusers recipes")
-    (folder / "bench.md").write_text(markdown(rows, command="fluxtune bench " + shlex.join(sys.argv[2:])
-                                              if sys.argv[1:2] == ["bench"] else None))
+    (folder / "bench.md").write_text(markdown(rows, command="fluxtune " + shlex.join(args.argv)))
     console.print(f"table: {folder / 'bench.json'}, {folder / 'bench.md'}; plot: {png}")
     if args.write_measured:
         from fluxtune.bench import write_measured
@@ -152,32 +150,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt_first(r: Any) -> str:
-    if not r.first_call_s:
-        return "-"
-    return f"{r.first_call_s:.1f}s" + (f" ({r.warmup_steps} steps)" if r.warmup_steps else "")
-
-
 def results_table(rows: list[Any], title: str, *, samples: bool = False) -> Any:
     """Every measured (or refused) candidate, in run order."""
     from rich.table import Table
 
-    from fluxtune.bench import cap_label
-    from fluxtune.units import format_bytes
+    from fluxtune.bench import ROW_COLUMNS, row_cells
 
-    table = Table("candidate", "cap", "status", "latency (median)", "spread", "runs", "first call", "peak reserved",
-                  "PSNR", "generations", "apply (quantize, placement)", *(("FD", "KID") if samples else ()),
-                  title=title)
+    table = Table(*ROW_COLUMNS, *(("FD", "KID") if samples else ()), title=title)
     for r in rows:
-        table.add_row(
-            r.name, cap_label(r.cap), r.status if r.fits else f"[red]{r.status}[/]",
-            f"{r.latency_s:.2f}s" if r.latency_s else "-",
-            f"{r.latency_spread:.2f}s" if r.latency_spread is not None else "-", str(r.runs or "-"), _fmt_first(r),
-            format_bytes(r.peak_reserved) if r.peak_reserved else "-",
-            f"{min(r.psnr, 100):.1f}" if r.psnr is not None else "-", str(r.generations) if r.generations else "-",
-            f"{r.apply_s:.2f}s ({r.quantize_s or 0:.2f}s, {r.placement_s or 0:.2f}s)" if r.apply_s is not None else "-",
-            *((f"{r.fd:.3g}" if r.fd is not None else "-", f"{r.kid:.2g}" if r.kid is not None else "-")
-              if samples else ()))
+        cells = row_cells(r, samples=samples)
+        if not r.fits:
+            cells[2] = f"[red]{cells[2]}[/]"
+        table.add_row(*cells)
     return table
 
 
@@ -185,42 +169,9 @@ def summary_table(rows: list[Any]) -> Any:
     """Per budget: the profile against the fastest recipe that fits the same cap."""
     from rich.table import Table
 
-    from fluxtune.bench import cap_label, summary
+    from fluxtune.bench import SUMMARY_COLUMNS, summary_cells
 
-    table = Table("budget", "profile", "latency", "fastest recipe that fits", "its latency", "speedup",
-                  title="per budget")
-    for s in summary(rows):
-        table.add_row(cap_label(s["cap"]), s["profile"], f"{s['latency_s']:.2f}s" if s["latency_s"] else s["status"],
-                      s["recipe"] or "none fits", f"{s['recipe_latency_s']:.2f}s" if s["recipe_latency_s"] else "-",
-                      f"{s['speedup']:.2f}x" if s["speedup"] else "-")
+    table = Table(*SUMMARY_COLUMNS, title="per budget")
+    for cells in summary_cells(rows):
+        table.add_row(*cells)
     return table
-
-
-def markdown(rows: list[Any], *, command: str | None = None) -> str:
-    """The two tables as Markdown (for a README or a results folder)."""
-    from fluxtune.bench import cap_label, summary
-    from fluxtune.units import format_bytes
-
-    lines = ["| candidate | cap | status | latency | spread | runs | first call | peak reserved | PSNR vs bf16 | "
-             "generations | apply (quantize, placement) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        status = r.status if r.fits else (r.error or r.status)[:90]
-        latency = f"{r.latency_s:.2f} s" if r.latency_s else "-"
-        spread = f"{r.latency_spread:.2f} s" if r.latency_spread is not None else "-"
-        peak = format_bytes(r.peak_reserved) if r.peak_reserved else "-"
-        psnr = f"{min(r.psnr, 100):.1f} dB" if r.psnr is not None else "-"
-        apply = (f"{r.apply_s:.2f} s ({r.quantize_s or 0:.2f} s, {r.placement_s or 0:.2f} s)"
-                 if r.apply_s is not None else "-")
-        lines.append(f"| {r.name} | {cap_label(r.cap)} | {status} | {latency} | {spread} | {r.runs or '-'} | "
-                     f"{_fmt_first(r)} | {peak} | {psnr} | {r.generations or '-'} | {apply} |")
-    lines += ["", "| budget | profile | latency | fastest recipe that fits | its latency | speedup |",
-              "|---|---|---|---|---|---|"]
-    for s in summary(rows):
-        latency = f"{s['latency_s']:.2f} s" if s["latency_s"] else s["status"]
-        recipe = f"{s['recipe_latency_s']:.2f} s" if s["recipe_latency_s"] else "-"
-        speedup = f"{s['speedup']:.2f}x" if s["speedup"] else "-"
-        lines.append(f"| {cap_label(s['cap'])} | {s['profile']} | {latency} | {s['recipe'] or 'none fits'} | "
-                     f"{recipe} | {speedup} |")
-    if command:
-        lines += ["", f"Command: `{command}`"]
-    return "\n".join(lines) + "\n"

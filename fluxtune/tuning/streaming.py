@@ -53,31 +53,33 @@ def module_bytes(module: torch.nn.Module, device_type: str | None = None) -> int
     return sum(tensor_bytes(t) for t in tensors if device_type is None or tensor_on(t, device_type))
 
 
-def _moved(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """A copy of ``t`` on ``device`` built from its inner tensors: no op runs on ``t`` itself, which
-    matters for a streamed torchao weight whose wrapper and inner tensors sit on different devices."""
-    inner = _inner(t)
-    if inner is None:
-        return t.detach().to(device)
+def _rebuild(t: torch.Tensor, leaf: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``leaf`` applied to a plain tensor, or to each inner tensor of a subclass (rebuilt around them);
+    no op runs on a subclass itself, which matters for a streamed torchao weight whose wrapper and
+    inner tensors sit on different devices."""
+    if _inner(t) is None:
+        return leaf(t.detach())
     names, ctx = t.__tensor_flatten__()  # type: ignore[attr-defined]
-    moved = {n: _moved(getattr(t, n), device) for n in names}
-    return type(t).__tensor_unflatten__(moved, ctx, t.shape, t.stride())  # type: ignore[attr-defined, no-any-return]
+    inner = {n: _rebuild(getattr(t, n), leaf) for n in names}
+    return type(t).__tensor_unflatten__(inner, ctx, t.shape, t.stride())  # type: ignore[attr-defined, no-any-return]
+
+
+def _moved(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A copy of ``t`` on ``device``, built from its inner tensors (see :func:`_rebuild`)."""
+    return _rebuild(t, lambda x: x.to(device))
+
+
+def _pinned_leaf(t: torch.Tensor) -> torch.Tensor:
+    # Allocating pinned memory first and copying into it skips the pageable intermediate that
+    # ``t.cpu().pin_memory()`` would fault in and copy twice.
+    out = torch.empty_like(t, device="cpu", pin_memory=True)
+    out.copy_(t)
+    return out
 
 
 def _pinned_host_copy(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` in pinned host memory (inner tensors for subclasses), written in one copy from
-    wherever ``t`` is: allocating pinned memory first and copying into it skips the pageable
-    intermediate that ``t.cpu().pin_memory()`` would fault in and copy twice."""
-    if not torch.cuda.is_available():
-        return _moved(t, "cpu")
-    inner = _inner(t)
-    if inner is None:
-        out = torch.empty_like(t.detach(), device="cpu", pin_memory=True)
-        out.copy_(t.detach())
-        return out
-    names, ctx = t.__tensor_flatten__()  # type: ignore[attr-defined]
-    moved = {n: _pinned_host_copy(getattr(t, n)) for n in names}
-    return type(t).__tensor_unflatten__(moved, ctx, t.shape, t.stride())  # type: ignore[attr-defined, no-any-return]
+    """A copy of ``t`` in pinned host memory (inner tensors for subclasses), written in one copy."""
+    return _rebuild(t, _pinned_leaf if torch.cuda.is_available() else lambda x: x.to("cpu"))
 
 
 def _is_subclass(t: torch.Tensor) -> bool:
