@@ -189,6 +189,13 @@ def test_report_lists_actions_in_phase_order(tiny_flux):
     assert report.to_dict()["actions"][0]["status"] == "applied"
 
 
+def test_cuda_graphs_refused_for_regional_compile(tiny_flux):
+    """Regional blocks replaying one CUDA graph overwrite each other's outputs (seen on the H200)."""
+    with pytest.raises(IncompatibleKnobsError, match="inductor_mode=reduce-overhead with compile.mode=regional"):
+        fluxtune.apply({"compile": {"mode": "regional", "inductor_mode": "reduce-overhead"}}, tiny_flux)
+    assert getattr(tiny_flux, "_fluxtune", None) is None  # refused before anything was applied
+
+
 def test_regional_compile_really_compiles(tiny_flux):
     """compile.mode=regional compiles the repeated blocks with TorchDynamo/Inductor (CPU here)."""
     import torch._dynamo.utils as dynamo_utils
@@ -202,3 +209,20 @@ def test_regional_compile_really_compiles(tiny_flux):
     assert dynamo_utils.counters["stats"]["unique_graphs"] >= 2  # one per block class
     assert torch.allclose(out, ref, atol=2e-3)
     torch._dynamo.reset()
+
+
+def test_preload_imports_what_the_profile_needs():
+    """Workers import a profile's lazy dependencies before timing apply, and only those."""
+    import sys
+
+    from fluxtune.presets import load_profile
+    from fluxtune.tuning import _lazy_imports, preload
+
+    plain = load_profile({})
+    assert _lazy_imports(plain) == []
+    heavy = load_profile({"transformer": {"quantize": "int8_weight", "offload": "group"},
+                          "compile": {"mode": "regional"}})
+    names = _lazy_imports(heavy)
+    assert names == ["torchao.quantization", "torch._dynamo", "torch._inductor.config", "diffusers.hooks"]
+    assert preload(heavy) >= 0.0
+    assert all(n in sys.modules for n in names)

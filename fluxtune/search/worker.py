@@ -121,7 +121,7 @@ class TrialSession:
         from fluxtune.errors import BudgetExceededError, FluxtuneError
         from fluxtune.measure import compare, measure
         from fluxtune.presets import load_profile
-        from fluxtune.tuning import apply
+        from fluxtune.tuning import apply, preload
 
         out: dict[str, Any] = {"status": "error", "trial": trial}
         try:
@@ -129,6 +129,8 @@ class TrialSession:
             t0 = time.perf_counter()
             pipe = self._pipeline_for(profile)
             out["restore_s"] = time.perf_counter() - t0
+            # First use of torchao/TorchDynamo in this process: imports, reported apart from apply.
+            out["imports_s"] = preload(profile)
             self.dirty = True  # until apply finished cleanly
             t0 = time.perf_counter()
             report = apply(profile, pipe, hardware=self.hardware, device=str(self.device))

@@ -36,6 +36,13 @@ class CompileHandler(Handler):
             return []
         if ctx.components().get("transformer") is None:
             return [f"compile.mode={c.mode}: this pipeline has no transformer"]
+        if c.inductor_mode in ("reduce-overhead", "max-autotune") and c.mode == "regional":
+            # Measured on the H200 (FLUX.1-dev, torch 2.11): every block of a class replays one CUDA
+            # graph, so a block's output is overwritten by the next block's run and the first call raises
+            # "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run".
+            return [f"compile.inductor_mode={c.inductor_mode} with compile.mode=regional: the repeated blocks "
+                    "share one CUDA graph and overwrite each other's outputs; use compile.mode=full, or "
+                    "inductor_mode default or max-autotune-no-cudagraphs"]
         if c.inductor_mode in ("reduce-overhead", "max-autotune") and not ctx.on_gpu:
             return [f"compile.inductor_mode={c.inductor_mode} uses CUDA graphs; on CPU use default"]
         return []

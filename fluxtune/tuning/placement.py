@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from functools import partial
 from typing import Any
@@ -11,6 +12,40 @@ from fluxtune.tuning.base import PLACEMENT, Context, Handler, register
 from fluxtune.units import format_bytes
 
 _GROUP_HOOKS = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
+
+
+def _parallel_host_pinning() -> str | None:
+    """Let pinned host allocations fault in and register their pages on several threads.
+
+    torch's default pinned allocator (cudaHostAlloc, one thread) managed 1.2 GB/s on the H200's host,
+    so pinning the 12 GB an 8 GB profile streams took 12 s of ``apply``. The allocator's own
+    ``pinned_use_cuda_host_register`` mode mallocs, touches the pages on N threads, then registers
+    them. Process-wide, like every allocator setting; left alone when the user configured pinning.
+    Returns what was set, or None.
+    """
+    import torch
+
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + os.environ.get("PYTORCH_ALLOC_CONF", "")
+    if "pinned_" in conf:
+        return None
+    threads = 1
+    while threads * 2 <= min(16, os.cpu_count() or 1):  # the allocator wants a power of two
+        threads *= 2
+    setting = f"pinned_use_cuda_host_register:True,pinned_num_register_threads:{threads}"
+    set_settings = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    try:
+        if set_settings is not None:
+            set_settings(setting)
+        else:
+            torch.cuda.memory._set_allocator_settings(setting)
+    except (RuntimeError, AttributeError):  # an older torch without these keys: pin the slow way
+        return None
+    return setting
+
+
+def _pins_host_memory(off: Any) -> bool:
+    return isinstance(off, PartialResidency) or (isinstance(off, GroupOffload) and off.use_stream
+                                                 and not off.low_cpu_mem_usage and off.disk_path is None)
 
 
 def _remove_group_offload(module: Any) -> None:
@@ -62,6 +97,10 @@ class PlacementHandler(Handler):
         seq = [n for n in (getattr(ctx.pipe, "model_cpu_offload_seq", "") or "").split("->") if n in comps]
         seq += [n for n in comps if n not in seq]
         model_hooks: list[Any] = []
+        if ctx.on_gpu and any(_pins_host_memory(modes[n]) for n in comps):
+            setting = _parallel_host_pinning()
+            if setting is not None:
+                ctx.report.add(self.name, "pipeline", f"host pinning on several threads ({setting})")
         for name in seq:
             off, module = modes[name], comps[name]
             t0 = time.perf_counter()
