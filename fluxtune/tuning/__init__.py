@@ -38,6 +38,7 @@ from fluxtune.tuning.report import Action, ApplyReport
 
 __all__ = ["Action", "ApplyReport", "apply", "irreversible_signature", "is_tuned", "preload"]
 
+
 def _lazy_imports(profile: Profile) -> list[str]:
     """The modules this profile's handlers import on first use (lazy, so ``import fluxtune`` stays light)."""
     from fluxtune.knobs import GroupOffload, ModelOffload, SequentialOffload
