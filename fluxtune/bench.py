@@ -366,7 +366,7 @@ def _row(cand: Candidate, cap: Cap, key: str, result: dict[str, Any], workload: 
         placement_s=result.get("placement_s"), error=result.get("error"),
         generations=(len(m.get("warmup_s") or []) + len(runs)) if result.get("status") == "ok" else 0,
         extra={**{k: m.get(k) for k in ("text_encode_s", "step_s", "decode_s", "host_ram_peak", "latency_runs")},
-               "imports_s": result.get("imports_s")},
+               "imports_s": result.get("imports_s"), "apply_parts": result.get("apply_parts")},
     )
 
 
@@ -477,7 +477,7 @@ def write_measured(source: str, profile: Profile, rows: list[BenchRow], *, model
                  f"{s['recipe']} at {s['recipe_latency_s']:.2f} s ({s['speedup']:.2f}x); {row.generations} "
                  f"generations back to back under the cap without running out of memory; apply {row.apply_s:.2f} s "
                  f"(quantize {row.quantize_s or 0:.2f} s, placement {row.placement_s or 0:.2f} s)")
-        if row.extra.get("imports_s"):
+        if (row.extra.get("imports_s") or 0) >= 0.05:
             notes += f"; the first apply in a process also imports torchao/TorchDynamo: {row.extra['imports_s']:.2f} s"
     versions = {k: v for k, v in library_versions().items() if k in ("torch", "diffusers", "torchao", "transformers")}
     measured = {

@@ -156,6 +156,9 @@ class ComponentFacts:
     lc_default_skip: tuple[str, ...] = ()
     lc_class_skip: tuple[str, ...] = ()
     shape: dict[str, Any] = field(default_factory=dict)
+    stream_blocks: dict[str, tuple[int, ...]] | None = None
+    """The block lists partial residency streams (outermost ModuleLists: T5's ``encoder.block`` too),
+    with each block's parameters; None means the same as ``blocks``."""
 
     @property
     def bytes(self) -> int:
@@ -198,6 +201,8 @@ class ComponentFacts:
         out = asdict(self)
         out["leaves"] = [leaf.to_list() for leaf in self.leaves]
         out["blocks"] = {k: list(v) for k, v in self.blocks.items()}
+        if self.stream_blocks is not None:
+            out["stream_blocks"] = {k: list(v) for k, v in self.stream_blocks.items()}
         out["lc_default_skip"] = list(self.lc_default_skip)
         out["lc_class_skip"] = list(self.lc_class_skip)
         return out
@@ -207,6 +212,8 @@ class ComponentFacts:
         data = dict(data)
         data["leaves"] = tuple(Leaf.from_list(row) for row in data["leaves"])
         data["blocks"] = {k: tuple(v) for k, v in data["blocks"].items()}
+        if data.get("stream_blocks") is not None:
+            data["stream_blocks"] = {k: tuple(v) for k, v in data["stream_blocks"].items()}
         data["lc_default_skip"] = tuple(data.get("lc_default_skip", ()))
         data["lc_class_skip"] = tuple(data.get("lc_class_skip", ()))
         return cls(**data)
@@ -410,10 +417,17 @@ def _component_facts(name: str, module: torch.nn.Module) -> ComponentFacts:
         lc_class = tuple(getattr(module, "_keep_in_fp32_modules", None) or ()) + tuple(
             getattr(module, "_skip_layerwise_casting_patterns", None) or ()
         )
+    from fluxtune.tuning.streaming import repeated_blocks
+
+    streamed: dict[str, list[int]] = {}
+    for block_name, b in repeated_blocks(module):
+        streamed.setdefault(block_name.rsplit(".", 1)[0], []).append(sum(p.numel() for p in b.parameters()))
+    stream_blocks = {k: tuple(v) for k, v in streamed.items()}
     return ComponentFacts(
         name=name, class_name=type(module).__name__, params=n_params, dtype_bytes=dtype_bytes,
         buffer_bytes=buffer_bytes, leaves=tuple(leaves), blocks=blocks, lc_default_skip=lc_default,
         lc_class_skip=lc_class, shape=_shape_facts(name, module),
+        stream_blocks=None if stream_blocks == blocks else stream_blocks,
     )
 
 
@@ -507,6 +521,7 @@ class _Weights:
     largest_leaf: float
     other: float
     fused_extra: float
+    stream_blocks: dict[str, list[float]]
 
 
 def _component_weights(comp: Component, facts: ComponentFacts, fuse_qkv: bool) -> _Weights:
@@ -525,6 +540,21 @@ def _component_weights(comp: Component, facts: ComponentFacts, fuse_qkv: bool) -
             key = f"{list_name}.{i}"
             row.append(leaf_by_block.get(key, 0.0) + (n - leaf_params_by_block.get(key, 0)) * cb)
         blocks[list_name] = row
+    stream_blocks = blocks
+    if facts.stream_blocks is not None:
+        # Leaves belong to the stream block whose name prefixes theirs ("encoder.block.3." for T5).
+        by_prefix: dict[str, list[float]] = {f"{k}.{i}": [0.0, 0.0] for k, sizes in facts.stream_blocks.items()
+                                             for i in range(len(sizes))}
+        for leaf in facts.leaves:
+            parts = leaf.name.split(".")
+            for cut in range(len(parts) - 1, 0, -1):
+                acc = by_prefix.get(".".join(parts[:cut]))
+                if acc is not None:
+                    acc[0] += per_leaf[leaf.name]
+                    acc[1] += leaf.params
+                    break
+        stream_blocks = {k: [by_prefix[f"{k}.{i}"][0] + (n - by_prefix[f"{k}.{i}"][1]) * cb for i, n in enumerate(sizes)]
+                         for k, sizes in facts.stream_blocks.items()}
     fused = 0.0
     if fuse_qkv:
         # diffusers' fuse_projections adds to_qkv and keeps to_q/k/v: the fused copy is extra
@@ -535,7 +565,7 @@ def _component_weights(comp: Component, facts: ComponentFacts, fuse_qkv: bool) -
     in_blocks = sum(sum(r) for r in blocks.values())
     largest = max(per_leaf.values(), default=0.0)
     return _Weights(total=total, non_block=max(0.0, total - in_blocks), blocks=blocks, largest_leaf=largest,
-                    other=other, fused_extra=fused)
+                    other=other, fused_extra=fused, stream_blocks=stream_blocks)
 
 
 def offload_family(offload: Any) -> str:
@@ -566,7 +596,7 @@ def _on_gpu(offload: Any, w: _Weights, active: bool) -> tuple[float, float]:
         )
         return w.non_block + min(inflight * group, w.total - w.non_block), 0.0
     if isinstance(offload, PartialResidency):
-        order = [s for row in w.blocks.values() for s in row]
+        order = [s for row in w.stream_blocks.values() for s in row]
         streamed = choose_streamed(order, offload.resident, offload.resident_blocks)
         resident = w.total - sum(order[i] for i in streamed)
         largest = max((order[i] for i in streamed), default=0.0)
@@ -581,7 +611,7 @@ def _host_bytes(offload: Any, w: _Weights) -> float:
         largest = max((s for row in w.blocks.values() for s in row), default=w.largest_leaf)
         return 2 * max(largest, w.largest_leaf)  # groups are read back from safetensors one at a time
     if isinstance(offload, PartialResidency):
-        order = [s for row in w.blocks.values() for s in row]
+        order = [s for row in w.stream_blocks.values() for s in row]
         return sum(order[i] for i in choose_streamed(order, offload.resident, offload.resident_blocks))
     # model / sequential: the weights live on the host; group with streams: a pinned copy of each.
     return w.total

@@ -60,8 +60,9 @@ class Profile(Knob):
     def _cross_field(self) -> Profile:
         for name in COMPONENTS:
             offload = self.component(name).offload
-            if isinstance(offload, PartialResidency) and name != "transformer":
-                raise ValueError(f"{name}.offload.mode=partial: partial residency applies to the transformer only")
+            if isinstance(offload, PartialResidency) and name == "vae":
+                raise ValueError("vae.offload.mode=partial: partial residency streams blocks that run in order "
+                                 "(transformer, text encoders); for the VAE use none, model or group")
         modes = {type(self.component(n).offload) for n in COMPONENTS}
         if modes & {ModelOffload, SequentialOffload} and modes & {GroupOffload, PartialResidency}:
             raise ValueError(

@@ -21,7 +21,7 @@ fi
 python3 -m fluxtune bench "${presets[@]}" --baselines --budget 8GB,12GB,24GB,none \
     --model "${MODEL:-flux-dev-replica}" --size "${SIZE:-1024x1024}" --steps "${STEPS:-28}" --runs "${RUNS:-10}" \
     --recipe-runs 2 --recipe-warmup-steps 2 --recipe-time-box 50 --timeout "$limit" \
-    --out .fluxtune/bench-flux --write-measured 2>&1 | grep -v -e Warning -e 'warnings.warn' | tee "$out/bench.log"
+    --out .fluxtune/bench-flux --write-measured 2>&1 | grep --line-buffered -v -e Warning -e 'warnings.warn' | tee "$out/bench.log"
 
 # What comes back (at most 8 files): the tables, the plot, the log, and the state a later run resumes from.
 b=.fluxtune/bench-flux

@@ -2,14 +2,14 @@
 # The searches behind the presets (issue 5): FLUX.1-dev replica under each cap, then DiT-XL/2 for
 # throughput. Run from the repository root on a CUDA machine with fluxtune importable:
 #   bash scripts/h200_search.sh OUTDIR [BUDGETS] [TIMEOUT_EACH] [DIT_TIMEOUT]
-#   e.g. bash scripts/h200_search.sh out 8GB,24GB 4m 2m      (DIT_TIMEOUT 0 skips DiT)
+#   e.g. bash scripts/h200_search.sh out 8GB,24GB 4m 2m      (DIT_TIMEOUT 0 skips DiT; BUDGETS "" only DiT)
 # MODEL, DIT, SIZE, STEPS and RUNS override the workload (MODEL=tiny-flux DIT=tiny-dit SIZE=64x64 STEPS=2
 # for a CPU smoke). Studies live in .fluxtune/search: re-running continues them, nothing measured is lost.
 # The space is pinned to the knobs whose quality cost on real checkpoints is known to be small (fp8
 # rowwise, int8, offload, tiling, compile; no caches, no layerwise casting), because a random-weight
 # replica cannot judge quality; flux-fast's inductor flags are pinned off (minutes of compile, same speed).
 set -uo pipefail
-out=${1:?OUTDIR}; budgets=${2:-8GB,12GB,24GB}; limit=${3:-4m}; dit_limit=${4:-2m}
+out=${1:?OUTDIR}; budgets=${2-8GB,12GB,24GB}; limit=${3:-4m}; dit_limit=${4:-2m}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 home=.fluxtune/search
@@ -19,7 +19,7 @@ quant="[none,fp8_dynamic,int8_weight]"
 pins=(--pin cache=none --pin transformer.layerwise_fp8=False --pin "transformer.quantize=$quant"
       --pin transformer.keep_sensitive=0 --sensitivity off)
 [ "${FP8:-1}" = 0 ] || pins+=(--pin transformer.granularity=row --pin compile.inductor_flags=False)
-quiet() { grep -v -e Warning -e 'warnings.warn'; }
+quiet() { grep --line-buffered -v -e Warning -e 'warnings.warn'; }  # line-buffered: a killed run keeps its log
 
 for b in ${budgets//,/ }; do
     python3 -m fluxtune search --model "${MODEL:-flux-dev-replica}" --budget "$b" --objective latency \

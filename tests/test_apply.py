@@ -223,6 +223,7 @@ def test_preload_imports_what_the_profile_needs():
     heavy = load_profile({"transformer": {"quantize": "int8_weight", "offload": "group"},
                           "compile": {"mode": "regional"}})
     names = _lazy_imports(heavy)
-    assert names == ["torchao.quantization", "torch._dynamo", "torch._inductor.config", "diffusers.hooks"]
+    assert names == ["torchao.quantization", "torch._dynamo", "torch._inductor.config", "torch._inductor.compile_fx",
+                     "diffusers.hooks"]
     assert preload(heavy) >= 0.0
     assert all(n in sys.modules for n in names)

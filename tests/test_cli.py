@@ -16,7 +16,7 @@ import yaml
 from fluxtune.cli import COMMANDS, main
 from fluxtune.presets import list_presets, load_profile, preset_dir
 
-PRESETS = {"flux-dev-8gb", "flux-dev-12gb", "flux-dev-24gb", "flux-dev-fast"}
+PRESETS = {"flux-dev-8gb", "flux-dev-12gb", "flux-dev-24gb", "flux-dev-fast", "dit-xl-2-8gb"}
 
 
 def cli(*argv: object) -> SimpleNamespace:
@@ -119,7 +119,7 @@ def test_presets_lists_the_shipped_profiles():
     assert res.code == 0
     rows = json.loads(res.out)
     assert {r["name"] for r in rows} == PRESETS
-    assert [r["budget"] for r in rows] == ["8GB", "12GB", "24GB", "none"]  # sorted by budget, uncapped last
+    assert [r["budget"] for r in rows] == ["8GB", "8GB", "12GB", "24GB", "none"]  # sorted by budget, uncapped last
     table = cli("presets")
     assert table.code == 0 and all(name in table.out for name in PRESETS)
 

@@ -47,7 +47,7 @@ def test_format_round_trips_exact_sizes():
         ({"transformer": {"offload": "teleport"}}, "transformer.offload"),
         ({"cache": {"kind": "first_block", "threshold": 2}}, "cache.threshold=2"),
         ({"compile": {"mode": "regional", "fullgraph": True}, "cache": "first_block"}, "compile.fullgraph"),
-        ({"text_encoder": {"offload": {"mode": "partial", "resident_blocks": 2}}}, "transformer only"),
+        ({"vae": {"offload": {"mode": "partial", "resident_blocks": 2}}}, "vae.offload.mode=partial"),
         ({"transformer": {"offload": "model"}, "text_encoder_2": {"offload": {"mode": "group"}}}, "do not combine"),
         ({"transformer": {"quantize": "int8_weight", "layerwise_casting": {}}}, "do not combine"),
         ({"transformer": {"offload": {"mode": "partial"}}}, "exactly one of resident"),

@@ -504,7 +504,7 @@ def test_narrowing_rejects_unknown_dimensions_and_values():
 
 
 def test_warm_start_keeps_what_fits_a_narrowed_space():
-    presets = [load_profile(p) for p in list_presets().values()]
+    presets = [p for p in map(load_profile, list_presets().values()) if p.family == "flux"]  # as the runner does
     assert len(presets) == 4
     full = recipes.warm_start(_space(H200), presets)
     labels = [label for label, _ in full]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fluxtune.tuning.streaming import BlockStreamer, choose_streamed, module_bytes, transformer_blocks
+from fluxtune.tuning.streaming import BlockStreamer, choose_streamed, module_bytes, repeated_blocks
 from tests.conftest import gen
 
 
@@ -24,7 +24,7 @@ def test_streamer_matches_resident_output_and_releases_blocks(tiny_flux):
 
     ref = run()
     t = tiny_flux.transformer
-    blocks = transformer_blocks(t)
+    blocks = repeated_blocks(t)
     total = sum(module_bytes(b) for _, b in blocks)
     streamer = BlockStreamer(t, torch.device("cpu"), resident_bytes=total // 2, prefetch=1)
     assert 0 < len(streamer.items) < len(blocks)
@@ -72,3 +72,100 @@ def test_streamer_can_be_removed_and_applied_again(tiny_flux):
         assert torch.equal(run(), ref)
         streamer.remove()
     assert torch.equal(run(), ref)
+
+
+def test_repeated_blocks_find_the_text_encoders_nested_lists(tiny_flux):
+    t5 = [n for n, _ in repeated_blocks(tiny_flux.text_encoder_2)]
+    clip = [n for n, _ in repeated_blocks(tiny_flux.text_encoder)]
+    assert t5 and all(n.startswith("encoder.block.") for n in t5)  # not the per-block `layer` lists
+    assert clip and all(n.split(".")[-3:-1] == ["encoder", "layers"] for n in clip)
+    top = {n.split(".")[0] for n, _ in repeated_blocks(tiny_flux.transformer)}
+    assert top == {"transformer_blocks", "single_transformer_blocks"}
+
+
+def test_text_encoders_stream_every_block_with_the_same_images(tiny_flux):
+    """Profiles stream T5 and CLIP with resident_blocks=0 (apply refuses offload on CPU, so the
+    streamer is driven directly here)."""
+    def run():
+        return tiny_flux("a yellow star", generator=gen(), num_inference_steps=2, output_type="pt").images
+
+    ref = run()
+    streamers = [BlockStreamer(m, torch.device("cpu"), resident_blocks=0)
+                 for m in (tiny_flux.text_encoder, tiny_flux.text_encoder_2)]
+    assert [len(s.items) for s in streamers] == [len(repeated_blocks(m)) for m in
+                                                 (tiny_flux.text_encoder, tiny_flux.text_encoder_2)]
+    assert all(len(s.arenas) == len(s.items) for s in streamers)  # one arena per streamed block
+    assert torch.equal(run(), ref)
+    for s in streamers:
+        s.remove()
+        assert not s.arenas
+    assert torch.equal(run(), ref)
+
+
+def test_host_arena_packs_tensors_with_their_layout():
+    from fluxtune.tuning.hostmem import ALIGN, HostArena, aligned
+
+    a = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    b = torch.arange(20, dtype=torch.int8).reshape(4, 5).t()  # transposed: strides kept
+    c = torch.tensor(2.5, dtype=torch.bfloat16)  # 0-dim scale
+    arena = HostArena(aligned(a.nbytes) + aligned(b.nbytes) + aligned(c.nbytes), pin=False)
+    ta, tb, tc = arena.take(a), arena.take(b), arena.take(c)
+    assert torch.equal(ta, a) and torch.equal(tb, b) and torch.equal(tc, c)
+    assert tb.stride() == b.stride() and tc.shape == c.shape and tc.dtype is torch.bfloat16
+    assert all(t.data_ptr() % ALIGN == 0 for t in (ta, tb, tc))
+    assert ta.data_ptr() != a.data_ptr()  # a copy, not a view
+    try:
+        arena.take(a)
+    except ValueError as e:
+        assert "do not fit" in str(e)
+    else:
+        raise AssertionError("an overfull arena should refuse")
+    arena.close()
+    arena.close()  # idempotent
+    assert torch.equal(ta, a)  # still readable host memory
+
+
+def test_dit_streams_block_zero_but_keeps_its_embedding_resident(tiny_dit):
+    """DiT calls transformer_blocks[0].norm1.emb after the loop: streaming every block must still work."""
+    def run():
+        return tiny_dit(class_labels=[1], generator=gen(), num_inference_steps=2, output_type="np").images
+
+    ref = run()
+    t = tiny_dit.transformer
+    streamer = BlockStreamer(t, torch.device("cpu"), resident_blocks=0)
+    assert len(streamer.items) == len(repeated_blocks(t))
+    emb = {id(p) for p in t.transformer_blocks[0].norm1.emb.parameters()}
+    homes = {id(m._parameters[n]) for item in streamer.items for m, n, _ in item.homes}
+    assert emb and not emb & homes
+    import numpy as np
+
+    assert np.array_equal(run(), ref)
+    streamer.remove()
+
+
+def test_block_level_group_offload_is_refused_for_dit(tiny_dit):
+    from fluxtune.hardware import detect_hardware
+    from fluxtune.profile import validate_profile
+    from fluxtune.tuning.base import Context
+    from fluxtune.tuning.placement import PlacementHandler
+    from fluxtune.tuning.report import ApplyReport
+
+    prof = validate_profile({"family": "dit", "transformer": {"offload": {"mode": "group", "level": "block"}}})
+    ctx = Context(pipe=tiny_dit, profile=prof, hardware=detect_hardware(), device=torch.device("cpu"), family="dit",
+                  report=ApplyReport(profile="x", device="cpu"))
+    problems = PlacementHandler().check(ctx)
+    assert any("transformer.offload.level=block" in p and "level=leaf" in p for p in problems)
+
+
+def test_fault_in_touches_every_page_of_a_fresh_mapping():
+    import mmap
+
+    from fluxtune.tuning.hostmem import _fault_in, _page_stride
+
+    m = mmap.mmap(-1, 8 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf = torch.frombuffer(m, dtype=torch.uint8)
+    buf.fill_(7)
+    _fault_in(buf.data_ptr(), buf.numel())
+    stride = _page_stride()
+    assert stride in (mmap.PAGESIZE, 2 << 20)
+    assert int(buf[::stride].sum()) == 0 and int(buf[1]) == 7  # one byte written per page, nothing else

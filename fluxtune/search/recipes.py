@@ -27,7 +27,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "compile.inductor_flags": True},
     "fluxtune partial residency, fp8": {
         **_PLAIN, "transformer.offload": "partial", "transformer.quantize": "fp8_dynamic",
-        "transformer.granularity": "row", "transformer.resident_fraction": 0.7, "text_encoders.offload": "group",
+        "transformer.granularity": "row", "transformer.resident_fraction": 0.7, "text_encoders.offload": "partial",
         "text_encoder_2.quantize": "int8_weight"},
     "int8 weight-only": {**_PLAIN, "transformer.offload": "none", "transformer.quantize": "int8_weight"},
 }

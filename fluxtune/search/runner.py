@@ -320,7 +320,7 @@ class Search:
         for params in frugal:
             params.update({"transformer.resident_fraction": 0.05})
             if self.on_gpu:
-                params["text_encoders.offload"] = "group"
+                params["text_encoders.offload"] = "partial"
             try:
                 candidates.append(self.space.profile(params))
             except Exception:

@@ -137,6 +137,8 @@ class TrialSession:
             out["apply_s"] = time.perf_counter() - t0
             out["quantize_s"] = report.seconds("quantize")
             out["placement_s"] = report.seconds("offload")
+            out["apply_parts"] = {f"{a.knob}/{a.component}": round(a.seconds, 3) for a in report.actions
+                                  if a.seconds >= 0.01}
             out["report"] = str(report)
             self.dirty = False
         except BudgetExceededError as e:

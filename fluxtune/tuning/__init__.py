@@ -48,7 +48,7 @@ def _lazy_imports(profile: Profile) -> list[str]:
     if any(c.quantize is not None for c in parts):
         names.append("torchao.quantization")
     if profile.compile.enabled:
-        names += ["torch._dynamo", "torch._inductor.config"]
+        names += ["torch._dynamo", "torch._inductor.config", "torch._inductor.compile_fx"]  # the last: 1.1 s
     if any(isinstance(c.offload, ModelOffload | SequentialOffload) for c in parts):
         names.append("accelerate.hooks")
     if any(isinstance(c.offload, GroupOffload) for c in parts):

@@ -79,9 +79,9 @@ class CompileHandler(Handler):
             detail = f"repeated blocks ({', '.join(t._repeated_blocks)})"
         else:
             # DiT has no _repeated_blocks; streamed blocks keep their hooks outside the compiled code.
-            from fluxtune.tuning.streaming import transformer_blocks
+            from fluxtune.tuning.streaming import repeated_blocks
 
-            blocks = transformer_blocks(t)
+            blocks = repeated_blocks(t)
             for _, block in blocks:
                 if streamed:
                     block.forward = torch.compile(block.forward, **kw)

@@ -44,8 +44,8 @@ def _parallel_host_pinning() -> str | None:
 
 
 def _pins_host_memory(off: Any) -> bool:
-    return isinstance(off, PartialResidency) or (isinstance(off, GroupOffload) and off.use_stream
-                                                 and not off.low_cpu_mem_usage and off.disk_path is None)
+    # diffusers' group offload pins through torch's allocator; partial residency has its own arenas.
+    return isinstance(off, GroupOffload) and off.use_stream and not off.low_cpu_mem_usage and off.disk_path is None
 
 
 def _remove_group_offload(module: Any) -> None:
@@ -68,10 +68,18 @@ class PlacementHandler(Handler):
         for name, module in ctx.components().items():
             off = ctx.profile.component(name).offload
             if isinstance(off, PartialResidency):
-                from fluxtune.tuning.streaming import transformer_blocks
+                from fluxtune.tuning.streaming import repeated_blocks
 
-                if not transformer_blocks(module):
+                if not repeated_blocks(module):
                     problems.append(f"{name}.offload.mode=partial: {type(module).__name__} has no repeated blocks")
+            if isinstance(off, GroupOffload) and off.level == "block":
+                from fluxtune.tuning.streaming import CALLED_OUTSIDE_THEIR_BLOCK
+
+                outside = CALLED_OUTSIDE_THEIR_BLOCK.get(type(module).__name__)
+                if outside:
+                    problems.append(f"{name}.offload.level=block: {type(module).__name__} calls {outside[0]} "
+                                    "outside that block, where block-level group offload has moved it back to "
+                                    "the CPU; use level=leaf or mode=partial")
             if not isinstance(off, NoOffload):
                 from fluxtune.tuning.streaming import module_bytes
 

@@ -5,18 +5,22 @@ diffusers' group offloading streams *every* block, so under a 12 GB cap FLUX.1-d
 ones are spread evenly between them, so each streamed block's copy (on a side CUDA stream, from pinned
 host memory) overlaps the compute of the resident blocks before it. At most ``prefetch + 1`` streamed
 blocks are on the GPU at once. Works with plain and torchao-quantized weights (tensor subclasses are
-pinned and moved through their inner tensors).
+pinned and moved through their inner tensors), and with any model whose repeated blocks run in
+definition order: the transformer, and the T5 and CLIP text encoders.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from fluxtune.knobs import choose_streamed
+from fluxtune.tuning.hostmem import HostArena, aligned
 
 
 def _inner(t: torch.Tensor) -> list[torch.Tensor] | None:
@@ -69,17 +73,10 @@ def _moved(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return _rebuild(t, lambda x: x.to(device))
 
 
-def _pinned_leaf(t: torch.Tensor) -> torch.Tensor:
-    # Allocating pinned memory first and copying into it skips the pageable intermediate that
-    # ``t.cpu().pin_memory()`` would fault in and copy twice.
-    out = torch.empty_like(t, device="cpu", pin_memory=True)
-    out.copy_(t)
-    return out
-
-
-def _pinned_host_copy(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` in pinned host memory (inner tensors for subclasses), written in one copy."""
-    return _rebuild(t, _pinned_leaf if torch.cuda.is_available() else lambda x: x.to("cpu"))
+def _leaves(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding ``t``'s data (itself, or a subclass's inner tensors)."""
+    inner = _inner(t)
+    return [t] if inner is None else [x for i in inner for x in _leaves(i)]
 
 
 def _is_subclass(t: torch.Tensor) -> bool:
@@ -107,13 +104,55 @@ def _record(t: torch.Tensor, stream: torch.cuda.Stream) -> None:
         _record(getattr(t, n), stream)
 
 
-def transformer_blocks(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """The repeated blocks in execution order: every ModuleList child, in definition order."""
+def repeated_blocks(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The repeated blocks in execution order: the children of every outermost ModuleList (two or
+    more entries), in definition order. FLUX: ``transformer_blocks``, ``single_transformer_blocks``;
+    T5: ``encoder.block``; CLIP: its encoder's ``layers``."""
     out: list[tuple[str, torch.nn.Module]] = []
-    for name, child in transformer.named_children():
-        if isinstance(child, torch.nn.ModuleList):
-            out.extend((f"{name}.{i}", block) for i, block in enumerate(child))
+
+    def visit(prefix: str, parent: torch.nn.Module) -> None:
+        for name, child in parent.named_children():
+            if isinstance(child, torch.nn.ModuleList) and len(child) > 1:
+                out.extend((f"{prefix}{name}.{i}", block) for i, block in enumerate(child))
+            else:
+                visit(f"{prefix}{name}.", child)
+
+    visit("", module)
     return out
+
+
+CALLED_OUTSIDE_THEIR_BLOCK: dict[str, tuple[str, ...]] = {
+    # DiT reads block 0's AdaLN embedding again after the loop, when block 0 is no longer loaded.
+    "DiTTransformer2DModel": ("transformer_blocks.0.norm1.emb",),
+}
+"""Per model class, submodules of repeated blocks that the model also calls outside the block's own
+forward: streaming keeps them resident (and block-level group offload cannot place them)."""
+
+
+def _outside_calls(model: torch.nn.Module) -> set[int]:
+    """Ids of the modules (with their children) of :data:`CALLED_OUTSIDE_THEIR_BLOCK` for this model."""
+    ids: set[int] = set()
+    for name in CALLED_OUTSIDE_THEIR_BLOCK.get(type(model).__name__, ()):
+        try:
+            sub = model.get_submodule(name)
+        except AttributeError:  # a configuration of the model without that submodule
+            continue
+        ids.update(id(m) for m in sub.modules())
+    return ids
+
+
+_Home = tuple[torch.nn.Module, str, torch.Tensor]  # (module, parameter name, host copy)
+
+
+def _host_homes(block: torch.nn.Module, device: torch.device, keep: set[int]) -> tuple[HostArena, list[_Home]]:
+    """One block's parameters copied into one arena (page-locked on a CUDA device), in module order."""
+    params = [(m, n, p) for m in block.modules() if id(m) not in keep for n, p in m.named_parameters(recurse=False)]
+    size = sum(aligned(x.numel() * x.element_size()) for _, _, p in params for x in _leaves(p))
+    arena = HostArena(size, pin=device.type == "cuda" and torch.cuda.is_available(), device=device)
+    homes = [(m, n, _rebuild(p, arena.take)) for m, n, p in params]
+    if arena.pinned:
+        torch.cuda.current_stream(device).synchronize()  # the async copies out of the GPU have landed
+    return arena, homes
 
 
 @dataclass
@@ -125,7 +164,8 @@ class _Streamed:
 
 
 class BlockStreamer:
-    """Hooks that stream the chosen blocks of a transformer; ``remove()`` undoes everything."""
+    """Hooks that stream the chosen blocks of a model (a transformer or a text encoder);
+    ``remove()`` undoes everything."""
 
     def __init__(
         self,
@@ -137,7 +177,7 @@ class BlockStreamer:
         prefetch: int = 1,
     ) -> None:
         self.transformer, self.device, self.prefetch = transformer, device, prefetch
-        blocks = transformer_blocks(transformer)
+        blocks = repeated_blocks(transformer)
         if not blocks:
             raise ValueError(f"{type(transformer).__name__} has no repeated blocks to stream")
         sizes = [module_bytes(b) for _, b in blocks]
@@ -150,8 +190,10 @@ class BlockStreamer:
         self._handles: list[Any] = []
         self._origin: dict[int, torch.device] = {}
 
-        # Everything but the streamed blocks moves to the device for good.
-        streamed_ids = {id(m) for i in streamed for m in blocks[i][1].modules()}
+        # Everything but the streamed blocks moves to the device for good, and so do the parts of
+        # streamed blocks that the model also calls from outside them.
+        keep = _outside_calls(transformer)
+        streamed_ids = {id(m) for i in streamed for m in blocks[i][1].modules()} - keep
         for module in transformer.modules():
             if id(module) in streamed_ids:
                 continue
@@ -160,18 +202,25 @@ class BlockStreamer:
             for name, b in list(module.named_buffers(recurse=False)):
                 if b is not None:
                     module._buffers[name] = b.to(device)
-        # Streamed blocks keep a pinned host copy as their home.
+        # Streamed blocks keep a host copy as their home, one page-locked arena per block, built on
+        # a thread pool: faulting in and locking host pages is the slow part of apply.
+        chosen = [blocks[i][1] for i in sorted(streamed)]
+        workers = max(1, min(16, os.cpu_count() or 1, len(chosen)))
+        with ThreadPoolExecutor(workers, thread_name_prefix="fluxtune-pin") as pool:
+            built = list(pool.map(lambda b: _host_homes(b, device, keep), chosen))
         self.items: list[_Streamed] = []
-        for i in sorted(streamed):
-            item = _Streamed(blocks[i][1])
-            for module in item.block.modules():
-                for name, p in module.named_parameters(recurse=False):
-                    home = _pinned_host_copy(p)
-                    _assign(p, home)
-                    item.homes.append((module, name, home))
-                    self._origin[id(p)] = p.device  # the wrapper's device, restored by remove()
+        self.arenas: list[HostArena] = []
+        for block, (arena, homes) in zip(chosen, built, strict=True):
+            item = _Streamed(block)
+            for module, name, home in homes:
+                param = module._parameters[name]
+                assert param is not None
+                self._origin[id(param)] = param.device  # the wrapper's device, restored by remove()
+                _assign(param, home)
+                item.homes.append((module, name, home))
             self.items.append(item)
-            for module in item.block.modules():  # buffers are small: keep them on the device
+            self.arenas.append(arena)
+            for module in block.modules():  # buffers are small: keep them on the device
                 for name, b in list(module.named_buffers(recurse=False)):
                     if b is not None:
                         module._buffers[name] = b.to(device)
@@ -250,10 +299,19 @@ class BlockStreamer:
                     _assign(param, _moved(home, origin))  # wrapper and inner tensors agree again
                 else:
                     param.data = home.to(origin)
+            item.homes.clear()
+        for arena in self.arenas:
+            arena.close()
+        self.arenas.clear()
 
     def describe(self) -> str:
         gb = 1e9
-        return (
+        out = (
             f"{self.n_blocks - len(self.items)}/{self.n_blocks} blocks resident ({self.resident_bytes / gb:.2f}GB), "
             f"{len(self.items)} streamed ({self.streamed_bytes / gb:.2f}GB per step, prefetch {self.prefetch})"
         )
+        if self.stream is not None:
+            unpinned = sum(not a.pinned for a in self.arenas)
+            out += (f", {unpinned} of {len(self.arenas)} host arenas could not be page-locked (their copies "
+                    "are synchronous)" if unpinned else f", {len(self.arenas)} page-locked host arenas")
+        return out
