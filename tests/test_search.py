@@ -160,6 +160,21 @@ def test_rerun_resumes_the_study_and_reuses_the_reference(searched):
             assert (t.state, t.values) == searched.after_first[t.number]
 
 
+@pytest.mark.slow
+def test_another_study_reuses_the_same_lossless_reference(searched, monkeypatch):
+    """A second study of the same model and workload (here another budget) skips the reference run."""
+    monkeypatch.chdir(searched.root)
+    res = cli("search", *TINY, "--budget", "8GB", "--trials", "1", "--study", "other-budget", "--home", searched.home)
+    assert res.code == 0, res.out[-3000:] + res.err[-3000:]
+    assert "reference: reusing the same lossless run of an earlier study" in res.out
+    assert "reference: lossless run" not in res.out
+    mine = searched.home / "other-budget" / "reference.pt"
+    assert mine.read_bytes() == searched.reference.read_bytes()
+    assert load(searched.home, "other-budget").user_attrs["fluxtune_reference"]["latency_s"] > 0
+    trial = load(searched.home, "other-budget").trials[0]
+    assert trial.state.name == "COMPLETE" and trial.user_attrs["quality"]["psnr"] > 30  # judged against it
+
+
 def test_changing_the_identity_of_a_study_is_refused(searched, monkeypatch):
     monkeypatch.chdir(searched.root)
     before = len(load(searched.home).trials)
