@@ -112,10 +112,7 @@ _PHASE_ORDER = ("text_encoder", "text_encoder_2", "transformer", "vae")
 
 @dataclass(frozen=True)
 class Leaf:
-    """One Linear / Conv / Embedding layer: what quantization, casting and leaf offload act on.
-
-    ``block`` is the repeated block it belongs to (``"transformer_blocks.3"``) or None.
-    """
+    """One Linear / Conv / Embedding layer: what quantization, casting and leaf offload act on."""
 
     name: str
     kind: Literal["linear", "conv", "embedding"]
@@ -123,14 +120,13 @@ class Leaf:
     bias: int
     rows: int
     cols: int
-    block: str | None = None
 
     @property
     def params(self) -> int:
         return self.weight + self.bias
 
     def to_list(self) -> list[Any]:
-        return [self.name, self.kind, self.weight, self.bias, self.rows, self.cols, self.block]
+        return [self.name, self.kind, self.weight, self.bias, self.rows, self.cols]
 
     @classmethod
     def from_list(cls, row: list[Any]) -> Leaf:
@@ -378,14 +374,8 @@ def _component_facts(name: str, module: torch.nn.Module) -> ComponentFacts:
     dtype_bytes = max(by_dtype, key=lambda k: by_dtype[k]) if by_dtype else 2
     buffer_bytes = sum(b.numel() * b.element_size() for b in module.buffers())
 
-    lists = _block_lists(module)
-    block_of: dict[int, str] = {}
-    blocks: dict[str, tuple[int, ...]] = {}
-    for list_name, items in lists.items():
-        blocks[list_name] = tuple(sum(p.numel() for p in b.parameters()) for b in items)
-        for i, b in enumerate(items):
-            for sub in b.modules():
-                block_of[id(sub)] = f"{list_name}.{i}"
+    blocks = {name: tuple(sum(p.numel() for p in b.parameters()) for b in items)
+              for name, items in _block_lists(module).items()}
 
     seen: set[int] = set()
     leaves: list[Leaf] = []
@@ -400,7 +390,6 @@ def _component_facts(name: str, module: torch.nn.Module) -> ComponentFacts:
         leaves.append(Leaf(
             name=mod_name, kind=kind, weight=int(weight.numel()),  # type: ignore[arg-type]
             bias=int(bias.numel()) if isinstance(bias, torch.Tensor) else 0, rows=rows, cols=cols,
-            block=block_of.get(id(mod)),
         ))
 
     lc_default: tuple[str, ...]
@@ -524,37 +513,29 @@ class _Weights:
     stream_blocks: dict[str, list[float]]
 
 
+def _block_rows(lists: dict[str, tuple[int, ...]], leaves: tuple[Leaf, ...], per_leaf: dict[str, float],
+                cb: int) -> dict[str, list[float]]:
+    """Bytes of every block of ``lists`` under a profile: its leaves at their (quantized) size plus its
+    other parameters at the compute dtype. A leaf belongs to the block whose name prefixes its own."""
+    acc: dict[str, list[float]] = {f"{k}.{i}": [0.0, 0.0] for k, sizes in lists.items() for i in range(len(sizes))}
+    for leaf in leaves:
+        parts = leaf.name.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            hit = acc.get(".".join(parts[:cut]))
+            if hit is not None:
+                hit[0] += per_leaf[leaf.name]
+                hit[1] += leaf.params
+                break
+    return {k: [acc[f"{k}.{i}"][0] + (n - acc[f"{k}.{i}"][1]) * cb for i, n in enumerate(sizes)]
+            for k, sizes in lists.items()}
+
+
 def _component_weights(comp: Component, facts: ComponentFacts, fuse_qkv: bool) -> _Weights:
     cb = _compute_bytes(comp, facts)
     per_leaf = _leaf_bytes(comp, facts)
-    leaf_by_block: dict[str, float] = {}
-    leaf_params_by_block: dict[str, int] = {}
-    for leaf in facts.leaves:
-        if leaf.block is not None:
-            leaf_by_block[leaf.block] = leaf_by_block.get(leaf.block, 0.0) + per_leaf[leaf.name]
-            leaf_params_by_block[leaf.block] = leaf_params_by_block.get(leaf.block, 0) + leaf.params
-    blocks: dict[str, list[float]] = {}
-    for list_name, sizes in facts.blocks.items():
-        row = []
-        for i, n in enumerate(sizes):
-            key = f"{list_name}.{i}"
-            row.append(leaf_by_block.get(key, 0.0) + (n - leaf_params_by_block.get(key, 0)) * cb)
-        blocks[list_name] = row
-    stream_blocks = blocks
-    if facts.stream_blocks is not None:
-        # Leaves belong to the stream block whose name prefixes theirs ("encoder.block.3." for T5).
-        by_prefix: dict[str, list[float]] = {f"{k}.{i}": [0.0, 0.0] for k, sizes in facts.stream_blocks.items()
-                                             for i in range(len(sizes))}
-        for leaf in facts.leaves:
-            parts = leaf.name.split(".")
-            for cut in range(len(parts) - 1, 0, -1):
-                acc = by_prefix.get(".".join(parts[:cut]))
-                if acc is not None:
-                    acc[0] += per_leaf[leaf.name]
-                    acc[1] += leaf.params
-                    break
-        stream_blocks = {k: [by_prefix[f"{k}.{i}"][0] + (n - by_prefix[f"{k}.{i}"][1]) * cb for i, n in enumerate(sizes)]
-                         for k, sizes in facts.stream_blocks.items()}
+    blocks = _block_rows(facts.blocks, facts.leaves, per_leaf, cb)
+    stream_blocks = blocks if facts.stream_blocks is None else _block_rows(facts.stream_blocks, facts.leaves,
+                                                                           per_leaf, cb)
     fused = 0.0
     if fuse_qkv:
         # diffusers' fuse_projections adds to_qkv and keeps to_q/k/v: the fused copy is extra

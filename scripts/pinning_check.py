@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from fluxtune.tuning.hostmem import HostArena, aligned
+from fluxtune.tuning.hostmem import HostArena, _fault_in, aligned
+from fluxtune.tuning.placement import _parallel_host_pinning
 
 
 def _thp() -> str:
@@ -114,9 +115,7 @@ def _phases(blocks: list[list[torch.Tensor]], dev: torch.device, workers: int) -
     out["map"] = round(time.perf_counter() - t0, 3)
 
     def touch(i: int) -> None:
-        # One byte per huge page faults it in whole; ctypes releases the GIL, so threads fault at once.
-        for off in range(0, sizes[i], huge):
-            ctypes.memset(ptrs[i] + off, 0, 1)
+        _fault_in(ptrs[i], sizes[i])
 
     def touch_all(i: int) -> None:
         ctypes.memset(ptrs[i], 0, sizes[i])
@@ -161,9 +160,7 @@ def main() -> None:
         res[f"arena phases, {workers} thread(s)"] = _phases(blocks, dev, workers)
     s = _torch_pinned(blocks)
     res["torch default"] = {"s": round(s, 3), "GB/s": round(total / s, 2)}
-    setting = "pinned_use_cuda_host_register:True,pinned_num_register_threads:16"
-    set_settings = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
-    set_settings(setting)
+    _parallel_host_pinning()  # what placement sets for diffusers' group offload
     s = _torch_pinned(blocks)
     res["torch host_register"] = {"s": round(s, 3), "GB/s": round(total / s, 2)}
     text = json.dumps(res, indent=1)

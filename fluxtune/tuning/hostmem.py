@@ -62,10 +62,9 @@ def _fault_in(ptr: int, nbytes: int) -> None:
 
 
 def _unregister(ptr: int, mapping: mmap.mmap) -> None:
-    # Holding ``mapping`` here keeps the pages mapped until they are unlocked, whatever dies first.
+    # ``mapping`` is unused: the finalizer holding it keeps the pages mapped until they are unlocked.
     with contextlib.suppress(Exception):  # interpreter shutdown: the driver unlocks at process exit anyway
         torch.cuda.cudart().cudaHostUnregister(ptr)
-    del mapping
 
 
 class HostArena:
