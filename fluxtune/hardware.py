@@ -8,6 +8,7 @@ This is the only module that imports ``pynvml`` (nvidia-ml-py). Everything else 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib
 import importlib.metadata
@@ -21,7 +22,12 @@ import psutil
 from fluxtune.errors import UnsupportedHardwareError
 
 __all__ = [
+    "EMULATE_ENV",
     "HardwareInfo",
+    "activate_emulation",
+    "card_budget",
+    "emulated",
+    "emulation_note",
     "detect_hardware",
     "device_memory_used",
     "library_versions",
@@ -61,11 +67,24 @@ class HardwareInfo:
     torch_version: str
     host_ram_bytes: int
     cpu_count: int
+    emulated_on: str | None = None
+    """The real GPU's name when this describes a card emulated on it (``--emulate``), else None."""
+    h2d_gbs: float | None = None
+    """Host->device GB/s that streamed copies are paced to (emulation), None = as fast as the link goes."""
 
     @property
     def has_cuda(self) -> bool:
         """True when torch can run on a CUDA GPU here."""
         return self.gpu_index is not None
+
+    @property
+    def capability(self) -> str | None:
+        """The GPU's capability class (ampere, ada, hopper, blackwell; see :mod:`fluxtune.gpus`), None on CPU
+        or for a GPU older than Ampere."""
+        from fluxtune.gpus import capability_class
+
+        cc = self.compute_capability
+        return capability_class(cc) if cc is not None and cc >= (8, 0) else None
 
     @property
     def supports_fp8(self) -> bool:
@@ -74,8 +93,14 @@ class HardwareInfo:
 
     @property
     def supports_fp8_rowwise(self) -> bool:
-        """True on SM 9.0+: torchao's row-wise float8 scaling needs Hopper or newer."""
-        return self.compute_capability is not None and self.compute_capability >= (9, 0)
+        """True on Hopper (SM 9.0): torchao's row-wise float8 scaling; not assumed on Blackwell (unmeasured)."""
+        return self.capability == "hopper"
+
+    def spec(self) -> Any | None:
+        """This GPU's row in the GPU table (:class:`fluxtune.gpus.GpuSpec`), None when it is not listed."""
+        from fluxtune.gpus import match_gpu
+
+        return match_gpu(self.gpu_name, self.total_memory_bytes) if self.has_cuda else None
 
     def fingerprint(self) -> dict[str, object]:
         """The hardware identity stored next to measured numbers (JSON/YAML-safe plain types).
@@ -85,13 +110,17 @@ class HardwareInfo:
             GPU; values are ``None`` on a CPU-only machine.
         """
         cc = self.compute_capability
-        return {
+        out: dict[str, object] = {
             "name": self.gpu_name,
             "memory_bytes": self.total_memory_bytes,
             "compute_capability": f"{cc[0]}.{cc[1]}" if cc is not None else None,
             "driver": self.driver,
             "cuda": self.cuda_version,
         }
+        if self.emulated_on is not None:
+            out["emulated_on"] = self.emulated_on
+            out["h2d_gbs"] = self.h2d_gbs
+        return out
 
     def describe(self) -> str:
         """One human line, e.g. ``GPU 0: NVIDIA H200, 139.8 GiB, SM 9.0, driver 570.86, CUDA 12.8; ...``."""
@@ -101,7 +130,10 @@ class HardwareInfo:
         )
         if not self.has_cuda:
             return f"no CUDA GPU (CPU only); {host}"
-        parts = [f"GPU {self.gpu_index}: {self.gpu_name or 'unknown GPU'}"]
+        name = self.gpu_name or "unknown GPU"
+        if self.emulated_on is not None:
+            name += f" (emulated on {self.emulated_on})"
+        parts = [f"GPU {self.gpu_index}: {name}"]
         if self.total_memory_bytes is not None:
             parts.append(f"{self.total_memory_bytes / _GIB:.1f} GiB")
         if self.compute_capability is not None:
@@ -253,13 +285,50 @@ def detect_hardware(gpu_index: int = 0) -> HardwareInfo:
         )
     nvml_fields = _nvml_gpu_fields(gpu_index)
     props = torch.cuda.get_device_properties(gpu_index)
-    return host(
+    real = host(
         gpu_index=gpu_index,
         gpu_name=nvml_fields.get("gpu_name", str(props.name)),
         total_memory_bytes=nvml_fields.get("total_memory_bytes", int(props.total_memory)),
         compute_capability=nvml_fields.get("compute_capability", (int(props.major), int(props.minor))),
         driver=nvml_fields.get("driver"),
     )
+    card = os.environ.get(EMULATE_ENV)
+    return emulated(real, card) if card else real
+
+
+EMULATE_ENV = "FLUXTUNE_EMULATE"
+"""Set (by ``--emulate`` or by hand) to a GPU table name: :func:`detect_hardware` then describes that card,
+emulated on the real GPU, in this process and in the worker processes it starts."""
+
+
+def emulated(real: HardwareInfo, card_name: str) -> HardwareInfo:
+    """``real`` seen as the named card: its name, memory, compute capability and host->device rate.
+
+    Only the memory budget, the capability class (which knobs may run) and the pace of fluxtune's streamed
+    copies are emulated; compute speed, memory bandwidth and host RAM stay the real machine's.
+
+    Raises:
+        ProfileError: the name is not in the GPU table (the message lists the closest names).
+        UnsupportedHardwareError: the card has more memory or a newer architecture than the real GPU, or
+            there is no GPU to emulate it on.
+    """
+    from fluxtune.gpus import find_gpu
+
+    spec = find_gpu(card_name, field="--emulate")
+    if not real.has_cuda or real.compute_capability is None or real.total_memory_bytes is None:
+        raise UnsupportedHardwareError(f"--emulate={card_name!r} needs a CUDA GPU to emulate it on; this machine has none")
+    if spec.memory_bytes > real.total_memory_bytes:
+        raise UnsupportedHardwareError(
+            f"--emulate={card_name!r}: the {spec.name} has {spec.memory_gib:g} GiB, more than this "
+            f"{real.gpu_name} ({real.total_memory_bytes / _GIB:.1f} GiB); emulate a card with less memory")
+    if spec.sm > real.compute_capability:
+        raise UnsupportedHardwareError(
+            f"--emulate={card_name!r}: the {spec.name} is SM {spec.sm[0]}.{spec.sm[1]}, newer than this "
+            f"{real.gpu_name} (SM {real.compute_capability[0]}.{real.compute_capability[1]}): its knobs cannot "
+            "run here; emulate a card of this GPU's architecture or older")
+    return dataclasses.replace(
+        real, gpu_name=spec.nvml_names[0] if spec.nvml_names else spec.name, total_memory_bytes=spec.memory_bytes,
+        compute_capability=spec.sm, emulated_on=real.gpu_name, h2d_gbs=spec.h2d_gbs)
 
 
 def device_memory_used(gpu_index: int = 0) -> int | None:
@@ -333,3 +402,92 @@ def library_versions() -> dict[str, str]:
         if isinstance(version, str):
             versions["fluxtune"] = version
     return versions
+
+
+def activate_emulation(card_name: str, gpu_index: int = 0) -> HardwareInfo:
+    """Emulate a named card from now on, in this process and in the worker processes it starts.
+
+    Checks the name and the real GPU first (nothing is set when that fails), then sets
+    ``$FLUXTUNE_EMULATE`` so :func:`detect_hardware` describes the card everywhere.
+
+    Returns:
+        The emulated :class:`HardwareInfo`.
+
+    Raises:
+        ProfileError, UnsupportedHardwareError: as :func:`emulated`.
+    """
+    previous = os.environ.pop(EMULATE_ENV, None)
+    try:
+        hw = emulated(detect_hardware(gpu_index), card_name)
+    except Exception:
+        if previous is not None:
+            os.environ[EMULATE_ENV] = previous
+        raise
+    os.environ[EMULATE_ENV] = card_name
+    return hw
+
+
+def card_budget(hw: HardwareInfo) -> int | None:
+    """The budget a card's owner passes: ``NGB`` (N x 1e9 bytes) for a card sold as N GB (N GiB)."""
+    spec = hw.spec()
+    if spec is None:
+        return None
+    return int(spec.memory_gib * 1e9)
+
+
+def emulation_note(hw: HardwareInfo) -> str | None:
+    """What an emulated run does and does not emulate, for every output that comes from one; None if real."""
+    if hw.emulated_on is None:
+        return None
+    spec = hw.spec()
+    memory = f"{spec.memory_gib:g} GiB" if spec is not None else "its memory"
+    return (f"EMULATED {hw.gpu_name} on {hw.emulated_on}: emulated are its memory ({memory}: the budget), its "
+            f"capability class ({hw.capability}: only knobs that run on it) and its host->device rate "
+            f"({hw.h2d_gbs:g} GB/s: fluxtune's streamed blocks and diffusers' group offload are paced); NOT emulated: "
+            f"compute speed and memory bandwidth (the {hw.emulated_on}'s, much faster), host RAM, accelerate's "
+            "model/sequential offload copies, driver and OS behaviour. Use `fluxtune predict` for the card's latency.")
+
+
+@functools.cache
+def measure_h2d_gbs(gpu_index: int = 0, nbytes: int = 256 * 2**20) -> float:
+    """Host->device GB/s from page-locked memory on GPU ``gpu_index``, measured (best of 3 copies; cached)."""
+    import torch
+
+    device = torch.device("cuda", gpu_index)
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    with torch.cuda.device(device):
+        host.to(device, non_blocking=True)  # warm-up: the first copy pays for setting up the transfer
+        for _ in range(3):
+            start.record()
+            host.to(device, non_blocking=True)
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+    return nbytes / best / 1e9
+
+
+def probe(gpu_index: int = 0) -> dict[str, float]:
+    """A short measured probe for a GPU the table does not list: host->device GB/s and bf16 matmul TFLOPS.
+
+    Returns:
+        ``{"h2d_gbs": ..., "bf16_tflops": ...}`` (measured here, about a second).
+    """
+    import torch
+
+    device = torch.device("cuda", gpu_index)
+    n = 4096
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(3):  # warm-up: cuBLAS picks its kernel
+        a @ b
+    reps = 20
+    start.record()
+    for _ in range(reps):
+        a @ b
+    end.record()
+    end.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 / reps
+    return {"h2d_gbs": round(measure_h2d_gbs(gpu_index), 1), "bf16_tflops": round(2 * n**3 / seconds / 1e12, 1)}

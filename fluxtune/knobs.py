@@ -48,10 +48,19 @@ def _shorthand(key: str) -> Any:
 
 
 class Budget(Knob):
-    """Memory the pipeline may use. ``vram`` is enforced by capping the process when ``enforce``."""
+    """Memory the pipeline may use.
+
+    ``vram`` is the card: the whole process's device footprint as NVML sees it (CUDA context, allocator,
+    library workspaces). The owner of a card sold as 12 GB (12 GiB) passes ``12GB`` (12e9 bytes): the
+    7 % between the two covers what the driver reserves on such a card. When ``enforce``, ``apply`` caps
+    PyTorch's allocator at ``vram`` less the CUDA context and workspaces measured at that moment, less a
+    margin for the kernels and workspaces the first call loads, less ``display_reserve``.
+    """
 
     vram: ByteSize | None = None
     enforce: bool = True
+    display_reserve: ByteSize | None = Field(
+        default=None, description="memory left to a display on the same GPU (e.g. 1GB on a desktop card)")
     host_ram: ByteSize | None = Field(
         default=None,
         description="host memory the offload modes may pin (streamed offload keeps a host copy of every "
@@ -348,6 +357,9 @@ class Measured(Knob):
     study: str | None = None
     trial: int | None = None
     notes: str | None = None
+    emulation: str | None = Field(default=None, description="what was and was not emulated, when measured under --emulate")
+    workloads: tuple[dict[str, Any], ...] = Field(
+        default=(), description="the same profile measured on other workloads (e.g. the tier's size and steps)")
 
 
 # ----------------------------------------------------------------------------------------- LoRA

@@ -315,17 +315,16 @@ def _json_safe(value: Any) -> Any:
 
 
 def classify_peak(peak_reserved: int | None, peak_nvml: int | None, budget_bytes: int | None) -> Status:
-    """``"over_budget"`` when the allocator's reserved peak exceeds the budget, else ``"ok"``.
+    """``"over_budget"`` when the process's peak exceeds the budget, else ``"ok"``.
 
-    The budget is what ``apply`` caps the PyTorch allocator at; the CUDA context and library
-    workspaces (NVML minus reserved: 0.5-1.5 GB) come on top and are reported, not charged, so that
-    profiles and the diffusers recipes are held to the same line. ``peak_nvml`` is kept for callers that
-    want the stricter whole-process view. Unknown peaks (CPU) never make a run over budget.
+    The budget is the card: the whole process as NVML sees it (:class:`fluxtune.knobs.Budget`), so the
+    larger of the allocator's reserved peak and the NVML process peak is charged (the sampled NVML peak
+    can miss a short spike the allocator saw). Unknown peaks (CPU) never make a run over budget.
     """
-    del peak_nvml  # reported alongside, see the docstring
-    if budget_bytes is None or peak_reserved is None:
+    known = [p for p in (peak_reserved, peak_nvml) if p is not None]
+    if budget_bytes is None or not known:
         return "ok"
-    return "over_budget" if peak_reserved > budget_bytes else "ok"
+    return "over_budget" if max(known) > budget_bytes else "ok"
 
 
 # ------------------------------------------------------------------------------------ machinery

@@ -139,3 +139,20 @@ def save_profile(profile: Profile, path: str | Path, *, full: bool = False) -> P
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(to_yaml(profile, full=full))
     return out
+
+
+def tier_presets(family: str = "flux") -> list[tuple[int, str]]:
+    """The shipped presets of a family that carry a budget, as (budget bytes, name), smallest budget first."""
+    out = []
+    for name, path in list_presets().items():
+        p = load_profile(path)
+        if p.family == family and p.budget.vram is not None:
+            out.append((p.budget.vram, name))
+    return sorted(out)
+
+
+def preset_for_card(memory_gib: float, family: str = "flux") -> str | None:
+    """The preset of a card's tier: the one with the largest budget ``NGB`` the card holds (a card sold as
+    N GB has N GiB and its owner passes NGB; see :class:`fluxtune.knobs.Budget`), None below the smallest."""
+    fitting = [name for vram, name in tier_presets(family) if vram <= memory_gib * 1e9 + 1]
+    return fitting[-1] if fitting else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from fluxtune.errors import ProfileError
 from fluxtune.knobs import (
@@ -35,6 +35,47 @@ SCHEMA_VERSION = 1
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
 """Component sections a profile may carry (diffusers attribute names; DiT has transformer and vae)."""
 
+CapabilityClass = Literal["ampere", "ada", "hopper", "blackwell"]
+"""GPU classes by what fluxtune's knobs compute on them (:mod:`fluxtune.gpus` maps SMs to classes)."""
+
+_SHORTHAND_KEY = {"offload": "mode", "cache": "kind", "quantize": "method"}
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``a.b.c`` in nested plain data, in place; a shorthand string on the way (``quantize: int8_weight``)
+    becomes its section (``{method: int8_weight}``) so a sub-key can be set on it."""
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ProfileError(f"key {key!r} is empty; example: generation.steps")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if isinstance(child, str):
+            child = {_SHORTHAND_KEY.get(part, "method"): child}
+        if not isinstance(child, dict):
+            child = {}
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+class Variant(Knob):
+    """A preset's knobs for some GPU classes: dotted overrides of the base profile, and what was measured.
+
+    Example (the base runs fp8 row-wise, which needs Hopper)::
+
+        variants:
+          - name: ada
+            classes: [ada, blackwell]
+            set: {transformer.quantize.granularity: tensor}
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    classes: tuple[CapabilityClass, ...] = Field(min_length=1)
+    description: str = ""
+    set: dict[str, Any] = Field(default_factory=dict, description="dotted key -> value, applied to the base")
+    measured: Measured | None = None
+
 
 class Profile(Knob):
     """How a pipeline runs: budget, per-component placement and precision, attention, cache, compile,
@@ -55,6 +96,20 @@ class Profile(Knob):
     generation: Generation = Generation()
     loras: tuple[LoraSpec, ...] = Field(default=(), description="LoRA files applied to the transformer")
     measured: Measured | None = None
+    variants: tuple[Variant, ...] = Field(
+        default=(), description="per GPU class overrides; apply() runs the one matching the detected GPU")
+    variant: str | None = Field(default=None, description="set on a resolved profile: the variant it came from")
+
+    @field_validator("variants")
+    @classmethod
+    def _distinct_classes(cls, variants: tuple[Variant, ...]) -> tuple[Variant, ...]:
+        seen: dict[str, str] = {}
+        for v in variants:
+            for c in v.classes:
+                if c in seen:
+                    raise ValueError(f"class {c!r} is in variants {seen[c]!r} and {v.name!r}; give each class one variant")
+                seen[c] = v.name
+        return variants
 
     @model_validator(mode="after")
     def _cross_field(self) -> Profile:
@@ -82,7 +137,42 @@ class Profile(Knob):
         if self.compile.fuse_qkv and self.transformer.layerwise_casting is not None:
             raise ValueError("compile.fuse_qkv with transformer.layerwise_casting: fuse only unquantized weights")
         self._check_loras()
+        for v in self.variants:  # every variant must make a valid profile, found at load time, not on a user's GPU
+            self.for_variant(v)
         return self
+
+    def for_variant(self, variant: Variant) -> Profile:
+        """The base profile with ``variant`` applied; its ``measured`` block replaces the base's.
+
+        Raises:
+            ProfileError: the overrides do not make a valid profile (names the variant and the problem).
+        """
+        data = self.model_dump(mode="json", exclude={"variants"})
+        for key, value in variant.set.items():
+            set_dotted(data, key, value)
+        # The base's measurement does not describe a variant: a variant has its own or none.
+        data["measured"] = variant.measured.model_dump(mode="json") if variant.measured is not None else None
+        data["variant"] = variant.name
+        return validate_profile(data, source=f"variants[{variant.name}]")
+
+    def for_class(self, capability: str | None) -> Profile:
+        """The profile to run on a GPU of ``capability`` (see :mod:`fluxtune.gpus`): the first variant listing
+        that class, else the base knobs. A profile without variants is returned as it is."""
+        if not self.variants:
+            return self
+        for v in self.variants:
+            if capability in v.classes:
+                return self.for_variant(v)
+        return validate_profile({**self.model_dump(mode="json", exclude={"variants"}), "variant": "base"},
+                                source=self.name)
+
+    def variant_table(self) -> list[tuple[str, tuple[str, ...], Profile]]:
+        """(variant name, classes it runs on, resolved profile) for the base and each variant."""
+        covered = {c for v in self.variants for c in v.classes}
+        base_classes = tuple(c for c in ("ampere", "ada", "hopper", "blackwell") if c not in covered)
+        rows: list[tuple[str, tuple[str, ...], Profile]] = [("base", base_classes, self.for_class(None))]
+        rows += [(v.name, tuple(v.classes), self.for_variant(v)) for v in self.variants]
+        return rows
 
     def _check_loras(self) -> None:
         names = [lo.adapter_name for lo in self.loras]

@@ -185,8 +185,9 @@ def test_classify_peak() -> None:
     assert classify_peak(None, None, gb) == "ok"
     assert classify_peak(2 * gb, None, None) == "ok"
     assert classify_peak(2 * gb, None, gb) == "over_budget"
-    assert classify_peak(gb // 2, 2 * gb, gb) == "ok"  # the CUDA context (in NVML) is reported, not charged
+    assert classify_peak(gb // 2, 2 * gb, gb) == "over_budget"  # the budget is the whole process, context included
     assert classify_peak(gb // 2, gb, gb) == "ok"
+    assert classify_peak(None, 2 * gb, gb) == "over_budget"
 
 
 # ------------------------------------------------------------------------------------ workload

@@ -64,6 +64,6 @@ def test_shipped_presets_validate():
         assert p.measured is not None
         budgets[name] = p.budget.vram if p.budget.enforce else None
         assert to_yaml(p)
-    # The three tiers carry (and enforce) their budgets; the fast preset is for large cards, uncapped.
+    # Every tier carries (and enforces) its card's budget; the fast preset is for 32 GB and larger cards.
     assert budgets["flux-dev-8gb"] == 8 * 10**9 and budgets["flux-dev-12gb"] == 12 * 10**9
-    assert budgets["flux-dev-24gb"] == 24 * 10**9 and budgets["flux-dev-fast"] is None
+    assert budgets["flux-dev-24gb"] == 24 * 10**9 and budgets["flux-dev-fast"] == 32 * 10**9

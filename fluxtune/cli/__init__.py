@@ -25,6 +25,7 @@ COMMANDS = {
     "bench": "profiles side by side with the plain diffusers recipes, under one memory cap",
     "report": "rebuild the tables and plots of a search study",
     "sensitivity": "rank a DiT's layer groups by the harm quantization does, for quantize.exclude",
+    "predict": "a profile's predicted latency on a named GPU from the GPU table (not a measurement)",
 }
 
 # Bad input exits 2, a failure while running exits 1 (DESIGN.md, CLI rules).

@@ -16,6 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", default=None,
                    help="memory cap for every candidate, e.g. 12GB; or several, e.g. 8GB,12GB,24GB,none: then each "
                    "profile runs under its own budget and each recipe under the smallest listed cap it fits")
+    p.add_argument("--emulate", default=None, metavar="GPU",
+                   help='emulate a named card on this GPU, e.g. "RTX 4060": only its capability class\'s knobs run, '
+                   "streamed copies are paced to its PCIe rate, --budget defaults to its memory (compute is not emulated)")
     p.add_argument("--model", default="flux-mini", help="built-in name, local path or hub id")
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: each profile's / the model's)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps for every candidate")
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from fluxtune.bench import make_candidates, markdown, plot, run_bench
     from fluxtune.cli.search import default_workload, parse_duration
     from fluxtune.errors import ProfileError
-    from fluxtune.hardware import detect_hardware
+    from fluxtune.hardware import detect_hardware, emulation_note
     from fluxtune.presets import load_profile
     from fluxtune.units import parse_image_size
 
@@ -93,6 +96,15 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise ProfileError(str(e)) from None
     total = parse_duration(args.timeout) if args.timeout else None
+    if args.emulate:
+        from fluxtune.cli.search import _emulate
+
+        own = _emulate(args.emulate, None)
+        if budgets is None:
+            budgets = [own]
+        elif any(b is None or b > own for b in budgets):
+            raise ProfileError(f"--budget {args.budget}: under --emulate every cap must be at most the card's "
+                               f"{own / 1e9:g}GB")
     hw = detect_hardware()
     device = args.device or ("cuda:0" if hw.has_cuda else "cpu")
     spec = pipelines.builtin(args.model)
@@ -133,12 +145,16 @@ def run(args: argparse.Namespace) -> int:
                      recipe_workload=recipe_workload, total_timeout_s=total, time_box_s=args.recipe_time_box,
                      samples=args.samples, resume=not args.fresh)
     console = Console(width=200)
-    title = f"{args.model}, {device}, {hw.gpu_name or 'cpu'}"
+    title = f"{args.model}, {device}, {hw.gpu_name or 'cpu'}" + (f" EMULATED on {hw.emulated_on}" if hw.emulated_on else "")
     console.print(results_table(rows, title, samples=bool(args.samples)))
     console.print(summary_table(rows))
     caps = sorted({r.cap for r in rows if r.cap is not None})
     png = plot(rows, folder / "bench.png", caps, f"{args.model}: profiles vs diffusers recipes")
-    (folder / "bench.md").write_text(markdown(rows, command="fluxtune " + shlex.join(args.argv)))
+    note = emulation_note(hw)
+    (folder / "bench.md").write_text((f"{note}\n\n" if note else "")
+                                     + markdown(rows, command="fluxtune " + shlex.join(args.argv)))
+    if note:
+        console.print(note)
     console.print(f"table: {folder / 'bench.json'}, {folder / 'bench.md'}; plot: {png}")
     if args.write_measured:
         from fluxtune.bench import write_measured

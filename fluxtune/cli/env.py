@@ -8,6 +8,7 @@ import json
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", type=int, default=0, help="GPU index (default 0)")
+    p.add_argument("--gpus", action="store_true", help="list the GPU table (the cards --emulate and predict know)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -32,20 +33,64 @@ def knob_support(hw: object) -> dict[str, str]:
     }
 
 
-def run(args: argparse.Namespace) -> int:
-    from fluxtune.hardware import detect_hardware, library_versions
+def _gpu_table(as_json: bool) -> int:
+    from fluxtune.gpus import gpu_table
+    from fluxtune.presets import preset_for_card
 
+    specs = gpu_table()
+    if as_json:
+        print(json.dumps([s.model_dump() | {"class": s.capability} for s in specs], indent=2, default=str))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("card", "SM", "class", "memory", "bf16 / fp8 / int8 TFLOPS (dense)", "PCIe", "host->device",
+                  "FLUX preset", title="fluxtune's GPU table (fluxtune/data/gpus.yaml, sources inside)")
+    for s in specs:
+        rates = " / ".join(f"{s.rate(k):g}" if s.rate(k) else "-" for k in ("bf16", "fp8", "int8"))
+        link = f"{s.pcie_gen}.0 x{s.pcie_lanes}" if s.pcie_gen else "?"
+        table.add_row(s.name, f"{s.sm[0]}.{s.sm[1]}", s.capability, f"{s.memory_gib:g} GiB", rates, link,
+                      f"{s.h2d_gbs:g} GB/s", preset_for_card(s.memory_gib) or "-")
+    Console(width=160).print(table)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from fluxtune.hardware import detect_hardware, emulation_note, library_versions, probe
+
+    if args.gpus:
+        return _gpu_table(args.json)
     hw = detect_hardware(args.gpu)
     versions, knobs = library_versions(), knob_support(hw)
-    data = {"hardware": hw.fingerprint(), "versions": versions, "knobs": knobs}
+    spec = hw.spec()
+    card: dict[str, object] | None = None
+    if spec is not None:
+        card = {"table": spec.name, "class": spec.capability, "h2d_gbs": spec.h2d_gbs, "tflops": spec.tflops}
+    elif hw.has_cuda:
+        # Not in the table: a short measured probe stands in for the table's figures.
+        card = {"table": None, "class": hw.capability, "probe": probe(hw.gpu_index or 0)}
+    data = {"hardware": hw.fingerprint(), "card": card, "versions": versions, "knobs": knobs}
     if args.json:
         print(json.dumps(data, indent=2, default=str))
         return 0
     from rich.console import Console
     from rich.table import Table
 
+    from fluxtune.presets import preset_for_card
+
     console = Console()
     console.print(f"[bold]hardware[/]: {hw.describe()}")
+    note = emulation_note(hw)
+    if note:
+        console.print(note)
+    if spec is not None:
+        console.print(f"[bold]GPU table[/]: {spec.describe()}")
+        console.print(f"[bold]FLUX preset for this card[/]: {preset_for_card(spec.memory_gib) or 'none (< 8 GB)'} "
+                      f"(variant for class {spec.capability})")
+    elif card is not None:
+        p = card["probe"]
+        console.print(f"[bold]GPU table[/]: {hw.gpu_name} is not listed; measured probe: host->device "
+                      f"{p['h2d_gbs']} GB/s, bf16 matmul {p['bf16_tflops']} TFLOPS (4096^3)")  # type: ignore[index]
     console.print("[bold]versions[/]: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     table = Table("knob", "supported here")
     for k, v in knobs.items():

@@ -17,6 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="fluxtune.png", help="output PNG (several images get _0, _1 ... suffixes)")
     p.add_argument("--device", default=None, help="execution device (default: the GPU if there is one)")
     p.add_argument("--dtype", default=None, help="load dtype (default: bfloat16, or a built-in's own)")
+    p.add_argument("--emulate", default=None, metavar="GPU",
+                   help='emulate a named card on this GPU, e.g. "RTX 4060": the variant for its class runs under its '
+                   "memory, streamed copies paced to its PCIe rate (compute is not emulated)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,6 +33,10 @@ def run(args: argparse.Namespace) -> int:
     from fluxtune.units import format_bytes
 
     profile = load_profile(args.profile, args.overrides)
+    if args.emulate:
+        from fluxtune.hardware import activate_emulation, emulation_note
+
+        print(emulation_note(activate_emulation(args.emulate)))
     spec = pipelines.builtin(args.model)
     dtype = args.dtype or (spec.dtype if spec is not None and spec.dtype else "bfloat16")
     pipe: Any = pipelines.load(args.model, dtype=dtype)
@@ -63,5 +70,6 @@ def run(args: argparse.Namespace) -> int:
     for image, path in zip(images, paths, strict=True):
         image.save(path)
     peak = f"peak VRAM {format_bytes(torch.cuda.max_memory_reserved())} reserved" if cuda else "on CPU"
-    print(f"{len(images)} image(s) in {seconds:.2f}s ({peak}) -> {', '.join(str(p) for p in paths)}")
+    emulated = " on an EMULATED card (compute is this GPU's)" if args.emulate else ""
+    print(f"{len(images)} image(s) in {seconds:.2f}s{emulated} ({peak}) -> {', '.join(str(p) for p in paths)}")
     return 0

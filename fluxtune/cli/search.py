@@ -13,7 +13,11 @@ DEFAULT_MODEL = "flux-mini"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--budget", help="VRAM budget such as 12GB (on a CPU-only machine it bounds host memory)")
+    p.add_argument("--budget", help="VRAM budget such as 12GB: the whole process, as NVML sees it; a 12 GB card's "
+                   "owner passes 12GB (on a CPU-only machine it bounds host memory)")
+    p.add_argument("--emulate", default=None, metavar="GPU",
+                   help='emulate a named card on this GPU, e.g. "RTX 4060": its memory is the budget, only its '
+                   "capability class's knobs run, streamed copies are paced to its PCIe rate (compute is not emulated)")
     p.add_argument("--objective", choices=("latency", "quality", "pareto", "throughput"), default="latency",
                    help="latency: fastest above the quality floor; quality: best PSNR under --max-latency; "
                    "pareto: the whole front, with a knee proposed; throughput: most images per second, "
@@ -125,6 +129,21 @@ def default_workload(model: str, family: str, prompts: list[str] | None, on_gpu:
     return wl
 
 
+def _emulate(card: str, budget: int | None) -> int:
+    """Start emulating ``card`` (see :func:`fluxtune.hardware.activate_emulation`); returns the budget to use."""
+    from fluxtune.hardware import activate_emulation, card_budget, emulation_note
+    from fluxtune.units import format_bytes
+
+    hw = activate_emulation(card)
+    print(emulation_note(hw))
+    own = card_budget(hw)
+    assert own is not None  # an emulated card is always a table row
+    if budget is not None and budget > own:
+        raise ProfileError(f"--budget {format_bytes(budget)} is more than the emulated {hw.gpu_name} has; "
+                           f"use at most {format_bytes(own)} or leave --budget out")
+    return budget or own
+
+
 def run(args: argparse.Namespace) -> int:
     from fluxtune import pipelines
     from fluxtune.hardware import detect_hardware
@@ -142,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
         raise ProfileError("--objective quality needs --max-latency SECONDS (the cap under which quality is maximised)")
     if args.trials < 1:
         raise ProfileError(f"--trials {args.trials}: use 1 or more")
+    if args.emulate:
+        budget = _emulate(args.emulate, budget)
     hw = detect_hardware()
     devices = _devices(args, hw.has_cuda)
     on_gpu = devices[0].startswith("cuda")

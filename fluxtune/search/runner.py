@@ -215,13 +215,13 @@ class Search:
             return None
 
     def _predict(self, profile: Profile) -> int | None:
-        """Predicted peak to hold against the budget: allocator reserved on a GPU (what the cap
-        limits), host memory on CPU."""
+        """Predicted peak to hold against the budget: the whole process (allocator + CUDA context) on a GPU,
+        host memory on CPU."""
         pred = self._prediction(profile)
         if pred is None:
             return None
         # On CPU the "device" is host memory: weights, activations and the process itself.
-        return int(pred.peak_reserved if self.on_gpu else pred.peak_vram)
+        return int(pred.peak_vram)
 
     def run(self) -> SearchResult:
         import optuna
@@ -318,7 +318,7 @@ class Search:
         """Refuse a budget below anything the space can do, naming the smallest predicted peak."""
         if self.goal.budget_bytes is None:
             return
-        from fluxtune.memory import DEFAULT_OVERHEAD, smallest_feasible_budget
+        from fluxtune.memory import smallest_feasible_budget
         from fluxtune.search.recipes import RECIPES
 
         modes = ("sequential", "group", "partial") if self.on_gpu else ("none",)
@@ -335,8 +335,8 @@ class Search:
         if not candidates:
             return
         peak, _ = smallest_feasible_budget(self.facts, candidates, calibration=self.calibration)
-        # peak_vram includes the CUDA context, which the cap does not charge; compare like with like.
-        peak_cap = peak - DEFAULT_OVERHEAD if self.on_gpu else peak
+        # peak_vram includes the CUDA context, which the budget charges (the budget is the card).
+        peak_cap = peak
         if peak_cap > self.goal.budget_bytes * SKIP_MARGIN:
             raise ProfileError(
                 f"--budget {format_bytes(self.goal.budget_bytes)} is below anything this model can run with: the "
@@ -484,7 +484,7 @@ class Search:
         trial.set_user_attr("profile", profile.to_dict(exclude_defaults=True))
         trial.set_user_attr("config", desc)
         pred = self._prediction(profile)
-        predicted = None if pred is None else int(pred.peak_reserved if self.on_gpu else pred.peak_vram)
+        predicted = None if pred is None else int(pred.peak_vram)
         trial.set_user_attr("predicted_peak", predicted)
         if pred is not None and self.on_gpu:
             # What the program needs, compared with torch's allocated peak (a capped allocator reserves

@@ -36,7 +36,7 @@ from fluxtune.tuning.base import HANDLERS, IRREVERSIBLE, Context
 from fluxtune.tuning.generation import CallState
 from fluxtune.tuning.report import Action, ApplyReport
 
-__all__ = ["Action", "ApplyReport", "apply", "irreversible_signature", "is_tuned", "preload"]
+__all__ = ["Action", "ApplyReport", "apply", "irreversible_signature", "check_hardware", "is_tuned", "preload", "resolve"]
 
 
 def _lazy_imports(profile: Profile) -> list[str]:
@@ -112,14 +112,72 @@ def _check_machine(profile: Profile, hardware: HardwareInfo, device: Any) -> Non
                 "on CPU use offload none, bf16/float32 and int8 quantization"
             )
         return
-    need = profile.min_compute_capability()
-    cc = hardware.compute_capability
-    if need is not None and cc is not None and cc < need[0]:
-        arch = "Hopper (SM 9.0)" if need[0] >= (9, 0) else "Ada (SM 8.9)"
+    from fluxtune.gpus import class_allows, class_description
+
+    cls, cc = hardware.capability, hardware.compute_capability
+    if cls is None or cc is None:
+        return
+    for name in COMPONENTS:
+        q = profile.component(name).quantize
+        if q is not None and not class_allows(cls, q.method, q.granularity):
+            fix = ("use int8_dynamic or int8_weight (fp8 is storage only here: layerwise_casting)" if cls == "ampere"
+                   else "use granularity=tensor")
+            variant = f" (variant {profile.variant!r})" if profile.variant else ""
+            raise UnsupportedHardwareError(
+                f"{name}.quantize.method={q.method}"
+                + (f" granularity={q.granularity}" if q.method == "fp8_dynamic" else "")
+                + f"{variant} does not run on "
+                f"{hardware.gpu_name}, SM {cc[0]}.{cc[1]} ({class_description(cls)}): {fix}"
+            )
+
+
+def resolve(profile: Profile, hardware: HardwareInfo, device: Any) -> tuple[Profile, str | None]:
+    """The variant of ``profile`` for this GPU's capability class, and a line saying which and why.
+
+    Returns:
+        (profile to apply, report line or None when the profile has no variants).
+    """
+    if not profile.variants:
+        return profile, None
+    cls = hardware.capability if device.type == "cuda" else None
+    resolved = profile.for_class(cls)
+    where = (f"{hardware.gpu_name}, SM {hardware.compute_capability[0]}.{hardware.compute_capability[1]}, "  # type: ignore[index]
+             f"class {cls}" if cls is not None else f"no GPU class on {device}")
+    text = f"variant {resolved.variant!r} for {where}"
+    v = next((v for v in profile.variants if v.name == resolved.variant), None)
+    if v is not None and v.description:
+        text += f": {v.description}"
+    if hardware.emulated_on:
+        text += f" (emulated on {hardware.emulated_on})"
+    return resolved, text
+
+
+def check_hardware(profile: Profile | str | Path | dict[str, Any], hardware: HardwareInfo,
+                   device: str | None = None) -> Profile:
+    """Everything ``apply`` checks about the machine, without a pipeline: the variant for this GPU, the
+    knobs its capability class can run, and a budget the card can hold.
+
+    Returns:
+        The resolved profile (the variant that would run).
+
+    Raises:
+        UnsupportedHardwareError: a knob does not run on this GPU, or the budget is more than it has.
+    """
+    import torch
+
+    from fluxtune.presets import load_profile
+
+    # The hardware described, not this process's torch: a test may describe a card this machine lacks.
+    dev = torch.device(device) if device else torch.device("cuda", hardware.gpu_index or 0) if hardware.has_cuda \
+        else torch.device("cpu")
+    prof, _ = resolve(load_profile(profile), hardware, dev)
+    _check_machine(prof, hardware, dev)
+    total, vram = hardware.total_memory_bytes, prof.budget.vram
+    if dev.type == "cuda" and vram is not None and prof.budget.enforce and total is not None and vram > total:
         raise UnsupportedHardwareError(
-            f"{need[1]} needs compute capability {need[0][0]}.{need[0][1]} ({arch}); {hardware.gpu_name} has "
-            f"{cc[0]}.{cc[1]}: use int8_weight, or fp8 with granularity=tensor on SM 8.9"
-        )
+            f"budget.vram={vram / 1e9:g}GB is more than the {hardware.gpu_name} has ({total / 2**30:.1f} GiB): "
+            "use the preset of a smaller tier or lower budget.vram")
+    return prof
 
 
 def _check_family(profile: Profile, family: str, pipe: Any) -> None:
@@ -163,11 +221,14 @@ def apply(
     from fluxtune.pipelines import family as pipeline_family
     from fluxtune.presets import load_profile
 
-    prof = load_profile(profile, overrides)
-    if loras is not None:
-        prof = prof.replace(loras=[lo.model_dump() if hasattr(lo, "model_dump") else lo for lo in loras])
     hw = hardware if hardware is not None else detect_hardware()
     dev = _device(hw, device)
+    # The variant for this GPU first, then the caller's overrides on top of it (the caller's word wins).
+    prof, variant_line = resolve(load_profile(profile), hw, dev)
+    if overrides:
+        prof = load_profile(prof, overrides)
+    if loras is not None:
+        prof = prof.replace(loras=[lo.model_dump() if hasattr(lo, "model_dump") else lo for lo in loras])
     fam = pipeline_family(pipe)
     _check_family(prof, fam, pipe)
     _check_machine(prof, hw, dev)
@@ -190,6 +251,8 @@ def apply(
 
     ctx = Context(pipe=pipe, profile=prof, hardware=hw, device=dev, family=fam,
                   report=ApplyReport(profile=prof.name, device=str(dev)), strict=strict)
+    if variant_line is not None:
+        ctx.report.add("variant", "pipeline", variant_line)
     problems = [p for h in HANDLERS for p in h.check(ctx)]
     if problems:
         raise IncompatibleKnobsError("; ".join(problems))

@@ -1,15 +1,48 @@
-"""budget: cap this process's GPU memory so exceeding the budget raises instead of spilling."""
+"""budget: cap this process's GPU memory so that the whole process stays within the card.
+
+``budget.vram`` is the whole-process footprint NVML reports (see :class:`fluxtune.knobs.Budget`), but
+PyTorch can only cap its caching allocator. So the allocator cap is the budget less what the process
+holds outside the allocator: the CUDA context and library workspaces measured when the cap is set, plus
+a margin for what the first call still loads (kernel images of lazily loaded modules, cuBLAS/cuDNN
+handles), plus the display reserve.
+"""
 
 from __future__ import annotations
 
 from fluxtune.tuning.base import BUDGET, Context, Handler, register
 from fluxtune.units import format_bytes
 
+FIRST_CALL_GROWTH = 320 * 2**20
+"""Growth of the memory outside the allocator from the moment of the cap to the peak of a call. On the
+H200 (CUDA 13, torch 2.11) the NVML process footprint minus the allocator's reserved bytes was 0.79-0.83 GB
+at the peak of FLUX presets' runs; see docs/results/2026-12-02 for the split into context-at-apply and growth."""
+
+CONTEXT_FALLBACK = 600 * 2**20
+"""What the CUDA context and workspaces are taken to be when NVML cannot tell (containers that report host
+PIDs): the H200's context after placing a pipeline was about this size."""
+
 
 def _gpu_weight_bytes(ctx: Context) -> int:
     from fluxtune.tuning.streaming import module_bytes
 
     return sum(module_bytes(m, "cuda") for m in ctx.components().values())
+
+
+def outside_allocator(index: int) -> tuple[int, str]:
+    """Bytes this process holds on GPU ``index`` outside PyTorch's allocator, and how that was found."""
+    import torch
+
+    from fluxtune.hardware import process_memory_used
+
+    nvml = process_memory_used(index)
+    if nvml is None:
+        return CONTEXT_FALLBACK, "assumed (NVML cannot see this process)"
+    return max(0, nvml - int(torch.cuda.memory_reserved(index))), "measured (NVML process memory - allocator)"
+
+
+def allocator_cap(vram: int, outside: int, display_reserve: int | None) -> int:
+    """What the allocator may reserve so that the whole process stays within ``vram``."""
+    return vram - outside - FIRST_CALL_GROWTH - (display_reserve or 0)
 
 
 @register
@@ -22,11 +55,15 @@ class BudgetHandler(Handler):
         if b.vram is None or not b.enforce or not ctx.on_gpu:
             return []
         total = ctx.hardware.total_memory_bytes
+        card = ctx.hardware.gpu_name or "this GPU"
         if total is not None and b.vram > total:
             return [
-                f"budget.vram={format_bytes(b.vram)} is more than this GPU has ({format_bytes(total)}): "
+                f"budget.vram={format_bytes(b.vram)} is more than the {card} has ({format_bytes(total)}): "
                 f"lower it or set budget.enforce=false"
             ]
+        if b.display_reserve is not None and b.display_reserve >= b.vram:
+            return [f"budget.display_reserve={format_bytes(b.display_reserve)} leaves nothing of budget.vram="
+                    f"{format_bytes(b.vram)}: lower the reserve"]
         return []
 
     def apply(self, ctx: Context) -> None:
@@ -44,17 +81,25 @@ class BudgetHandler(Handler):
         index = ctx.device.index or 0
         total = torch.cuda.get_device_properties(index).total_memory
         torch.cuda.empty_cache()
+        outside, how = outside_allocator(index)
+        cap = allocator_cap(b.vram, outside, b.display_reserve)
         # What this pipeline's own weights occupy on the GPU now (other tensors of the process, e.g. a
         # previous pipeline not yet collected, are not this profile's doing).
         held = _gpu_weight_bytes(ctx)
-        if held > b.vram:
+        if held > cap:
             from fluxtune.errors import BudgetExceededError
 
             raise BudgetExceededError(
                 f"budget.vram={format_bytes(b.vram)}: after placing the weights the pipeline holds "
-                f"{format_bytes(held)} on the GPU; offload or quantize more (e.g. transformer.offload.mode=partial)"
+                f"{format_bytes(held)} on the GPU, more than the {format_bytes(cap)} left to PyTorch once the CUDA "
+                f"context ({format_bytes(outside)}) and workspaces are counted; offload or quantize more "
+                "(e.g. transformer.offload.mode=partial)"
             )
         # The caching allocator raises OutOfMemoryError once reserved memory would pass this fraction.
-        torch.cuda.set_per_process_memory_fraction(b.vram / total, index)
+        torch.cuda.set_per_process_memory_fraction(cap / total, index)
         ctx.undo.append((self.name, lambda: torch.cuda.set_per_process_memory_fraction(1.0, index)))
-        ctx.report.add(self.name, "pipeline", f"process capped at {format_bytes(b.vram)} of {format_bytes(total)}")
+        reserve = f" - display {format_bytes(b.display_reserve)}" if b.display_reserve else ""
+        ctx.report.add(
+            self.name, "pipeline",
+            f"whole process within {format_bytes(b.vram)}: allocator capped at {format_bytes(cap)} = budget - "
+            f"context {format_bytes(outside)} {how} - first-call margin {format_bytes(FIRST_CALL_GROWTH)}{reserve}")

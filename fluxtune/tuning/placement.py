@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from functools import partial
@@ -135,11 +136,15 @@ class PlacementHandler(Handler):
                 assert isinstance(off, PartialResidency)
                 from fluxtune.tuning.streaming import BlockStreamer
 
+                # Under card emulation the copies are paced to the emulated card's host->device rate.
                 streamer = BlockStreamer(module, ctx.device, resident_bytes=off.resident,
-                                         resident_blocks=off.resident_blocks, prefetch=off.prefetch)
+                                         resident_blocks=off.resident_blocks, prefetch=off.prefetch,
+                                         pace_gbs=ctx.hardware.h2d_gbs if ctx.hardware.emulated_on else None)
                 ctx.undo.append((self.name, streamer.remove))
                 module._fluxtune_streamer = streamer
                 detail = f"partial residency: {streamer.describe()}"
+            if ctx.hardware.emulated_on and isinstance(off, ModelOffload | SequentialOffload):
+                detail += f" (copies NOT paced to the emulated {ctx.hardware.h2d_gbs:g} GB/s: accelerate's hooks run at this link's rate)"
             if ctx.on_gpu:
                 torch.cuda.synchronize(ctx.device)
             ctx.report.add(self.name, name, detail, seconds=time.perf_counter() - t0)
@@ -166,12 +171,49 @@ class PlacementHandler(Handler):
         # the transformers text encoders.
         apply_group_offloading(module, **kwargs)
         ctx.undo.append((self.name, lambda: _remove_group_offload(module)))
+        paced = ""
+        if ctx.hardware.emulated_on and ctx.hardware.h2d_gbs and ctx.on_gpu:
+            paced = f"; {_pace_groups(module, ctx.hardware.h2d_gbs, ctx.device)}"
         level = f"block level, {off.blocks_per_group} block(s)/group" if off.level == "block" else "leaf level"
         if off.level == "block" and not any(isinstance(c, torch.nn.ModuleList | torch.nn.Sequential)
                                             for c in module.children()):
             # diffusers only chunks top-level block lists: here the whole component is one group.
             level += " (no top-level block list: the whole component moves as one group)"
-        return f"group offload, {level}{', streams' if off.use_stream else ''}"
+        return f"group offload, {level}{', streams' if off.use_stream else ''}{paced}"
+
+
+def _pace_groups(module: Any, gbs: float, device: Any) -> str:
+    """Pace diffusers' group-offload copies like fluxtune's streamer under card emulation (see CopyPacer).
+
+    Reaches into diffusers' hook registry (``_diffusers_hook`` / ``group_offloading``): if its layout
+    changes, the copies run unpaced and the report says so.
+    """
+    import torch
+
+    from fluxtune.tuning.streaming import CopyPacer, tensor_bytes
+
+    pacer = CopyPacer(gbs, device)
+    groups: dict[int, Any] = {}
+    for m in module.modules():
+        registry = getattr(m, "_diffusers_hook", None)
+        hook = registry.get_hook("group_offloading") if registry is not None else None
+        group = getattr(hook, "group", None)
+        if group is not None and hasattr(group, "onload_"):
+            groups[id(group)] = group
+    for group in groups.values():
+        nbytes = sum(tensor_bytes(t) for t in getattr(group, "cpu_param_dict", {}).values())
+
+        def onload(group: Any = group, original: Any = group.onload_, nbytes: int = nbytes) -> None:
+            original()
+            # The wait goes on the copy stream (compute waits for it as for the copy), or on the compute
+            # stream when diffusers copies synchronously.
+            with torch.cuda.stream(group.stream) if group.stream is not None else contextlib.nullcontext():
+                pacer.pace(nbytes)
+
+        group.onload_ = onload
+    if not groups:
+        return "copies NOT paced (diffusers' group layout not recognised)"
+    return pacer.describe()
 
 
 def _offload_all(hooks: list[Any]) -> None:

@@ -11,6 +11,7 @@ definition order: the transformer, and the T5 and CLIP text encoders.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -161,6 +162,51 @@ class _Streamed:
     homes: list[tuple[torch.nn.Module, str, torch.Tensor]] = field(default_factory=list)
     event: torch.cuda.Event | None = None
     loaded: bool = False
+    nbytes: int = 0
+
+
+class CopyPacer:
+    """Makes host->device copies on a stream last as long as over a slower link (card emulation).
+
+    After a block's copies, a GPU sleep kernel on the same side stream holds that stream until the copy
+    would have ended at ``gbs``; compute waits on the event recorded after it, so copies still overlap
+    compute exactly as they would on the emulated card. Nothing waits on the host.
+    """
+
+    def __init__(self, gbs: float, device: torch.device) -> None:
+        self.gbs = gbs
+        self.cycles_per_s, self.native_gbs = _clock_and_link(device.index or 0)
+
+    def extra_seconds(self, nbytes: int) -> float:
+        """How much longer ``nbytes`` take at the paced rate than over this machine's link."""
+        return max(0.0, nbytes / (self.gbs * 1e9) - nbytes / (self.native_gbs * 1e9))
+
+    def pace(self, nbytes: int) -> None:
+        """Enqueue the wait on the current stream (call it inside ``torch.cuda.stream(side)``)."""
+        extra = self.extra_seconds(nbytes)
+        if extra > 0:
+            torch.cuda._sleep(int(extra * self.cycles_per_s))
+
+    def describe(self) -> str:
+        return f"copies paced to {self.gbs:g} GB/s (this link: {self.native_gbs:.1f} GB/s)"
+
+
+@functools.cache
+def _clock_and_link(index: int) -> tuple[float, float]:
+    """(cycles per second of ``torch.cuda._sleep``, page-locked host->device GB/s) on GPU ``index``, measured."""
+    from fluxtune.hardware import measure_h2d_gbs
+
+    device = torch.device("cuda", index)
+    with torch.cuda.device(device):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(1_000_000)  # warm-up: the kernel's first launch loads its module
+        cycles = 50_000_000
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        rate = cycles / (start.elapsed_time(end) / 1e3)
+    return rate, measure_h2d_gbs(index)
 
 
 class BlockStreamer:
@@ -175,6 +221,7 @@ class BlockStreamer:
         resident_bytes: int | None = None,
         resident_blocks: int | None = None,
         prefetch: int = 1,
+        pace_gbs: float | None = None,
     ) -> None:
         self.transformer, self.device, self.prefetch = transformer, device, prefetch
         blocks = repeated_blocks(transformer)
@@ -187,6 +234,7 @@ class BlockStreamer:
         self.streamed_bytes = sum(sizes[i] for i in streamed)
         self.n_blocks = len(blocks)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.pacer = CopyPacer(pace_gbs, device) if pace_gbs and self.stream is not None else None
         self._handles: list[Any] = []
         self._origin: dict[int, torch.device] = {}
 
@@ -211,7 +259,7 @@ class BlockStreamer:
         self.items: list[_Streamed] = []
         self.arenas: list[HostArena] = []
         for block, (arena, homes) in zip(chosen, built, strict=True):
-            item = _Streamed(block)
+            item = _Streamed(block, nbytes=sum(tensor_bytes(h) for _, _, h in homes))
             for module, name, home in homes:
                 param = module._parameters[name]
                 assert param is not None
@@ -241,6 +289,8 @@ class BlockStreamer:
             with torch.cuda.stream(self.stream):
                 for module, name, home in item.homes:
                     _assign(module._parameters[name], home.to(self.device, non_blocking=True))  # type: ignore[arg-type]
+                if self.pacer is not None:
+                    self.pacer.pace(item.nbytes)
                 item.event = torch.cuda.Event()
                 item.event.record(self.stream)
         item.loaded = True
@@ -314,4 +364,6 @@ class BlockStreamer:
             unpinned = sum(not a.pinned for a in self.arenas)
             out += (f", {unpinned} of {len(self.arenas)} host arenas could not be page-locked (their copies "
                     "are synchronous)" if unpinned else f", {len(self.arenas)} page-locked host arenas")
+        if self.pacer is not None:
+            out += f"; {self.pacer.describe()}"
         return out

@@ -1,0 +1,84 @@
+"""fluxtune predict: a profile's predicted latency on a named GPU (never a measurement)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("profile", help="a YAML file or a preset name")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted profile overrides")
+    p.add_argument("--gpu", required=True, metavar="NAME", help='a card from the GPU table, e.g. "RTX 4060"')
+    p.add_argument("--size", default=None, metavar="WxH", help="image size (default: the profile's)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the profile's)")
+    p.add_argument("--model", default=None,
+                   help="built-in model whose shapes are counted (default: the profile's measured model, else "
+                   "flux-dev-replica / dit-xl-2-256)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _size(text: str | None) -> tuple[int | None, int | None]:
+    from fluxtune.errors import ProfileError
+
+    if text is None:
+        return None, None
+    w, sep, h = text.lower().partition("x")
+    if not sep or not w.isdigit() or not h.isdigit() or int(w) % 16 or int(h) % 16 or int(w) < 16 or int(h) < 16:
+        raise ProfileError(f"--size={text!r}: use WIDTHxHEIGHT in pixels, multiples of 16, e.g. 1024x1024")
+    return int(w), int(h)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from fluxtune.gpus import find_gpu
+    from fluxtune.predict import predict_latency, resolve_for_card
+    from fluxtune.presets import load_profile
+
+    gpu = find_gpu(args.gpu)  # ProfileError (exit 2) with the closest names
+    width, height = _size(args.size)
+    if args.steps is not None and args.steps < 1:
+        from fluxtune.errors import ProfileError
+
+        raise ProfileError(f"--steps={args.steps}: use a positive number of steps")
+    profile = resolve_for_card(load_profile(args.profile, args.overrides), gpu)
+    r = predict_latency(profile, gpu, model=args.model, height=height, width=width, steps=args.steps)
+    variant = getattr(profile, "variant", None)
+    if args.json:
+        print(json.dumps({
+            "predicted": True, "gpu": r.gpu, "profile": r.profile, "variant": variant, "model": r.model,
+            "width": r.width, "height": r.height, "steps": r.steps, "total_s": r.total_s,
+            "text_encode_s": r.text_encode_s, "step_s": r.step.seconds, "steps_s": r.steps_s, "decode_s": r.decode_s,
+            "step_bound": r.step.bound, "compute_floor_s": r.floor_s, "assumptions": list(r.assumptions),
+        }, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    name = r.profile + (f" (variant {variant})" if variant and variant != "base" else "")
+    table = Table(title=f"predicted latency: {name} on {gpu.name} ({gpu.capability}), {r.model} "
+                        f"{r.width}x{r.height}, {r.steps} steps", title_justify="left")
+    for col in ("phase", "predicted", "GEMM", "attention", "memory ops", "CPU launch", "host->device", "bound"):
+        table.add_column(col, justify="left" if col in ("phase", "bound") else "right")
+
+    def ms(x: float) -> str:
+        return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
+
+    for phase_name, label, times in (("text_encoder", "text encoder (CLIP)", 1),
+                                     ("text_encoder_2", "text encoder 2 (T5)", 1),
+                                     ("transformer", "one denoising step", 1), ("vae", "VAE decode", 1)):
+        p = r.phases.get(phase_name)
+        if p is None:
+            continue
+        table.add_row(label, ms(p.seconds * times), ms(p.gemm_s), ms(p.attn_s), ms(p.memory_s), ms(p.launch_s),
+                      ms(p.transfer_s), f"{p.bound} ({p.precision})")
+    table.add_row(f"{r.steps} steps", ms(r.steps_s), "", "", "", "", "", "")
+    table.add_row("total (predicted)", f"{r.total_s:.2f} s", "", "", "", "", "", "", style="bold")
+    console = Console(width=140)
+    console.print(table)
+    console.print(f"compute floor on {gpu.name}: {r.floor_s:.2f} s (all FLOPs at the card's fastest GEMM precision, "
+                  f"attention at bf16, 100 % efficiency); predicted / floor = {r.total_s / r.floor_s:.2f}x")
+    console.print("predicted, not measured. Assumptions:")
+    for line in r.assumptions:
+        console.print(f"  - {line}", highlight=False)
+    return 0

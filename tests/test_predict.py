@@ -1,0 +1,142 @@
+"""Predicted latency: work counted from module shapes, the latency model, the floor and the CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from fluxtune.cli import main
+from fluxtune.gpus import GpuSpec
+from fluxtune.memory import ModelFacts, transfer_bytes
+from fluxtune.predict import compute_floor, compute_precision, count_work, predict_latency
+from fluxtune.presets import load_profile
+
+
+def card(name: str = "test card", sm: str = "8.9", *, bf16: float = 100.0, fp8: float | None = 200.0,
+         int8: float | None = 400.0, bw: float = 1000.0, h2d: float = 25.0) -> GpuSpec:
+    return GpuSpec(name=name, sm=sm, memory_gib=24, memory_bandwidth_gbs=bw, h2d_gbs=h2d,
+                   tflops={"bf16": bf16, "fp8": fp8, "int8": int8})
+
+
+def profile(**knobs: Any) -> Any:
+    return load_profile({"name": "t", "family": "flux", "generation": {"height": 64, "width": 64, "steps": 4},
+                         **knobs})
+
+
+def cli(*argv: object) -> SimpleNamespace:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return SimpleNamespace(code=code, out=out.getvalue(), err=err.getvalue())
+
+
+def test_flux_dev_flops_per_step_match_the_published_count():
+    # cache-dit: 3726.87 TFLOP for 50 steps of FLUX.1-dev at 1024x1024 = 74.5 TFLOP per step.
+    t = time.perf_counter()
+    step = count_work("flux-dev-replica", height=1024, width=1024).step()
+    assert time.perf_counter() - t < 40  # ~15 s on a 2-core box, including building the replica on meta
+    assert step.flops == pytest.approx(74.5e12, rel=0.05)
+    assert step.gemm_flops == pytest.approx(59.5e12, rel=0.05)  # diffusers CI: 59.5 TFLOP in the linears
+    assert step.attn_flops == pytest.approx(14.9e12, rel=0.05)  # 57 blocks x 4 x 4608^2 x 3072
+    assert step.attn_calls == 57 and step.other_bytes > 0 and step.kernels > step.gemm_calls
+
+
+def test_tiny_models_count_each_component():
+    flux = count_work("tiny-flux", height=64, width=64)
+    assert set(flux.components) == {"text_encoder", "text_encoder_2", "transformer", "vae"}
+    assert all(c.gemm_flops > 0 for c in flux.components.values())
+    small = count_work("tiny-flux", height=64, width=64, max_sequence_length=16)
+    big = count_work("tiny-flux", height=128, width=128, max_sequence_length=16)
+    assert big.step().gemm_flops > 2 * small.step().gemm_flops  # 4x the image tokens
+    dit = count_work("tiny-dit", height=1024, width=1024)
+    assert set(dit.components) == {"transformer", "vae"}
+    assert dit.rows == 2 and dit.height == dit.width == 128  # CFG doubles the rows; the size is the model's
+    assert count_work("tiny-dit", height=128, width=128, cfg=False).rows == 1
+
+
+def test_halving_the_rate_doubles_compute_time():
+    fast, slow = card(bf16=100.0, fp8=200.0), card(bf16=50.0, fp8=100.0)
+    a = predict_latency(profile(), fast, model="tiny-flux")
+    b = predict_latency(profile(), slow, model="tiny-flux")
+    assert b.step.gemm_s == pytest.approx(2 * a.step.gemm_s)
+    assert b.step.attn_s == pytest.approx(2 * a.step.attn_s)
+    assert b.step.memory_s == pytest.approx(a.step.memory_s)  # bandwidth unchanged
+
+
+def test_fp8_computes_faster_on_ada_and_like_bf16_on_ampere():
+    fp8 = {"transformer": {"quantize": {"method": "fp8_dynamic", "granularity": "tensor"}},
+           "generation": {"height": 1024, "width": 1024, "steps": 28}}
+    bf16 = {"generation": {"height": 1024, "width": 1024, "steps": 28}}
+    ada, ampere = card(sm="8.9"), card(sm="8.6", fp8=None)
+    p_fp8, p_bf16 = load_profile({"name": "a", "family": "flux", **fp8}), load_profile({"name": "b", "family": "flux",
+                                                                                          **bf16})
+    on_ada = predict_latency(p_fp8, ada, model="flux-dev-replica"), predict_latency(p_bf16, ada,
+                                                                                     model="flux-dev-replica")
+    assert on_ada[0].step.precision == "fp8" and on_ada[0].total_s < 0.8 * on_ada[1].total_s
+    on_ampere = predict_latency(p_fp8, ampere, model="flux-dev-replica")
+    ref = predict_latency(p_bf16, ampere, model="flux-dev-replica")
+    assert on_ampere.step.precision == "bf16"
+    assert on_ampere.step.gemm_s == pytest.approx(ref.step.gemm_s)
+    assert any("does not compute on ampere" in a for a in on_ampere.assumptions)
+    assert compute_precision("int8_dynamic", "ampere") == "int8"
+    assert compute_precision("int8_weight", "hopper") == compute_precision(None, "ada") == "bf16"
+
+
+def test_streaming_on_a_slow_link_is_transfer_bound():
+    streamed = profile(transformer={"offload": {"mode": "partial", "resident_blocks": 0}})
+    slow = predict_latency(streamed, card(h2d=0.01), model="tiny-flux")
+    assert slow.step.bound == "transfer" and slow.step.transfer_s > slow.step.compute_s
+    fast = predict_latency(streamed, card(h2d=1e6), model="tiny-flux")
+    assert fast.step.bound != "transfer"
+    resident = predict_latency(profile(), card(h2d=0.01), model="tiny-flux")
+    assert resident.step.transfer_s == 0 and slow.total_s > resident.total_s
+
+
+def test_transfer_bytes_follow_the_offload_modes():
+    facts = ModelFacts.for_builtin("tiny-flux")
+    moved = transfer_bytes(profile(transformer={"offload": {"mode": "partial", "resident_blocks": 0}},
+                                   text_encoder_2={"offload": {"mode": "group", "level": "leaf"}}), facts)
+    assert moved["transformer"][1] == "step" and moved["transformer"][0] > 0
+    assert moved["text_encoder_2"][1] == "call" and moved["text_encoder_2"][0] > 0
+    assert moved["vae"] == (0.0, "call")
+    model = transfer_bytes(profile(**{c: {"offload": "model"} for c in ("transformer", "vae")}), facts)
+    assert model["transformer"] == (pytest.approx(facts.components["transformer"].bytes, rel=0.05), "call")
+
+
+def test_compiled_is_faster_and_the_prediction_says_predicted():
+    eager = predict_latency(profile(), card(), model="tiny-flux")
+    compiled = predict_latency(profile(compile={"mode": "regional"}), card(), model="tiny-flux")
+    assert compiled.step.seconds < eager.step.seconds
+    assert "predicted" in eager.describe()
+    assert eager.total_s == pytest.approx(eager.text_encode_s + eager.steps_s + eager.decode_s + eager.call_transfer_s)
+
+
+def test_compute_floor_uses_the_fastest_precision():
+    work = count_work("tiny-flux", height=64, width=64)
+    gemm = sum(c.gemm_flops * (4 if n == "transformer" else 1) for n, c in work.components.items())
+    attn = sum(c.attn_flops * (4 if n == "transformer" else 1) for n, c in work.components.items())
+    ada = card(bf16=100.0, fp8=200.0, int8=400.0)
+    assert compute_floor(ada, "tiny-flux", height=64, width=64, steps=4) == pytest.approx(
+        gemm / 200e12 + attn / 100e12)
+    ampere = card(sm="8.6", bf16=100.0, fp8=None, int8=400.0)  # int8 is its fastest
+    assert compute_floor(ampere, "tiny-flux", height=64, width=64, steps=4) == pytest.approx(
+        gemm / 400e12 + attn / 100e12)
+
+
+def test_cli_unknown_gpu_exits_2_with_the_closest_names():
+    r = cli("predict", "flux-dev-8gb", "--gpu", "RTX 4061")
+    assert r.code == 2
+    lines = [line for line in r.err.strip().splitlines() if line.startswith("fluxtune")]
+    assert len(lines) == 1 and "RTX 4060" in lines[0]
+
+
+def test_cli_prints_a_predicted_breakdown():
+    r = cli("predict", "flux-dev-8gb", "--gpu", "RTX 4060", "--model", "tiny-flux", "--size", "64x64", "--steps", "2")
+    assert r.code == 0, r.err
+    assert "predicted" in r.out and "compute floor" in r.out and "RTX 4060" in r.out
+    assert cli("predict", "flux-dev-8gb", "--gpu", "RTX 4060", "--size", "100x7").code == 2
