@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from fluxtune import quiet as _quiet
 from fluxtune.errors import (
     BudgetExceededError,
     FluxtuneError,
+    FluxtuneWarning,
     IncompatibleKnobsError,
     MissingDependencyError,
     PipelineError,
@@ -19,6 +21,8 @@ from fluxtune.errors import (
 from fluxtune.presets import list_presets, load_profile, save_profile
 from fluxtune.profile import Profile
 
+_quiet.from_env()  # a worker process of the quiet CLI: before torch and the libraries are imported
+
 if TYPE_CHECKING:
     from fluxtune.tuning import ApplyReport
 
@@ -26,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BudgetExceededError",
     "FluxtuneError",
+    "FluxtuneWarning",
     "IncompatibleKnobsError",
     "MissingDependencyError",
     "PipelineError",

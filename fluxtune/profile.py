@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from fluxtune.errors import ProfileError
 from fluxtune.knobs import (
@@ -55,6 +55,17 @@ class Profile(Knob):
     generation: Generation = Generation()
     loras: tuple[LoraSpec, ...] = Field(default=(), description="LoRA files applied to the transformer")
     measured: Measured | None = None
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_shorthand(cls, value: Any) -> Any:
+        # ``compile: regional`` / ``compile=off`` as shorthand; YAML 1.1 readers (and Python callers
+        # copying such YAML) turn ``off`` into False: it is the choice name here.
+        if value is False or isinstance(value, str):
+            return {"mode": "off" if value is False else value}
+        if isinstance(value, dict) and value.get("mode") is False:
+            return {**value, "mode": "off"}
+        return value
 
     @model_validator(mode="after")
     def _cross_field(self) -> Profile:

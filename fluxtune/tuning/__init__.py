@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fluxtune.errors import IncompatibleKnobsError, UnsupportedHardwareError
+from fluxtune.errors import IncompatibleKnobsError, PipelineError, UnsupportedHardwareError
 from fluxtune.hardware import HardwareInfo, detect_hardware
 from fluxtune.profile import COMPONENTS, Profile
 from fluxtune.tuning import (  # noqa: F401  (importing registers the handlers)
@@ -122,6 +122,65 @@ def _check_machine(profile: Profile, hardware: HardwareInfo, device: Any) -> Non
         )
 
 
+def _check_pipeline(pipe: Any) -> None:
+    """Refuse anything that is not a diffusers pipeline with a transformer before touching it."""
+    from diffusers import DiffusionPipeline
+
+    if not isinstance(pipe, DiffusionPipeline):
+        raise PipelineError(
+            f"pipe: a {type(pipe).__module__}.{type(pipe).__qualname__} is not a diffusers pipeline; pass what "
+            "fluxtune.pipelines.load() or DiffusionPipeline.from_pretrained() returns"
+        )
+    import torch
+
+    if not isinstance(getattr(pipe, "transformer", None), torch.nn.Module):
+        raise PipelineError(
+            f"pipe: {type(pipe).__name__} has no transformer; fluxtune tunes transformer pipelines (FLUX, DiT)"
+        )
+    broken = getattr(pipe, "_fluxtune_broken", None)
+    if broken:
+        raise IncompatibleKnobsError(
+            f"this pipeline was left changed by a failed apply ({broken}); reload it (fluxtune.pipelines.load) "
+            "and apply again"
+        )
+
+
+def _strict_skips(ctx: Context) -> list[str]:
+    """What the handlers would skip on this pipeline/machine: with ``strict=True`` these fail before
+    anything is changed (a skip found half-way would leave weights quantized and the profile unapplied)."""
+    b = ctx.profile.budget
+    out = []
+    if b.vram is not None and b.enforce and not ctx.on_gpu:
+        out.append(f"pipeline: budget skipped: no CUDA device: a VRAM cap has nothing to hold (strict=True); "
+                   f"run on a GPU or set budget.enforce=false")
+    return out
+
+
+def _warn_travel(profile: Profile, pipe: Any, model: str | None, hardware: HardwareInfo, report: ApplyReport) -> None:
+    """Warn when a profile's measured block comes from another model or GPU: what was not validated."""
+    import warnings
+
+    from fluxtune.errors import FluxtuneWarning
+
+    m = profile.measured
+    if m is None or m.status != "measured":
+        return
+    notes = []
+    name = model or getattr(getattr(pipe, "config", None), "_name_or_path", None) or ""
+    if m.model and name and str(m.model) != str(name) and Path(str(m.model)).name != Path(str(name)).name:
+        notes.append(f"measured on model {m.model!r}, applied to {name!r}: its latency, peak memory and quality "
+                     "figures do not hold for this model")
+    measured_gpu = (m.hardware or {}).get("name") if isinstance(m.hardware, dict) else None
+    here = hardware.gpu_name or "cpu"
+    if measured_gpu and measured_gpu != here:
+        notes.append(f"measured on {measured_gpu}, applied on {here}: the budget fit and the speed were not "
+                     f"validated here (run fluxtune bench or search on this machine)")
+    for note in notes:
+        text = f"profile {profile.name!r}: {note}"
+        report.warnings.append(text)
+        warnings.warn(text, FluxtuneWarning, stacklevel=3)
+
+
 def _check_family(profile: Profile, family: str, pipe: Any) -> None:
     if profile.family != "any" and profile.family != family:
         raise IncompatibleKnobsError(
@@ -139,6 +198,7 @@ def apply(
     device: str | None = None,
     strict: bool = False,
     loras: Sequence[Any] | None = None,
+    model: str | None = None,
 ) -> ApplyReport:
     """Make ``pipe`` obey ``profile``.
 
@@ -150,11 +210,14 @@ def apply(
         device: the execution device (default: the detected GPU, else CPU).
         strict: turn every skipped knob into an error.
         loras: LoRAs (paths, dicts or :class:`fluxtune.knobs.Lora`) replacing the profile's ``loras``.
+        model: the model spec the pipeline was loaded from, to warn when the profile was measured on
+            another (default: the pipeline's ``_name_or_path``).
 
     Returns:
         What was done to each component, in order, with reasons for anything skipped.
 
     Raises:
+        PipelineError: ``pipe`` is not a diffusers transformer pipeline (checked before anything else).
         ProfileError: the profile is malformed.
         IncompatibleKnobsError: a knob does not exist on this pipeline or knobs do not combine.
         UnsupportedHardwareError: the profile needs a GPU or an architecture this machine lacks.
@@ -163,6 +226,7 @@ def apply(
     from fluxtune.pipelines import family as pipeline_family
     from fluxtune.presets import load_profile
 
+    _check_pipeline(pipe)
     prof = load_profile(profile, overrides)
     if loras is not None:
         prof = prof.replace(loras=[lo.model_dump() if hasattr(lo, "model_dump") else lo for lo in loras])
@@ -191,6 +255,8 @@ def apply(
     ctx = Context(pipe=pipe, profile=prof, hardware=hw, device=dev, family=fam,
                   report=ApplyReport(profile=prof.name, device=str(dev)), strict=strict)
     problems = [p for h in HANDLERS for p in h.check(ctx)]
+    if strict:
+        problems += _strict_skips(ctx)
     if problems:
         raise IncompatibleKnobsError("; ".join(problems))
 
@@ -202,7 +268,43 @@ def apply(
         kept = [h.name for h in HANDLERS if not h.reversible and h.name in IRREVERSIBLE]
         ctx.report.add("reapply", "pipeline", f"reverted the previous reversible knobs; kept {', '.join(kept)}")
         # undo callbacks of irreversible knobs do not exist, so nothing else carries over.
-    for handler in handlers:
-        handler.apply(ctx)
+    done: list[str] = []
+    try:
+        for handler in handlers:
+            handler.apply(ctx)
+            done.append(handler.name)
+    except BaseException as e:
+        _roll_back(ctx, previous, done, e)
+        raise
     pipe._fluxtune = CallState(ctx)
+    _warn_travel(prof, pipe, model, hw, ctx.report)
     return ctx.report
+
+
+def _roll_back(ctx: Context, previous: CallState | None, done: list[str], error: BaseException) -> None:
+    """A handler failed half-way: revert the reversible knobs this call installed, then put the previous
+    profile's reversible knobs back (re-apply), so the pipeline's state describes what it runs. A pipeline
+    whose weights this call already changed (cast, quantized, compiled) is marked broken instead."""
+    import contextlib
+
+    for _, undo in reversed(ctx.undo):
+        with contextlib.suppress(Exception):
+            undo()
+    irreversible = [n for n in done if n in IRREVERSIBLE]
+    if previous is None:
+        if irreversible:
+            ctx.pipe._fluxtune_broken = (f"{', '.join(irreversible)} ran before {type(error).__name__}: "
+                                         f"{str(error).splitlines()[0] if str(error) else ''}")
+        return
+    back = Context(pipe=ctx.pipe, profile=previous.profile, hardware=ctx.hardware, device=ctx.device,
+                   family=ctx.family, report=previous.report, strict=False)
+    try:
+        for handler in (h for h in HANDLERS if h.reversible):
+            handler.apply(back)
+        ctx.pipe._fluxtune = CallState(back)
+    except Exception:
+        for _, undo in reversed(back.undo):
+            with contextlib.suppress(Exception):
+                undo()
+        ctx.pipe._fluxtune = None
+        ctx.pipe._fluxtune_broken = f"restoring profile {previous.profile.name!r} after {type(error).__name__} failed"
