@@ -31,14 +31,15 @@ MAX_NODES = 100_000
 
 
 def preset_dir() -> Path:
-    """Where the shipped presets live: ``$FLUXTUNE_PROFILES``, the repository's ``profiles/`` (a source
-    checkout or an editable install) or the copy a wheel ships in the package (``fluxtune/profiles``)."""
+    """Where the shipped presets live: ``$FLUXTUNE_PROFILES``, the copy a wheel or ``pip install .`` ships
+    in the package (``fluxtune/profiles``, made by setup.py at build time), or the repository's
+    ``profiles/`` (their source, read in place by a checkout or an editable install)."""
     env = os.environ.get(PRESET_DIR_ENV)
     if env:
         return Path(env)
     here = Path(__file__).resolve().parent
-    source = here.parent / "profiles"
-    return source if source.is_dir() else here / "profiles"
+    packaged = here / "profiles"
+    return packaged if packaged.is_dir() else here.parent / "profiles"
 
 
 def list_presets() -> dict[str, Path]:
