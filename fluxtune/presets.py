@@ -276,14 +276,26 @@ def check_writable(path: str | Path, field: str) -> Path:
     out = Path(path)
     if out.is_dir() or str(path).endswith(("/", os.sep)):
         raise ProfileError(f"{field} {str(path)!r} is a folder; give a file name, e.g. {Path(path) / 'out'}")
-    parent = out.parent
-    existing = parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ProfileError(f"{field} {str(path)!r}: {existing} is a file, not a folder; choose another path")
-    if not os.access(existing, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise ProfileError(f"{field} {str(path)!r}: no permission to write there; choose a writable path")
+    made: list[Path] = []
+    try:
+        missing = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
+        for folder in reversed(missing):  # made to test, removed again below
+            folder.mkdir()
+            made.append(folder)
+        if out.exists():
+            if not os.access(out, os.W_OK):
+                raise PermissionError(f"{out} is read-only")
+        else:
+            fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=out.parent)
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        why = e.strerror or str(e)
+        raise ProfileError(f"{field} {str(path)!r} cannot be written ({why}); choose a writable path") from None
+    finally:
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import subprocess
 import sys
@@ -47,7 +48,5 @@ def test_version_flag(capsys):
     assert capsys.readouterr().out.strip() == f"fluxtune {fluxtune.__version__}"
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
+    with contextlib.suppress(PackageNotFoundError):
         assert version("fluxtune") == fluxtune.__version__
-    except PackageNotFoundError:
-        pass

@@ -125,12 +125,47 @@ def default_workload(model: str, family: str, prompts: list[str] | None, on_gpu:
     return wl
 
 
+def _local_family(model: str) -> str:
+    """The family of a local save_pretrained directory from its model_index.json (flux when unknown)."""
+    import json
+
+    index = Path(model).expanduser() / "model_index.json"
+    try:
+        cls = str(json.loads(index.read_text()).get("_class_name", ""))
+    except (OSError, ValueError, AttributeError):
+        return "flux"
+    return "dit" if cls.startswith("DiT") else "flux"
+
+
+def _local_generation(model: str, on_gpu: bool) -> dict[str, Any]:
+    """Call settings for a model that is not a built-in. A local directory's transformer config gives
+    its native size (FLUX: sample_size x 16 pixels; DiT: sample_size x 8); on CPU, where the
+    diffusers default of 1024x1024 would take minutes per image, a search asks for --size instead of
+    running it silently."""
+    import json
+
+    cfg_path = Path(model).expanduser() / "transformer" / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    sample = cfg.get("sample_size")
+    if _local_family(model) == "dit" and isinstance(sample, int) and sample > 0:
+        return {"height": sample * 8, "width": sample * 8}  # a DiT draws its native size only
+    if not on_gpu:
+        raise ProfileError(f"--model {model}: on CPU give --size (and --steps): diffusers' default for this model "
+                           "is 1024x1024, minutes per image on a CPU; e.g. --size 256x256 --steps 8")
+    return {}
+
+
 def run(args: argparse.Namespace) -> int:
     from fluxtune import pipelines
+    from fluxtune.cli import checks
     from fluxtune.hardware import detect_hardware
     from fluxtune.presets import load_profile, save_profile
     from fluxtune.search.runner import Search, SearchConfig, _cpu_view
     from fluxtune.search.space import SearchSpace, load_space_file, parse_pins
+    from fluxtune.search.study import check_study_name
     from fluxtune.units import format_bytes, parse_bytes, parse_image_size
 
     try:
@@ -138,19 +173,43 @@ def run(args: argparse.Namespace) -> int:
         ram_budget = parse_bytes(args.ram_budget, field="--ram-budget") if args.ram_budget else None
     except ValueError as e:
         raise ProfileError(str(e)) from None
+    # Every value is checked before anything is loaded, created or written (DESIGN.md: bad input is
+    # one line and exit 2, and leaves nothing behind).
     if args.objective == "quality" and args.max_latency is None:
         raise ProfileError("--objective quality needs --max-latency SECONDS (the cap under which quality is maximised)")
-    if args.trials < 1:
-        raise ProfileError(f"--trials {args.trials}: use 1 or more")
+    checks.positive_int("--trials", args.trials, example="40")
+    checks.positive_int("--patience", args.patience, zero=True, example="15")
+    checks.positive_int("--images", args.images, example="100")
+    checks.positive_int("--runs", args.runs, example="2")
+    checks.positive_int("--workers", args.workers, example="1")
+    checks.positive_float("--max-latency", args.max_latency, example="5")
+    checks.positive_float("--min-psnr", args.min_psnr, zero=True, example="30")
+    if args.timeout is not None and parse_duration(args.timeout) <= 0:
+        raise ProfileError(f"--timeout {args.timeout!r}: use a positive duration, e.g. 30m")
+    checks.model(args.model)
+    checks.dtype(args.dtype)
+    args.storage = checks.storage(args.storage)
+    if args.study is not None:
+        check_study_name(args.study)
+    if Path(args.home).exists() and not Path(args.home).is_dir():
+        raise ProfileError(f"--home {args.home!r} is a file; give a folder for the journal and reports")
+    checks.writable("--out", args.out)
+    for f in args.lora:
+        checks.lora_file(f)
+    if args.prompt is not None and not all(p.strip() for p in args.prompt):
+        raise ProfileError("--prompt '': give a non-empty prompt, e.g. --prompt 'a red circle'")
     hw = detect_hardware()
     devices = _devices(args, hw.has_cuda)
     on_gpu = devices[0].startswith("cuda")
     spec = pipelines.builtin(args.model)
     if spec is not None and spec.needs_gpu and not on_gpu:
         raise UnsupportedHardwareError(f"--model {args.model} is built on a GPU; on this machine use flux-mini or tiny-flux")
-    family = spec.family if spec is not None else "flux"
+    family = spec.family if spec is not None else _local_family(args.model)
+    if args.lora and family != "flux":
+        raise ProfileError(f"--lora: {args.model} is a {family} model; LoRAs apply to FLUX pipelines")
     base = load_profile(args.profile) if args.profile else load_profile(
-        {"name": "search-base", "family": family, "generation": dict(spec.generation) if spec else {}})
+        {"name": "search-base", "family": family,
+         "generation": dict(spec.generation) if spec else _local_generation(args.model, on_gpu or bool(args.size))})
     data = base.to_dict()
     data["family"] = family
     if args.size:
@@ -198,21 +257,31 @@ def run(args: argparse.Namespace) -> int:
         min_psnr = None
     print(f"quality floor: {f'PSNR >= {min_psnr:g} dB against the lossless reference' if min_psnr else 'none'}")
     name = args.study or f"{Path(args.model).name}-{format_bytes(budget) if budget else 'nobudget'}-{args.objective}"
+    check_study_name(name)
     cfg = SearchConfig(
         model=args.model, base=base, workload=workload, budget_bytes=budget, objective=args.objective,
         min_psnr=min_psnr, max_latency=args.max_latency, images=args.images, trials=args.trials,
         timeout_s=parse_duration(args.timeout) if args.timeout else None, patience=args.patience or None,
         storage=args.storage, study=name, devices=devices,
-        dtype=args.dtype or (spec.dtype if spec and spec.dtype else "bfloat16"), narrow=narrow, seed=args.seed,
+        dtype=args.dtype or (spec.dtype if spec and spec.dtype else "bfloat16" if on_gpu else "float32"),
+        narrow=narrow, seed=args.seed,
         home=Path(args.home), ram_budget_bytes=ram_budget, floor_compiled=args.floor_compiled,
         sensitivity=sensitivity,
     )
+    from fluxtune.search.study import study_dir
+
+    home, folder = Path(args.home), study_dir(name, Path(args.home))
+    created = (None if home.exists() else home, None if folder.exists() else folder)
     search = Search(cfg)
     from fluxtune import report as rep
     from fluxtune.search.results import profile_of
 
     try:
         result = search.run()
+    except Exception:
+        if getattr(search, "study", None) is None:
+            _remove_created(created)  # failed before the study existed: leave nothing behind
+        raise
     except KeyboardInterrupt:
         # Keep what was measured visible: the report of the finished trials, then the resume hint.
         study = getattr(search, "study", None)
@@ -255,6 +324,19 @@ def run(args: argparse.Namespace) -> int:
           f"peak {format_bytes(peak or 0)}, PSNR {min(m.quality.get('psnr', float('nan')), 100):.1f} dB -> {out}")
     _print_summary(result.study, m.latency_s if args.objective == "latency" else None)
     return 0
+
+
+def _remove_created(created: tuple[Path | None, Path | None]) -> None:
+    """Remove the folders this run created: the study folder, then --home if nothing else is in it."""
+    import shutil
+
+    home, folder = created
+    if folder is not None and folder.is_dir():
+        shutil.rmtree(folder, ignore_errors=True)
+    if home is not None and home.is_dir():
+        rest = [p for p in home.iterdir() if p.name != "references" or any(p.iterdir())]
+        if not rest:
+            shutil.rmtree(home, ignore_errors=True)
 
 
 def _print_summary(study: Any, best_latency: float | None) -> None:

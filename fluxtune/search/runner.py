@@ -230,18 +230,6 @@ class Search:
         from fluxtune.search.recipes import warm_start
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        storage = open_storage(self.cfg.storage, self.cfg.home)
-        with warnings.catch_warnings():  # multivariate/group are "experimental": not the user's concern
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            sampler = optuna.samplers.TPESampler(seed=self.cfg.seed, multivariate=True, group=True,
-                                                 constant_liar=len(self.cfg.devices) > 1, n_startup_trials=8)
-        config = {**self.cfg.identity(), "hardware": self.hardware.fingerprint(), "versions": library_versions(),
-                  "devices": self.cfg.devices, "base": self.cfg.base.to_dict(exclude_defaults=True)}
-        study, resumed = create_or_resume(self.cfg.study, storage, config, sampler)
-        self.study = study
-        done = len([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
-        self.say(f"study {self.cfg.study!r} ({'resumed, ' + str(done) + ' trials done' if resumed else 'new'}) "
-                 f"in {self.cfg.storage or self.cfg.home / 'journal.log'}")
         workers = self._workers()
         try:
             self.facts = ModelFacts.from_dict(workers[0].ready["facts"])
@@ -250,11 +238,23 @@ class Search:
             hw = self.hardware if self.on_gpu else _cpu_view(self.hardware)
             self.space = SearchSpace.create(hw, _family(self.facts), self.cfg.base, self.cfg.narrow,
                                             transformer_bytes=_block_bytes(self.facts))
+            self._check_budget_reachable()  # before the study exists: a budget no trial can meet creates none
+            storage = open_storage(self.cfg.storage, self.cfg.home)
+            with warnings.catch_warnings():  # multivariate/group are "experimental": not the user's concern
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                sampler = optuna.samplers.TPESampler(seed=self.cfg.seed, multivariate=True, group=True,
+                                                     constant_liar=len(self.cfg.devices) > 1, n_startup_trials=8)
+            config = {**self.cfg.identity(), "hardware": self.hardware.fingerprint(), "versions": library_versions(),
+                      "devices": self.cfg.devices, "base": self.cfg.base.to_dict(exclude_defaults=True)}
+            study, resumed = create_or_resume(self.cfg.study, storage, config, sampler)
+            self.study = study
+            done = len([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
+            self.say(f"study {self.cfg.study!r} ({'resumed, ' + str(done) + ' trials done' if resumed else 'new'}) "
+                     f"in {self.cfg.storage or self.cfg.home / 'journal.log'}")
             sensitivity = self._sensitivity(workers[0])
             if sensitivity:
                 self.space = SearchSpace.create(hw, _family(self.facts), self.cfg.base, self.cfg.narrow,
                                                 transformer_bytes=_block_bytes(self.facts), sensitivity=sensitivity)
-            self._check_budget_reachable()
             reference = self._reference(workers[0])
             if not study.get_trials(deepcopy=False):  # new, or its first run stopped before this point
                 from fluxtune.presets import list_presets, load_profile

@@ -151,8 +151,8 @@ def _strict_skips(ctx: Context) -> list[str]:
     b = ctx.profile.budget
     out = []
     if b.vram is not None and b.enforce and not ctx.on_gpu:
-        out.append(f"pipeline: budget skipped: no CUDA device: a VRAM cap has nothing to hold (strict=True); "
-                   f"run on a GPU or set budget.enforce=false")
+        out.append("pipeline: budget skipped: no CUDA device: a VRAM cap has nothing to hold (strict=True); "
+                   "run on a GPU or set budget.enforce=false")
     return out
 
 
