@@ -462,7 +462,7 @@ def write_measured(source: str, profile: Profile, rows: list[BenchRow], *, model
     import datetime as dt
 
     from fluxtune.hardware import library_versions
-    from fluxtune.presets import list_presets, load_profile, save_profile
+    from fluxtune.presets import list_presets, load_profile, update_measured
 
     row = next((r for r in rows if r.kind == "profile" and r.name == profile.name and r.fits), None)
     if row is None:
@@ -491,4 +491,4 @@ def write_measured(source: str, profile: Profile, rows: list[BenchRow], *, model
         "notes": notes,
     }
     original = load_profile(path)
-    return save_profile(original.replace(measured=measured), path)
+    return update_measured(path, original.replace(measured=measured))  # atomic; keeps the user's comments

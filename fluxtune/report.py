@@ -115,6 +115,9 @@ def plot_best_so_far(curve: Sequence[tuple[int, float | None]], path: Path, *, b
     if baseline is not None:
         ax.axhline(baseline, c="#cc2222", ls="--", label=f"{baseline_label} {baseline:.2f}")
     ax.set_xlabel("trial")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trials are counted, never fractional
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -162,13 +165,13 @@ def build(study: Any, folder: Path) -> dict[str, Path]:
     out["csv"], out["json"] = write_tables(table, folder)
     best = best_trial(study)
     if cfg.get("objective") == "pareto":
-        front = [t.number for t in pareto_front(study)]
+        front = [t.number + 1 for t in pareto_front(study)]  # as rows() number them: from 1
     else:
         front = _memory_front(table)
     on_gpu = any(str(d).startswith("cuda") for d in cfg.get("devices", []))
     out["plot"] = plot_latency_vs_memory(
         table, folder / "latency_vs_memory.png", budget=cfg.get("budget_bytes"), front=front,
-        best=best.number if best else None,
+        best=best.number + 1 if best else None,
         title=f"{study.study_name}: {cfg.get('model')} ({cfg.get('objective')})",
         memory_label="peak VRAM (reserved)" if on_gpu else "peak host RAM",
     )
@@ -184,7 +187,7 @@ def build(study: Any, folder: Path) -> dict[str, Path]:
             tiles.append(("reference", (ref_imgs[:1].clamp(0, 1) * 255).round().to(torch.uint8)))
     finalists = sorted((r for r in table if r["feasible"] and r.get("latency_s")), key=lambda r: r["latency_s"])[:7]
     for r in finalists:
-        f = folder / "images" / f"trial_{r['trial']:04d}.pt"
+        f = folder / "images" / f"trial_{r['trial'] - 1:04d}.pt"  # the worker names them by Optuna's number
         if f.exists():
             psnr = r.get("psnr")
             label = f"#{r['trial']} {r['latency_s']:.2f}s" + (f" {min(psnr, 100):.1f}dB" if psnr else "")

@@ -183,10 +183,9 @@ class SensitivityResult:
 
     def save(self, path: str | Path) -> Path:
         """Write the result as JSON; returns the path."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=True) + "\n")
-        return p
+        from fluxtune.presets import write_atomic
+
+        return write_atomic(path, json.dumps(self.to_dict(), indent=2, allow_nan=True) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> SensitivityResult:

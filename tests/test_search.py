@@ -137,7 +137,7 @@ def test_report_rebuilds_the_study_files(searched):
     import json
 
     table = json.loads((folder / "trials.json").read_text())
-    assert [r["trial"] for r in table] == [0, 1, 2, 3]
+    assert [r["trial"] for r in table] == [1, 2, 3, 4]  # numbered from 1, as the progress lines and plots
     assert all(r["state"] == "COMPLETE" and r["latency_s"] for r in table)
 
 
@@ -612,7 +612,7 @@ def test_pareto_front_and_knee():
     assert [r["feasible"] for r in rows] == [True] * 5 + [False, False]
     assert rows[-1]["state"] == "FAIL" and rows[-1]["status"] == "crashed"
     prof = results.profile_of(knee, study, name="knee")
-    assert prof.measured is not None and prof.measured.trial == knee.number and prof.measured.latency_s == 2.0
+    assert prof.measured is not None and prof.measured.trial == knee.number + 1 and prof.measured.latency_s == 2.0
 
 
 def test_best_and_best_so_far_skip_infeasible_trials():

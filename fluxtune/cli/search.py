@@ -307,12 +307,12 @@ def run(args: argparse.Namespace) -> int:
 
         front_dir = search.dir / "front"
         for t in pareto_front(result.study):
-            save_profile(profile_of(t, result.study, name=f"{name}-front-trial{t.number}"),
-                         front_dir / f"trial{t.number:04d}.yaml")
+            save_profile(profile_of(t, result.study, name=f"{name}-front-trial{t.number + 1}"),
+                         front_dir / f"trial{t.number + 1:04d}.yaml")
         print(f"  front: {front_dir} (the knee is written to --out)")
     prof = profile_of(result.best, result.study, name=f"{name}")
     out = Path(args.out) if args.out else search.dir / "best.yaml"
-    save_profile(prof, out)
+    save_searched(prof, out, args, cfg.dtype)
     m = prof.measured
     assert m is not None
     ref_lat = result.reference.get("latency_s")
@@ -320,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
     peak = m.peak_reserved if on_gpu else result.best.user_attrs.get("peak")
     tput = (f", {m.throughput:.2f} images/s at batch {prof.generation.images_per_prompt}"
             if m.throughput and args.objective == "throughput" else "")
-    print(f"best: trial {result.best.number}: {m.latency_s:.3f}s per call{tput}{speed if not tput else ''}, "
+    print(f"best: trial {result.best.number + 1}: {m.latency_s:.3f}s per call{tput}{speed if not tput else ''}, "
           f"peak {format_bytes(peak or 0)}, PSNR {min(m.quality.get('psnr', float('nan')), 100):.1f} dB -> {out}")
     _print_summary(result.study, m.latency_s if args.objective == "latency" else None)
     return 0
@@ -337,6 +337,31 @@ def _remove_created(created: tuple[Path | None, Path | None]) -> None:
         rest = [p for p in home.iterdir() if p.name != "references" or any(p.iterdir())]
         if not rest:
             shutil.rmtree(home, ignore_errors=True)
+
+
+def save_searched(prof: Any, out: Path, args: argparse.Namespace, dtype: str) -> Path:
+    """Write a searched profile with the call it was validated for spelled out (size, steps, batch, the
+    load dtype) and a comment header saying where it came from and how to use it."""
+    from fluxtune.presets import write_atomic
+
+    g = prof.generation
+    m = prof.measured
+    size = f"{g.width}x{g.height}" if g.height and g.width else "the model's default size"
+    where = (m.hardware or {}).get("name") or "cpu" if m is not None else "?"
+    header = (
+        f"# {prof.name}: found by `fluxtune search` on {args.model} ({where}), {m.date if m else ''}\n"
+        f"# Measured at {size}, {g.steps} steps, {g.images_per_prompt} image(s) per call, {dtype} weights"
+        f"{', budget ' + args.budget if args.budget else ''}.\n"
+        f"# Use: fluxtune generate {out} --model {args.model} --prompt '...'   or in Python:\n"
+        f"#      fluxtune.apply('{out}', pipelines.load('{args.model}', dtype='{dtype}'))\n"
+        "# Another model or GPU was not validated: apply warns; re-run the search (or fluxtune bench) there.\n"
+    )
+    from omegaconf import OmegaConf
+
+    data = prof.to_dict(exclude_defaults=True)
+    data["generation"] = {k: v for k, v in g.model_dump(mode="json").items() if v is not None}  # defaults too
+    text = OmegaConf.to_yaml(OmegaConf.create(data), sort_keys=False)
+    return write_atomic(out, header + text)
 
 
 def _print_summary(study: Any, best_latency: float | None) -> None:
@@ -390,11 +415,11 @@ def _print_table(study: Any, budget: int | None, on_gpu: bool) -> None:
     from fluxtune.search.results import rows
     from fluxtune.units import format_bytes
 
-    table = Table("#", "config", "status", "latency", "first call", "peak", "allocated", "predicted", "PSNR",
-                  title="trials")
-    for r in rows(study):
-        if r["state"] == "WAITING":  # enqueued warm starts the run ended before
-            continue
+    shown = [r for r in rows(study) if r["state"] != "WAITING"]  # enqueued warm starts the run ended before
+    differ = _differing(shown)
+    table = Table("#", "knobs that differ" if len(shown) > 1 else "config", "status", "latency", "first call", "peak",
+                  "allocated", "predicted", "PSNR", title="trials")
+    for r in shown:
         lat = f"{r['latency_s']:.3f}s" if r.get("latency_s") else "-"
         first = f"{r['first_call_s']:.2f}s" if r.get("first_call_s") else "-"
         peak = format_bytes(r["peak"]) if r.get("peak") else "-"
@@ -403,5 +428,40 @@ def _print_table(study: Any, budget: int | None, on_gpu: bool) -> None:
         alloc = format_bytes(r["peak_allocated"]) if r.get("peak_allocated") else "-"
         psnr = f"{min(r['psnr'], 100):.1f}" if r.get("psnr") is not None else "-"
         status = r["status"] + ("" if r["feasible"] or r["status"] != "ok" else " (infeasible)")
-        table.add_row(str(r["trial"]), str(r.get("config", ""))[:60], status, lat, first, peak, alloc, pred, psnr)
-    Console(width=160).print(table)
+        table.add_row(str(r["trial"]), differ[id(r)], status, lat, first, peak, alloc, pred, psnr)
+    Console(width=200).print(table)
+
+
+def _differing(table: list[dict[str, Any]]) -> dict[int, str]:
+    """Each row's config reduced to the knobs in which the trials differ (``k=v`` words), so that two
+    different trials never look the same; the whole config when there is only one trial."""
+    parsed = {id(r): dict(w.split("=", 1) for w in str(r.get("config") or "").split() if "=" in w) for r in table}
+    keys = list(dict.fromkeys(k for d in parsed.values() for k in d))
+    varying = [k for k in keys if len({d.get(k, "") for d in parsed.values()}) > 1] if len(table) > 1 else keys
+    out = {}
+    for r in table:
+        d = parsed[id(r)]
+        words = [f"{k}={d[k]}" for k in varying if k in d]
+        out[id(r)] = " ".join(words) or ("(same knobs as the others)" if len(table) > 1 else "defaults")
+    return out
+
+
+def print_best(study: Any) -> None:
+    """One line on the study's best trial (or why there is none)."""
+    from fluxtune.search.results import best_trial
+    from fluxtune.units import format_bytes
+
+    best = best_trial(study)
+    if best is None:
+        print("best: no feasible trial yet")
+        return
+    a = best.user_attrs
+    psnr = (a.get("quality") or {}).get("psnr")
+    bits = [f"best: trial {best.number + 1}: {a.get('latency_s') or 0:.3f}s per call"]
+    if a.get("throughput"):
+        bits.append(f"{a['throughput']:.2f} images/s")
+    if a.get("peak"):
+        bits.append(f"peak {format_bytes(a['peak'])}")
+    if psnr is not None:
+        bits.append(f"PSNR {min(psnr, 100):.1f} dB")
+    print(", ".join(bits) + f"; knobs: {a.get('config') or 'defaults'}")

@@ -245,7 +245,8 @@ class Search:
                 sampler = optuna.samplers.TPESampler(seed=self.cfg.seed, multivariate=True, group=True,
                                                      constant_liar=len(self.cfg.devices) > 1, n_startup_trials=8)
             config = {**self.cfg.identity(), "hardware": self.hardware.fingerprint(), "versions": library_versions(),
-                      "devices": self.cfg.devices, "base": self.cfg.base.to_dict(exclude_defaults=True)}
+                      "devices": self.cfg.devices, "base": self.cfg.base.to_dict(exclude_defaults=True),
+                      "dtype": self.cfg.dtype}
             study, resumed = create_or_resume(self.cfg.study, storage, config, sampler)
             self.study = study
             done = len([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
@@ -466,7 +467,7 @@ class Search:
                 trial.set_user_attr("status", "crashed")
                 trial.set_user_attr("error", str(e))
                 self.study.tell(trial, state=TrialState.FAIL)
-                self.say(f"trial {trial.number}: {e}; starting a new worker")
+                self.say(f"trial {trial.number + 1}: {e}; starting a new worker")
                 try:
                     worker.restart()
                 except SearchError as e2:
@@ -474,7 +475,7 @@ class Search:
                     return
             except Exception as e:
                 self.study.tell(trial, state=TrialState.FAIL)
-                self.say(f"trial {trial.number}: failed in the search loop: {type(e).__name__}: {e}")
+                self.say(f"trial {trial.number + 1}: failed in the search loop: {type(e).__name__}: {e}")
 
     def _one(self, worker: Worker, trial: Any) -> None:
         import optuna
@@ -553,9 +554,9 @@ class Search:
             bits.append(f"{status}: {str(result.get('error') or '')[:80]}")
         best = best_trial(self.study)
         if best is not None and self.goal.objective == "throughput":
-            bits.append(f"best #{best.number} {best.user_attrs.get('throughput') or 0:.2f} img/s")
+            bits.append(f"best #{best.number + 1} {best.user_attrs.get('throughput') or 0:.2f} img/s")
         elif best is not None:
-            bits.append(f"best #{best.number} {best.user_attrs.get('latency_s', 0):.2f}s")
+            bits.append(f"best #{best.number + 1} {best.user_attrs.get('latency_s', 0):.2f}s")
         elapsed = time.monotonic() - self.started
         done = max(1, self._finished())
         left = (self.cfg.trials - done) * elapsed / done
