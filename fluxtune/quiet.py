@@ -18,6 +18,13 @@ import warnings
 ENV = "FLUXTUNE_QUIET"
 _LOGGERS = ("torchao", "torch.utils._pytree", "torch._dynamo", "torch._inductor", "diffusers", "transformers",
             "accelerate", "huggingface_hub", "peft", "optuna")
+_ENV = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DIFFUSERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TQDM_DISABLE": "1",  # diffusers' "Loading pipeline components..." bar
+}
 _MODULES = r"(torch|torchao|diffusers|transformers|accelerate|huggingface_hub|peft|optuna|torchmetrics|timm)(\.|$)"
 
 
@@ -26,11 +33,8 @@ def quiet() -> None:
     and the ones it starts)."""
     os.environ[ENV] = "1"
     # Read at import by the libraries (and inherited by worker processes).
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # diffusers' "Loading pipeline components..." bar
+    for key, value in _ENV.items():
+        os.environ.setdefault(key, value)
     for name in _LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=_MODULES)
@@ -45,8 +49,21 @@ def quiet() -> None:
 
 
 def loud() -> None:
-    """``--debug``: leave the libraries as they are, and tell worker processes so."""
+    """``--debug``: the libraries speak (undoing :func:`quiet`, which ``import fluxtune`` may have run
+    in a process started by a quiet one), and worker processes are told so."""
     os.environ.pop(ENV, None)
+    for key, value in _ENV.items():
+        if os.environ.get(key) == value:
+            del os.environ[key]
+    for name in _LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    warnings.filters[:] = [f for f in warnings.filters if getattr(f[3], "pattern", None) != _MODULES]
+    import sys
+
+    for mod in ("diffusers.utils.logging", "transformers.utils.logging"):
+        m = sys.modules.get(mod)
+        if m is not None:
+            m.set_verbosity_warning()  # type: ignore[attr-defined]
 
 
 def from_env() -> None:

@@ -112,7 +112,7 @@ def test_search_writes_a_measured_profile_and_a_report(searched):
     assert m.versions.get("torch") and m.versions.get("optuna")
     assert m.model == "tiny-flux" and m.study == STUDY
     study = load(searched.home)
-    best = study.trials[m.trial]
+    best = study.trials[m.trial - 1]  # trials are numbered from 1 in what users read
     assert best.state == TrialState.COMPLETE and best.user_attrs["status"] == "ok"
     assert m.latency_s == pytest.approx(best.user_attrs["measurement"]["latency_s"])
     # The profile is the trial's, and every trial of this search ran 2 steps (--steps 2).
@@ -319,6 +319,30 @@ def test_unreachable_quality_floor_reports_the_best_quality_found(home):
     (["--size", "100x100"], "multiple of 16"),
     (["--gpus", "0"], "no CUDA GPU"),
     (["--model", "flux-dev-replica"], "built on a GPU"),
+    # issue 18: every one of these used to exit 1, crash, or be accepted
+    (["--storage", "not a url"], "--storage 'not a url' is not a storage URL"),
+    (["--storage", "sqlite://relative.db"], "three slashes"),
+    (["--model", "no-such-model"], "--model 'no-such-model'"),
+    (["--model", "/nonexistent/dir/"], "--model '/nonexistent/dir/'"),
+    (["--dtype", "int3"], "--dtype 'int3'"),
+    (["--max-latency", "-1"], "--max-latency -1.0"),
+    (["--max-latency", "inf"], "--max-latency inf"),
+    (["--min-psnr", "nan"], "--min-psnr nan"),
+    (["--runs", "0"], "--runs 0"),
+    (["--images", "-1"], "--images -1"),
+    (["--patience", "-2"], "--patience -2"),
+    (["--timeout", "0"], "--timeout '0'"),
+    (["--size", "infxinf"], "not an image size"),
+    (["--size", "99999999x16"], "between 16 and 16384"),
+    (["--budget", ".inf"], "'.inf'"),
+    (["--budget", "1e30"], "more memory than any machine has"),
+    (["--ram-budget", "nan"], "--ram-budget"),
+    (["--study", ".."], "--study '..'"),
+    (["--study", "../escape"], "--study '../escape'"),
+    (["--lora", "style.bin"], "not a .safetensors file"),
+    (["--lora", "missing.safetensors"], "no such file"),
+    (["--out", "/proc/nope/best.yaml"], "cannot be written"),
+    (["--prompt", ""], "--prompt ''"),
 ])
 def test_bad_input_is_one_line_and_exit_2(home, extra, needle):
     if extra[0] in ("--gpus", "--model"):
@@ -334,6 +358,57 @@ def test_bad_input_is_one_line_and_exit_2(home, extra, needle):
     assert "Traceback" not in res.err
     # Refused before any model load or study: nothing written.
     assert not (home / "journal.log").exists()
+    assert not home.exists() or not any(home.iterdir()), list(home.iterdir())
+    assert not (home.parent / "escape").exists()
+
+
+def test_out_folder_and_a_lora_that_is_not_a_lora_fail_before_work(home, tmp_path):
+    from safetensors.torch import save_file
+
+    res = cli("search", *TINY, "--budget", "12GB", "--out", tmp_path, "--home", home)
+    assert res.code == 2 and "is a folder" in res.err and len(res.err.strip().splitlines()) == 1
+    ckpt = tmp_path / "model.safetensors"
+    import torch
+
+    save_file({"transformer.proj.weight": torch.zeros(2, 2)}, str(ckpt))
+    res = cli("search", *TINY, "--budget", "12GB", "--lora", ckpt, "--home", home)
+    assert res.code == 2 and "none of its 1 tensors is a LoRA weight" in res.err, res.err
+    garbage = tmp_path / "bad.safetensors"
+    garbage.write_bytes(b"not safetensors at all")
+    res = cli("search", *TINY, "--budget", "12GB", "--lora", garbage, "--home", home)
+    assert res.code == 2 and "not a readable safetensors file" in res.err, res.err
+    assert "GPU" not in res.err  # the old message blamed the GPU after loading the model
+    assert not home.exists()
+
+
+def test_a_local_model_dir_on_cpu_needs_a_size(home, tmp_path):
+    from fluxtune.pipelines import load
+
+    load("tiny-flux", dtype="float32").save_pretrained(tmp_path / "m")
+    res = cli("search", "--model", tmp_path / "m", "--budget", "12GB", "--home", home)
+    assert res.code == 2 and "give --size" in res.err and "1024x1024" in res.err, res.err
+    assert not home.exists()
+
+
+def test_storage_urls_are_checked_and_postgresql_maps_to_psycopg3():
+    from fluxtune.errors import ProfileError
+    from fluxtune.search.study import normalize_storage_url
+
+    assert normalize_storage_url("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert normalize_storage_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert normalize_storage_url("postgresql+psycopg2://u@h/db") == "postgresql+psycopg2://u@h/db"
+    assert normalize_storage_url("sqlite:///x.db") == "sqlite:///x.db"
+    assert normalize_storage_url("journal:a.log") == "journal:a.log"
+    for bad in ("not a url", "journal:", "://x", "sqlite://x.db"):
+        with pytest.raises(ProfileError, match="--storage"):
+            normalize_storage_url(bad)
+
+
+@pytest.mark.slow
+def test_a_budget_no_trial_can_meet_creates_no_study(home):
+    res = cli("search", *TINY, "--budget", "1KB", "--trials", "1", "--home", home)
+    assert res.code == 2 and "smallest peak" in res.err
+    assert not home.exists(), list(home.rglob("*"))
 
 
 def test_space_file_with_an_unknown_knob_is_one_line(home, tmp_path):
