@@ -435,12 +435,16 @@ def plot(rows: list[BenchRow], path: Path, budgets: Sequence[Cap], title: str) -
     """Latency against peak reserved memory, profiles and recipes, with a line at each budget."""
     from fluxtune.report import plot_latency_vs_memory
 
-    table = [{"trial": i, "latency_s": r.latency_s, "peak": r.peak_reserved, "feasible": r.fits,
+    # On CPU there is no allocator peak: the host memory peak is what was measured.
+    gpu = any(r.peak_reserved for r in rows)
+    peak = (lambda r: r.peak_reserved) if gpu else (lambda r: r.extra.get("host_ram_peak"))  # noqa: E731
+    table = [{"trial": i, "latency_s": r.latency_s, "peak": peak(r), "feasible": r.fits,
               "name": r.name[:28]} for i, r in enumerate(rows) if r.kind == "profile"]
-    baselines = [{"name": r.name[:28], "latency_s": r.latency_s, "peak": r.peak_reserved}
+    baselines = [{"name": r.name[:28], "latency_s": r.latency_s, "peak": peak(r)}
                  for r in rows if r.kind != "profile" and r.fits]
-    return plot_latency_vs_memory(table, path, budget=[c for c in budgets if c is not None], baselines=baselines,
-                                  title=title, label_points=True, point_label="profiles",
+    return plot_latency_vs_memory(table, path, budget=[c for c in budgets if c is not None] if gpu else None,
+                                  baselines=baselines, title=title, label_points=True, point_label="profiles",
+                                  memory_label="peak VRAM (reserved)" if gpu else "peak host RAM",
                                   baseline_label="diffusers recipes (run under the smallest cap they fit)")
 
 
