@@ -439,8 +439,8 @@ def plot(rows: list[BenchRow], path: Path, budgets: Sequence[Cap], title: str) -
     gpu = any(r.peak_reserved for r in rows)
     peak = (lambda r: r.peak_reserved) if gpu else (lambda r: r.extra.get("host_ram_peak"))  # noqa: E731
     table = [{"trial": i, "latency_s": r.latency_s, "peak": peak(r), "feasible": r.fits,
-              "name": r.name[:28]} for i, r in enumerate(rows) if r.kind == "profile"]
-    baselines = [{"name": r.name[:28], "latency_s": r.latency_s, "peak": peak(r)}
+              "name": r.name} for i, r in enumerate(rows) if r.kind == "profile"]
+    baselines = [{"name": r.name, "latency_s": r.latency_s, "peak": peak(r)}
                  for r in rows if r.kind != "profile" and r.fits]
     return plot_latency_vs_memory(table, path, budget=[c for c in budgets if c is not None] if gpu else None,
                                   baselines=baselines, title=title, label_points=True, point_label="profiles",

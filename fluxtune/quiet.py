@@ -57,7 +57,7 @@ def loud() -> None:
             del os.environ[key]
     for name in _LOGGERS:
         logging.getLogger(name).setLevel(logging.NOTSET)
-    warnings.filters[:] = [f for f in warnings.filters if getattr(f[3], "pattern", None) != _MODULES]
+    warnings.filters[:] = [f for f in warnings.filters if getattr(f[3], "pattern", None) != _MODULES]  # type: ignore[index]
     import sys
 
     for mod in ("diffusers.utils.logging", "transformers.utils.logging"):

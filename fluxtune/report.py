@@ -256,7 +256,7 @@ def build(study: Any, folder: Path) -> dict[str, Path]:
             title=f"{study.study_name}: {cfg.get('model')} ({cfg.get('objective')})")
     ref = study.user_attrs.get("fluxtune_reference", {})
     out["progress"] = _progress_plot(study, table, ref, cfg.get("objective"), folder / "best_so_far.png")
-    tiles = []
+    tiles: list[tuple[Any, ...]] = []
     ref_file = folder / "reference.pt"
     if ref_file.exists():
         ref_imgs = torch.load(ref_file, weights_only=True)

@@ -458,7 +458,7 @@ def print_best(study: Any) -> None:
     a = best.user_attrs
     psnr = (a.get("quality") or {}).get("psnr")
     bits = [f"best: trial {best.number + 1}: {a.get('latency_s') or 0:.3f}s per call"]
-    if a.get("throughput"):
+    if a.get("throughput") and study.user_attrs.get("fluxtune_config", {}).get("objective") == "throughput":
         bits.append(f"{a['throughput']:.2f} images/s")
     if a.get("peak"):
         bits.append(f"peak {format_bytes(a['peak'])}")
