@@ -265,6 +265,7 @@ def test_generate_bad_inputs_fail_before_loading_and_write_nothing(tmp_path, sma
         (["--out", "/proc/nope/x.png"], "cannot be written"),
         (["--prompt", ""], "--prompt ''"),
         (["--class-label", "3"], "--class-label is for class-conditional"),
+        (["--seed", "-5"], "--seed -5"),
     ]
     for extra, needle in cases:
         res = cli("generate", small_profile, "--model", "tiny-flux", "--out", tmp_path / "y.png", *extra)
@@ -354,7 +355,8 @@ def test_bench_and_sensitivity_check_their_inputs_before_work(tmp_path, monkeypa
     for extra, needle in [(["--model", "nope"], "--model 'nope'"), (["--dtype", "x"], "--dtype 'x'"),
                           (["--runs", "0"], "--runs 0"), (["--device", "cuda:9"], "--device 'cuda:9'"),
                           (["--recipe-time-box", "nan"], "--recipe-time-box"), (["--timeout", "0"], "--timeout"),
-                          (["--steps", "0"], "--steps 0")]:
+                          (["--steps", "0"], "--steps 0"), (["--recipes", "zzz"], "'zzz' names no recipe"),
+                          (["--samples", "-3"], "--samples -3")]:
         assert needle in one_error_line(cli("bench", "flux-dev-12gb", *extra), "bench"), extra
     (tmp_path / "file").write_text("x")
     assert "is a file" in one_error_line(cli("bench", "flux-dev-12gb", "--out", "file"), "bench")

@@ -117,6 +117,14 @@ def test_search_writes_a_measured_profile_and_a_report(searched):
     assert m.latency_s == pytest.approx(best.user_attrs["measurement"]["latency_s"])
     # The profile is the trial's, and every trial of this search ran 2 steps (--steps 2).
     assert prof.generation.steps == 2
+    # It says what it was validated for (size, steps, dtype) and where it came from, in a comment header.
+    text = (searched.root / "best.yaml").read_text()
+    assert text.startswith("# ") and "found by `fluxtune search` on tiny-flux" in text
+    assert "Use: fluxtune generate" in text and "float32 weights" in text
+    assert "generation:\n  steps: 2\n" in text and "height: 64" in text and "width: 64" in text
+    assert m.workload["dtype"] == "float32" and m.workload["steps"] == 2 and m.workload["height"] == 64
+    # the table shows the knobs in which the trials differ, and the best line names the trial from 1
+    assert "knobs that differ" in searched.second.out
     assert prof.transformer.quantize == load_profile(best.user_attrs["profile"]).transformer.quantize
     folder = searched.home / STUDY
     for name in ("trials.csv", "trials.json", "latency_vs_memory.png", "best_so_far.png", "finalists.png"):
@@ -343,6 +351,10 @@ def test_unreachable_quality_floor_reports_the_best_quality_found(home):
     (["--lora", "missing.safetensors"], "no such file"),
     (["--out", "/proc/nope/best.yaml"], "cannot be written"),
     (["--prompt", ""], "--prompt ''"),
+    (["--seed", "-1"], "--seed -1"),
+    (["--steps", "1-5000"], "at most 1000 steps"),
+    (["--sensitivity", "nofile.json"], "--sensitivity 'nofile.json': no such file"),
+    (["--profile", "nofile.yaml"], "neither a file nor a preset"),
 ])
 def test_bad_input_is_one_line_and_exit_2(home, extra, needle):
     if extra[0] in ("--gpus", "--model"):

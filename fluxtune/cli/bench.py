@@ -138,7 +138,12 @@ def run(args: argparse.Namespace) -> int:
                                  reference=not args.no_reference)
     if args.recipes:
         words = [w.strip().lower() for w in args.recipes.split(",") if w.strip()]
+        names = [c.name for c in candidates if c.kind == "recipe"]
         candidates = [c for c in candidates if c.kind != "recipe" or any(w in c.name.lower() for w in words)]
+        unmatched = [w for w in words if not any(w in n.lower() for n in names)]
+        if unmatched or not words:
+            raise ProfileError(f"--recipes {args.recipes!r}: {unmatched[0] if unmatched else 'no word'!r} names no "
+                               f"recipe; recipes: {', '.join(names)}")
     folder = Path(args.out)
     dtype = args.dtype or (spec.dtype if spec and spec.dtype else "bfloat16")
     if args.samples and family != "dit":

@@ -36,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".png":
         raise ProfileError(f"--out {args.out!r}: fluxtune generate writes PNG files; give a name ending in .png")
     check_writable(out, "--out")
+    if not 0 <= args.seed < 2**63:
+        raise ProfileError(f"--seed {args.seed}: use 0 to {2**63 - 1}, e.g. --seed 0")
     for label in args.class_label or []:
         if label < 0:
             raise ProfileError(f"--class-label {label}: class ids start at 0, e.g. --class-label 1")

@@ -67,6 +67,8 @@ def parse_steps(text: str) -> Any:
     if not m or int(m.group(1)) < 1:
         raise ProfileError(f"--steps {text!r}: use a positive count (28) or a range (20-50)")
     lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+    if hi > 1000:
+        raise ProfileError(f"--steps {text!r}: at most 1000 steps, e.g. 28 or 20-50")
     if hi < lo:
         raise ProfileError(f"--steps {text!r}: the range is reversed; use {hi}-{lo}")
     return lo if lo == hi else {"low": lo, "high": hi}
@@ -103,6 +105,9 @@ def _sensitivity(items: list[str], family: str) -> dict[str, Any] | str | None:
     for item in items:
         if item in ("auto", "off"):
             raise ProfileError(f"--sensitivity {item} cannot be mixed with scan files")
+        if not Path(item).is_file():
+            raise ProfileError(f"--sensitivity {item!r}: no such file; give a scan written by `fluxtune sensitivity "
+                               "--out FILE`, or auto, or off")
         res = SensitivityResult.load(item)
         out[res.method] = list(res.exclude_patterns(len(res.groups)))
     return out
@@ -182,6 +187,8 @@ def run(args: argparse.Namespace) -> int:
     checks.positive_int("--images", args.images, example="100")
     checks.positive_int("--runs", args.runs, example="2")
     checks.positive_int("--workers", args.workers, example="1")
+    if not 0 <= args.seed < 2**32:
+        raise ProfileError(f"--seed {args.seed}: use 0 to {2**32 - 1}, e.g. --seed 0")
     checks.positive_float("--max-latency", args.max_latency, example="5")
     checks.positive_float("--min-psnr", args.min_psnr, zero=True, example="30")
     if args.timeout is not None and parse_duration(args.timeout) <= 0:
@@ -327,16 +334,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _remove_created(created: tuple[Path | None, Path | None]) -> None:
-    """Remove the folders this run created: the study folder, then --home if nothing else is in it."""
+    """Remove the folders this run created: the study folder, and --home when this run made it."""
     import shutil
 
     home, folder = created
     if folder is not None and folder.is_dir():
         shutil.rmtree(folder, ignore_errors=True)
-    if home is not None and home.is_dir():
-        rest = [p for p in home.iterdir() if p.name != "references" or any(p.iterdir())]
-        if not rest:
-            shutil.rmtree(home, ignore_errors=True)
+    if home is not None and home.is_dir():  # made by this run, which created no study: all of it is ours
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def save_searched(prof: Any, out: Path, args: argparse.Namespace, dtype: str) -> Path:
