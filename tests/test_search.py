@@ -146,6 +146,8 @@ def test_report_rebuilds_the_study_files(searched):
 
     table = json.loads((folder / "trials.json").read_text())
     assert [r["trial"] for r in table] == [1, 2, 3, 4]  # numbered from 1, as the progress lines and plots
+    # it prints the table and the best, not only file paths
+    assert "knobs that differ" in res.out and "best: trial " in res.out and "trials.csv" in res.out
     assert all(r["state"] == "COMPLETE" and r["latency_s"] for r in table)
 
 
@@ -744,3 +746,39 @@ def test_quality_floor_excludes_degraded_profiles_on_flux_mini(tmp_path, monkeyp
     assert low, "no trial fell below the floor: the threshold range should have produced some"
     assert all(not r["feasible"] for r in low)
     assert load_profile(tmp_path / "best.yaml").measured.quality["psnr"] >= 35  # type: ignore[union-attr]
+
+
+def test_plots_cpu_bench_points_quality_plot_and_chosen_tile(tmp_path, monkeypatch):
+    import fluxtune.report as rep
+    from fluxtune.bench import BenchRow
+    from fluxtune.bench import plot as bench_plot
+
+    seen = {}
+
+    def capture(table, path, **kw):
+        seen.update(table=table, **kw)
+        return path
+
+    monkeypatch.setattr(rep, "plot_latency_vs_memory", capture)
+    rows = [BenchRow("p", "profile", "ok", latency_s=3.0, extra={"host_ram_peak": 5e8}),
+            BenchRow("sequential offload, a long recipe name", "recipe", "ok", latency_s=90.0,
+                     extra={"host_ram_peak": 3e8})]
+    bench_plot(rows, tmp_path / "b.png", [None], "t")
+    # On CPU the points are the host-memory peaks (the plot was empty: no allocator peaks there)
+    assert seen["table"][0]["peak"] == 5e8 and seen["baselines"][0]["peak"] == 3e8
+    assert seen["baselines"][0]["name"] == "sequential offload, a long recipe name"  # not cut
+    assert seen["memory_label"] == "peak host RAM"
+    monkeypatch.undo()
+    table = [{"trial": 1, "latency_s": 1.0, "psnr": 100.0, "feasible": True, "peak": 5e8, "config": "a=1 b=2"},
+             {"trial": 2, "latency_s": 2.0, "psnr": 40.0, "feasible": True, "peak": 4e8, "config": "a=2 b=2"}]
+    out = rep.plot_latency_vs_quality(table, tmp_path / "q.png", front=[1, 2], best=1, min_psnr=30, max_latency=1.5)
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    out = rep.plot_latency_vs_memory(table, tmp_path / "m.png", budget=None, max_latency=1.5)
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert rep._knobs_that_differ(table) == {1: "a=1", 2: "a=2"}
+    import numpy as np
+
+    img = np.zeros((3, 8, 8), dtype=np.uint8)
+    grid = rep.image_grid([("reference", img), ("chosen: #1", img, True)], tmp_path / "g.png")
+    assert grid is not None and grid.stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.png", "m.png", "q.png"]  # no temporary files left

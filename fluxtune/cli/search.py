@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     from fluxtune import pipelines
     from fluxtune.cli import checks
     from fluxtune.hardware import detect_hardware
-    from fluxtune.presets import load_profile, save_profile
+    from fluxtune.presets import load_profile
     from fluxtune.search.runner import Search, SearchConfig, _cpu_view
     from fluxtune.search.space import SearchSpace, load_space_file, parse_pins
     from fluxtune.search.study import check_study_name
@@ -314,8 +314,8 @@ def run(args: argparse.Namespace) -> int:
 
         front_dir = search.dir / "front"
         for t in pareto_front(result.study):
-            save_profile(profile_of(t, result.study, name=f"{name}-front-trial{t.number + 1}"),
-                         front_dir / f"trial{t.number + 1:04d}.yaml")
+            save_searched(profile_of(t, result.study, name=f"{name}-front-trial{t.number + 1}"),
+                          front_dir / f"trial{t.number + 1:04d}.yaml", args, cfg.dtype)
         print(f"  front: {front_dir} (the knee is written to --out)")
     prof = profile_of(result.best, result.study, name=f"{name}")
     out = Path(args.out) if args.out else search.dir / "best.yaml"
