@@ -294,3 +294,25 @@ def test_preload_imports_what_the_profile_needs():
                      "diffusers.hooks"]
     assert preload(heavy) >= 0.0
     assert all(n in sys.modules for n in names)
+
+
+def test_a_first_apply_that_fails_after_quantizing_marks_the_components(tiny_flux, monkeypatch):
+    from fluxtune.tuning import budget
+
+    def boom(self, ctx):
+        raise RuntimeError("late failure")
+
+    monkeypatch.setattr(budget.BudgetHandler, "apply", boom)
+    with pytest.raises(RuntimeError, match="late failure"):
+        fluxtune.apply({"transformer": {"quantize": "int8_weight"}}, tiny_flux)
+    monkeypatch.undo()
+    # the weights were quantized: a retry says to reload instead of failing inside torchao
+    with pytest.raises(IncompatibleKnobsError, match="reload it"):
+        fluxtune.apply({"transformer": {"quantize": "int8_weight"}}, tiny_flux)
+    # fresh components (a reload, or the search worker's pristine copies) clear the mark
+    from fluxtune.pipelines import load
+
+    fresh = load("tiny-flux", dtype="float32")
+    tiny_flux.register_modules(transformer=fresh.transformer, text_encoder_2=fresh.text_encoder_2,
+                               text_encoder=fresh.text_encoder, vae=fresh.vae)
+    assert fluxtune.apply({"transformer": {"quantize": "int8_weight"}}, tiny_flux).applied

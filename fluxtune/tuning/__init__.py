@@ -137,7 +137,10 @@ def _check_pipeline(pipe: Any) -> None:
         raise PipelineError(
             f"pipe: {type(pipe).__name__} has no transformer; fluxtune tunes transformer pipelines (FLUX, DiT)"
         )
-    broken = getattr(pipe, "_fluxtune_broken", None)
+    # The mark sits on the components whose weights a failed apply changed: replacing them (a reload,
+    # or the search worker's pristine copies) clears it.
+    broken = next((m._fluxtune_broken for m in pipe.components.values() if getattr(m, "_fluxtune_broken", None)),
+                  None)
     if broken:
         raise IncompatibleKnobsError(
             f"this pipeline was left changed by a failed apply ({broken}); reload it (fluxtune.pipelines.load) "
@@ -293,8 +296,8 @@ def _roll_back(ctx: Context, previous: CallState | None, done: list[str], error:
     irreversible = [n for n in done if n in IRREVERSIBLE]
     if previous is None:
         if irreversible:
-            ctx.pipe._fluxtune_broken = (f"{', '.join(irreversible)} ran before {type(error).__name__}: "
-                                         f"{str(error).splitlines()[0] if str(error) else ''}")
+            _mark_broken(ctx, f"{', '.join(irreversible)} ran before {type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''}")
         return
     back = Context(pipe=ctx.pipe, profile=previous.profile, hardware=ctx.hardware, device=ctx.device,
                    family=ctx.family, report=previous.report, strict=False)
@@ -307,4 +310,9 @@ def _roll_back(ctx: Context, previous: CallState | None, done: list[str], error:
             with contextlib.suppress(Exception):
                 undo()
         ctx.pipe._fluxtune = None
-        ctx.pipe._fluxtune_broken = f"restoring profile {previous.profile.name!r} after {type(error).__name__} failed"
+        _mark_broken(ctx, f"restoring profile {previous.profile.name!r} after {type(error).__name__} failed")
+
+
+def _mark_broken(ctx: Context, reason: str) -> None:
+    for module in ctx.components().values():
+        module._fluxtune_broken = reason
