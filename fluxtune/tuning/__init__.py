@@ -139,8 +139,8 @@ def _check_pipeline(pipe: Any) -> None:
         )
     # The mark sits on the components whose weights a failed apply changed: replacing them (a reload,
     # or the search worker's pristine copies) clears it.
-    broken = next((m._fluxtune_broken for m in pipe.components.values() if getattr(m, "_fluxtune_broken", None)),
-                  None)
+    parts: dict[str, Any] = getattr(pipe, "components", {})
+    broken = next((m._fluxtune_broken for m in parts.values() if getattr(m, "_fluxtune_broken", None)), None)
     if broken:
         raise IncompatibleKnobsError(
             f"this pipeline was left changed by a failed apply ({broken}); reload it (fluxtune.pipelines.load) "
