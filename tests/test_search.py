@@ -357,6 +357,8 @@ def test_unreachable_quality_floor_reports_the_best_quality_found(home):
     (["--steps", "1-5000"], "at most 1000 steps"),
     (["--sensitivity", "nofile.json"], "--sensitivity 'nofile.json': no such file"),
     (["--profile", "nofile.yaml"], "neither a file nor a preset"),
+    (["--storage", "sqlite:////nonexistent/dir/x.db"], "does not exist"),
+    (["--home", "/proc/nope"], "--home"),
 ])
 def test_bad_input_is_one_line_and_exit_2(home, extra, needle):
     if extra[0] in ("--gpus", "--model"):

@@ -143,10 +143,10 @@ def _local_family(model: str) -> str:
 
 
 def _local_generation(model: str, on_gpu: bool) -> dict[str, Any]:
-    """Call settings for a model that is not a built-in. A local directory's transformer config gives
-    its native size (FLUX: sample_size x 16 pixels; DiT: sample_size x 8); on CPU, where the
-    diffusers default of 1024x1024 would take minutes per image, a search asks for --size instead of
-    running it silently."""
+    """Call settings for a model that is not a built-in: a local DiT's native size (its transformer's
+    sample_size x 8 pixels, the only size it draws); otherwise diffusers' default (FLUX: 1024x1024),
+    which on CPU would take minutes per image, so there the search asks for --size instead of running
+    it silently."""
     import json
 
     cfg_path = Path(model).expanduser() / "transformer" / "config.json"
@@ -200,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
         check_study_name(args.study)
     if Path(args.home).exists() and not Path(args.home).is_dir():
         raise ProfileError(f"--home {args.home!r} is a file; give a folder for the journal and reports")
+    checks.writable("--home", Path(args.home) / "journal.log")
     checks.writable("--out", args.out)
     for f in args.lora:
         checks.lora_file(f)

@@ -79,6 +79,11 @@ def normalize_storage_url(url: str) -> str:
     if scheme == "sqlite" and rest not in ("", "/:memory:") and not rest.startswith("/"):
         raise ProfileError(f"--storage {url!r}: a SQLite URL has three slashes before a relative path, e.g. "
                            "sqlite:///study.db")
+    if scheme == "sqlite" and rest.startswith("/") and rest != "/:memory:":
+        folder = Path(rest[1:].split("?", 1)[0]).parent
+        if not folder.is_dir():
+            raise ProfileError(f"--storage {url!r}: the folder {str(folder)!r} does not exist; create it or use "
+                               "e.g. sqlite:///study.db")
     return text
 
 
