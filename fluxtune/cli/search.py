@@ -316,11 +316,12 @@ def run(args: argparse.Namespace) -> int:
         front_dir = search.dir / "front"
         for t in pareto_front(result.study):
             save_searched(profile_of(t, result.study, name=f"{name}-front-trial{t.number + 1}"),
-                          front_dir / f"trial{t.number + 1:04d}.yaml", args, cfg.dtype)
+                          front_dir / f"trial{t.number + 1:04d}.yaml", args, cfg.dtype,
+                          getattr(search, "facts", None))
         print(f"  front: {front_dir} (the knee is written to --out)")
     prof = profile_of(result.best, result.study, name=f"{name}")
     out = Path(args.out) if args.out else search.dir / "best.yaml"
-    save_searched(prof, out, args, cfg.dtype)
+    save_searched(prof, out, args, cfg.dtype, getattr(search, "facts", None))
     m = prof.measured
     assert m is not None
     ref_lat = result.reference.get("latency_s")
@@ -345,12 +346,21 @@ def _remove_created(created: tuple[Path | None, Path | None]) -> None:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def save_searched(prof: Any, out: Path, args: argparse.Namespace, dtype: str) -> Path:
+def save_searched(prof: Any, out: Path, args: argparse.Namespace, dtype: str, facts: Any = None) -> Path:
     """Write a searched profile with the call it was validated for spelled out (size, steps, batch, the
-    load dtype) and a comment header saying where it came from and how to use it."""
+    load dtype) and a comment header saying where it came from and how to use it. ``facts`` (the
+    model's, from the search) give the size the trials ran at when the profile left it to the model."""
     from fluxtune.presets import write_atomic
 
     g = prof.generation
+    if (g.height is None or g.width is None) and getattr(facts, "default_height", None):
+        g = g.model_copy(update={"height": g.height or facts.default_height, "width": g.width or facts.default_width})
+        prof = prof.replace(generation=g.model_dump(mode="json"))
+        g = prof.generation
+        m = prof.measured
+        if m is not None and "height" not in m.workload:
+            prof = prof.replace(measured={**m.model_dump(mode="json"),
+                                          "workload": {**m.workload, "height": g.height, "width": g.width}})
     m = prof.measured
     size = f"{g.width}x{g.height}" if g.height and g.width else "the model's default size"
     where = (m.hardware or {}).get("name") or "cpu" if m is not None else "?"
