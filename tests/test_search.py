@@ -358,7 +358,6 @@ def test_unreachable_quality_floor_reports_the_best_quality_found(home):
     (["--sensitivity", "nofile.json"], "--sensitivity 'nofile.json': no such file"),
     (["--profile", "nofile.yaml"], "neither a file nor a preset"),
     (["--storage", "sqlite:////nonexistent/dir/x.db"], "does not exist"),
-    (["--home", "/proc/nope"], "--home"),
 ])
 def test_bad_input_is_one_line_and_exit_2(home, extra, needle):
     if extra[0] in ("--gpus", "--model"):
@@ -395,6 +394,13 @@ def test_out_folder_and_a_lora_that_is_not_a_lora_fail_before_work(home, tmp_pat
     assert res.code == 2 and "not a readable safetensors file" in res.err, res.err
     assert "GPU" not in res.err  # the old message blamed the GPU after loading the model
     assert not home.exists()
+
+
+def test_an_unwritable_home_fails_before_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = cli("search", *TINY, "--budget", "12GB", "--home", "/proc/nope")
+    assert res.code == 2 and "--home '/proc/nope/journal.log' cannot be written" in res.err, res.err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_local_model_dir_on_cpu_needs_a_size(home, tmp_path):
