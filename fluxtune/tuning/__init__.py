@@ -173,7 +173,8 @@ def _warn_travel(profile: Profile, pipe: Any, model: str | None, hardware: Hardw
     if m.model and name and str(m.model) != str(name) and Path(str(m.model)).name != Path(str(name)).name:
         notes.append(f"measured on model {m.model!r}, applied to {name!r}: its latency, peak memory and quality "
                      "figures do not hold for this model")
-    measured_gpu = (m.hardware or {}).get("name") if isinstance(m.hardware, dict) else None
+    # A measured block with a hardware record but no GPU name was measured on the CPU.
+    measured_gpu = ((m.hardware or {}).get("name") or "cpu") if isinstance(m.hardware, dict) and m.hardware else None
     here = hardware.gpu_name or "cpu"
     if measured_gpu and measured_gpu != here:
         notes.append(f"measured on {measured_gpu}, applied on {here}: the budget fit and the speed were not "
