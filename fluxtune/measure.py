@@ -35,12 +35,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import psutil
 import torch
 
 from fluxtune.errors import FluxtuneError, ProfileError
+from fluxtune.status import Status
+from fluxtune.tuning.state import base_class
 
 __all__ = [
     "DEFAULT_CLASS_LABELS",
@@ -49,14 +51,13 @@ __all__ = [
     "DynamoWatch",
     "Measurement",
     "Reference",
+    "Status",
     "Workload",
     "classify_peak",
     "compare",
     "measure",
     "quality_drop",
 ]
-
-Status = Literal["ok", "oom", "over_budget", "error"]
 
 PSNR_CAP = 100.0
 """PSNR of identical images (infinite) is reported as this, so JSON and YAML stay finite."""
@@ -207,12 +208,12 @@ class Workload:
 
 
 def _class_name(pipe: Any) -> str:
-    return getattr(type(pipe), "_fluxtune_base", type(pipe)).__name__  # type: ignore[no-any-return]
+    return base_class(pipe).__name__
 
 
 def _call_parameters(pipe: Any) -> set[str]:
     # The pipeline's own __call__, under fluxtune's default-filling wrapper if apply() installed one.
-    cls = getattr(type(pipe), "_fluxtune_base", type(pipe))
+    cls = base_class(pipe)
     try:
         return set(inspect.signature(cls.__call__).parameters)
     except (TypeError, ValueError):
@@ -227,7 +228,7 @@ class Measurement:
     """What one :func:`measure` saw. Seconds are per ``pipe()`` call; bytes are peaks over the timed runs
     (``host_ram_peak``: over the whole measurement). None = not measured / not applicable here."""
 
-    status: Status = "ok"
+    status: Status = Status.OK
     error: str | None = None
     first_call_s: float | None = None
     latency_s: float | None = None
@@ -253,9 +254,12 @@ class Measurement:
     latents: torch.Tensor | None = None
     quality: dict[str, float] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.status = Status(self.status)  # from stored data: the plain string
+
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        return self.status == Status.OK
 
     @property
     def throughput(self) -> float | None:
@@ -272,7 +276,7 @@ class Measurement:
         """One human line."""
         from fluxtune.units import format_bytes
 
-        if self.status in ("oom", "error"):
+        if self.status in (Status.OOM, Status.ERROR):
             return f"{self.status}: {self.error}"
         parts = [f"{self.latency_s:.3f} s/call" if self.latency_s is not None else "no timing"]
         if self.first_call_s is not None:
@@ -284,7 +288,7 @@ class Measurement:
         if self.peak_nvml is not None:
             parts.append(f"{format_bytes(self.peak_nvml)} NVML")
         text = ", ".join(parts)
-        return f"over budget: {self.error}; {text}" if self.status == "over_budget" else text
+        return f"over budget: {self.error}; {text}" if self.status == Status.OVER_BUDGET else text
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe data without the tensors (their shapes are kept); non-finite floats become None."""
@@ -324,8 +328,8 @@ def classify_peak(peak_reserved: int | None, peak_nvml: int | None, budget_bytes
     """
     del peak_nvml  # reported alongside, see the docstring
     if budget_bytes is None or peak_reserved is None:
-        return "ok"
-    return "over_budget" if peak_reserved > budget_bytes else "ok"
+        return Status.OK
+    return Status.OVER_BUDGET if peak_reserved > budget_bytes else Status.OK
 
 
 # ------------------------------------------------------------------------------------ machinery
@@ -691,7 +695,7 @@ def measure(
                     m.peak_allocated = int(torch.cuda.max_memory_allocated(device))
                     m.peak_reserved = int(torch.cuda.max_memory_reserved(device))
     except Exception as exc:
-        m.status = "oom" if _is_oom(exc) else "error"
+        m.status = Status.OOM if _is_oom(exc) else Status.ERROR
         m.error = _one_line(exc)
         failed = True
     if m.first_call_s is None and m.warmup_s:
@@ -703,10 +707,10 @@ def measure(
         if device is not None:
             torch.cuda.empty_cache()
         return m
-    if classify_peak(m.peak_reserved, m.peak_nvml, budget_bytes) == "over_budget":
+    if classify_peak(m.peak_reserved, m.peak_nvml, budget_bytes) == Status.OVER_BUDGET:
         from fluxtune.units import format_bytes
 
-        m.status = "over_budget"
+        m.status = Status.OVER_BUDGET
         m.error = f"peak {format_bytes(m.peak or 0)} > budget {format_bytes(budget_bytes or 0)}"
     if reference is not None and m.images is not None:
         try:

@@ -35,8 +35,9 @@ from fluxtune.tuning import (  # noqa: F401  (importing registers the handlers)
 from fluxtune.tuning.base import HANDLERS, IRREVERSIBLE, Context
 from fluxtune.tuning.generation import CallState
 from fluxtune.tuning.report import Action, ApplyReport
+from fluxtune.tuning.state import call_state, is_tuned, reset, set_call_state
 
-__all__ = ["Action", "ApplyReport", "apply", "irreversible_signature", "is_tuned", "preload"]
+__all__ = ["Action", "ApplyReport", "apply", "irreversible_signature", "is_tuned", "preload", "reset"]
 
 
 def _lazy_imports(profile: Profile) -> list[str]:
@@ -86,11 +87,6 @@ def irreversible_signature(profile: Profile) -> dict[str, Any]:
         sig[f"{name}.layerwise_casting"] = c.layerwise_casting.model_dump() if c.layerwise_casting else None
     sig["compile"] = profile.compile.model_dump()
     return sig
-
-
-def is_tuned(pipe: Any) -> bool:
-    """Whether ``apply`` has already run on this pipeline."""
-    return getattr(pipe, "_fluxtune", None) is not None
 
 
 def _device(hardware: HardwareInfo, device: str | None) -> Any:
@@ -172,7 +168,7 @@ def apply(
     _check_family(prof, fam, pipe)
     _check_machine(prof, hw, dev)
 
-    previous: CallState | None = getattr(pipe, "_fluxtune", None)
+    previous: CallState | None = call_state(pipe)
     if previous is not None:
         if previous.profile.loras != prof.loras:
             raise IncompatibleKnobsError(
@@ -204,5 +200,5 @@ def apply(
         # undo callbacks of irreversible knobs do not exist, so nothing else carries over.
     for handler in handlers:
         handler.apply(ctx)
-    pipe._fluxtune = CallState(ctx)
+    set_call_state(pipe, CallState(ctx))
     return ctx.report
