@@ -13,19 +13,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import optuna
-
-    from fluxtune import report
-    from fluxtune.errors import ProfileError
-    from fluxtune.search.study import open_storage, study_dir
+    from fluxtune.search import build_report, load_existing, study_dir
 
     home = Path(args.home)
-    storage = open_storage(args.storage, home)
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-    if args.study not in names:
-        raise ProfileError(f"study {args.study!r} not found; studies here: {', '.join(names) or 'none'}")
-    study = optuna.load_study(study_name=args.study, storage=storage)
-    files = report.build(study, study_dir(args.study, home))
+    study = load_existing(args.study, args.storage, home)
+    files = build_report(study, study_dir(args.study, home))
     for key, path in files.items():
         print(f"{key}: {path}")
     return 0

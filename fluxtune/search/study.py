@@ -54,6 +54,21 @@ def open_storage(url: str | None, home: Path = HOME) -> Any:
     raise AssertionError("unreachable")
 
 
+def load_existing(name: str, storage_url: str | None, home: Path = HOME) -> Any:
+    """An existing study, for reading (``fluxtune report``).
+
+    Raises:
+        ProfileError: no study of that name in the storage; names the ones there.
+    """
+    import optuna
+
+    storage = open_storage(storage_url, home)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    if name not in names:
+        raise ProfileError(f"study {name!r} not found; studies here: {', '.join(names) or 'none'}")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
 def directions(objective: str) -> list[Any]:
     """Optuna directions for an objective: latency min, quality (PSNR) max, both, or images/s max."""
     return {"latency": ["minimize"], "quality": ["maximize"], "pareto": ["minimize", "maximize"],
