@@ -1,7 +1,8 @@
-"""Trial workers: a process that owns one pipeline on one device and runs trials sent to it.
+"""The worker's side: a process that owns one pipeline on one device and runs the profiles sent to it.
 
-The parent asks Optuna for trials and sends each profile here over a pipe; a worker that crashes or
-is killed takes only its current trial with it (the parent records it and starts a new worker).
+The parent (the search, the bench) sends :class:`~fluxtune.worker.protocol.RunRequest` messages over a
+pipe and gets :class:`~fluxtune.worker.protocol.RunOutcome` messages back; a worker that crashes or is
+killed takes only its current run with it (the parent records it and starts a new worker).
 Inside, trials reuse the loaded pipeline: reversible knobs are re-applied in place, and a trial that
 needs different irreversible knobs (quantization, casting, fused QKV, compile) starts from pristine
 weights kept in host memory (or rebuilt, for the deterministic built-in models), never from disk.
