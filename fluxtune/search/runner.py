@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import fluxtune.search.objective as obj
 from fluxtune.errors import ProfileError, SearchError
 from fluxtune.hardware import HardwareInfo, detect_hardware, library_versions
 from fluxtune.profile import Profile
-from fluxtune.search import objective as obj
 from fluxtune.search.space import SearchSpace
 from fluxtune.search.study import HOME, create_or_resume, open_storage, study_dir
 from fluxtune.units import format_bytes
