@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+# The package face registers the in-repo mini models as built-ins: the registry (pipelines) never
+# imports its plugins, so the two modules do not import each other.
+import fluxtune.minimodels  # noqa: F401
 from fluxtune import quiet as _quiet
 from fluxtune.errors import (
     BudgetExceededError,

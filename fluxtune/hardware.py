@@ -77,6 +77,13 @@ class HardwareInfo:
         """True on SM 9.0+: torchao's row-wise float8 scaling needs Hopper or newer."""
         return self.compute_capability is not None and self.compute_capability >= (9, 0)
 
+    def without_gpu(self) -> HardwareInfo:
+        """This machine as a CPU-only run sees it: a GPU nobody asked for is hidden, so only CPU knobs
+        are offered (a search on CPU)."""
+        from dataclasses import replace
+
+        return replace(self, gpu_index=None, gpu_name=None, total_memory_bytes=None, compute_capability=None)
+
     def fingerprint(self) -> dict[str, object]:
         """The hardware identity stored next to measured numbers (JSON/YAML-safe plain types).
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import re
 
+from fluxtune.errors import ProfileError
+
 _UNITS = {
     "": 1, "B": 1,
     "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -72,3 +74,15 @@ def parse_image_size(value: str, *, field: str = "size") -> tuple[int, int]:
             raise ValueError(f"{field}={value!r}: {name} {v} must be a multiple of 16 between 16 and 16384, "
                              "e.g. 1024x1024")
     return height, width
+
+
+def parse_duration(text: str, *, field: str = "--timeout") -> float:
+    """'30m' -> 1800.0; '90s', '1.5h', or plain seconds.
+
+    Raises:
+        ProfileError: with the field, the value and the accepted forms.
+    """
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", text or "")
+    if not m:
+        raise ProfileError(f"{field} {text!r} is not a duration; use e.g. 30m, 1h, 90s")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]

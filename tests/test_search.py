@@ -28,11 +28,13 @@ from optuna.trial import FixedTrial, TrialState, create_trial
 from fluxtune.cli import main
 from fluxtune.errors import ProfileError
 from fluxtune.hardware import HardwareInfo
+from fluxtune.measure import Measurement
 from fluxtune.presets import list_presets, load_profile
 from fluxtune.search import objective as obj
 from fluxtune.search import recipes, results
 from fluxtune.search.space import SearchSpace
 from fluxtune.search.study import CONFIG_KEY, create_or_resume, fail_stale
+from fluxtune.worker import RunOutcome, Status
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -68,7 +70,6 @@ def _one_thread(monkeypatch):
     # Worker processes inherit the environment: one BLAS/OpenMP thread each keeps the tiny model's
     # trials fast and steady on a small (2-core, possibly shared) CI machine.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.delenv("FLUXTUNE_TEST_CRASH_TRIAL", raising=False)
 
 
 @pytest.fixture
@@ -270,8 +271,13 @@ def test_two_cpu_workers_share_the_study(home):
 
 @pytest.mark.slow
 def test_a_crashing_worker_fails_its_trial_and_the_search_goes_on(home, monkeypatch):
-    # Test hook in fluxtune/search/worker.py: the worker process exits abruptly when sent trial 1.
-    monkeypatch.setenv("FLUXTUNE_TEST_CRASH_TRIAL", "1")
+    # The workers run tests/crashing.py's session, whose process exits abruptly when sent trial 1.
+    import functools
+
+    import fluxtune.search
+
+    monkeypatch.setattr(fluxtune.search, "SearchConfig",
+                        functools.partial(fluxtune.search.SearchConfig, session="crashing:CrashOnTrial1"))
     res = cli("search", *TINY, "--budget", "12GB", "--trials", "3", "--home", home)
     assert res.code == 0, res.out[-3000:] + res.err[-3000:]
     assert "starting a new worker" in res.out
@@ -644,37 +650,47 @@ def test_warm_start_keeps_what_fits_a_narrowed_space():
 GB = int(1e9)
 
 
+def _outcome(result: dict) -> RunOutcome:
+    """A worker's answer, as the tests below write it."""
+    return RunOutcome(Status(result["status"]), measurement=Measurement.from_dict(result.get("measurement") or {}),
+                      quality=result.get("quality"))
+
+
+def score(goal: obj.Goal, result: dict) -> obj.Score:
+    return obj.score(goal, _outcome(result))
+
+
 def test_score_constrains_memory_quality_and_latency():
     goal = obj.Goal("latency", budget_bytes=12 * GB, min_psnr=30.0)
     ok = {"status": "ok", "measurement": {"latency_s": 2.0, "peak_reserved": 11 * GB}, "quality": {"psnr": 35.0}}
-    sc = obj.score(goal, ok)
+    sc = score(goal, ok)
     assert sc.values == [2.0] and sc.feasible
     assert sc.constraints["memory_gb"] == pytest.approx(-1.0) and sc.constraints["quality_db"] == pytest.approx(-5.0)
     # A measured peak above the budget.
     over = {**ok, "measurement": {"latency_s": 2.0, "peak_reserved": 13 * GB}}
-    assert obj.score(goal, over).constraints["memory_gb"] == pytest.approx(1.0)
-    assert not obj.score(goal, over).feasible
+    assert score(goal, over).constraints["memory_gb"] == pytest.approx(1.0)
+    assert not score(goal, over).feasible
     # OOM and over budget at the cap: violated even though the recorded peak is within the budget.
     for status in ("oom", "over_budget"):
         for m in ({}, {"peak_reserved": 12 * GB}, {"latency_s": 1.0, "peak_reserved": 11 * GB}):
-            sc = obj.score(goal, {"status": status, "measurement": m, "quality": {"psnr": 40.0}})
+            sc = score(goal, {"status": status, "measurement": m, "quality": {"psnr": 40.0}})
             assert sc.constraints["memory_gb"] > 0 and not sc.feasible, (status, m)
-    assert obj.score(goal, {"status": "oom", "measurement": {}}).values == [obj.PENALTY_LATENCY]
+    assert score(goal, {"status": "oom", "measurement": {}}).values == [obj.PENALTY_LATENCY]
     # Quality under the floor, or not measured at all.
-    assert obj.score(goal, {**ok, "quality": {"psnr": 25.0}}).constraints["quality_db"] == pytest.approx(5.0)
-    assert obj.score(goal, {**ok, "quality": None}).constraints["quality_db"] > 0
+    assert score(goal, {**ok, "quality": {"psnr": 25.0}}).constraints["quality_db"] == pytest.approx(5.0)
+    assert score(goal, {**ok, "quality": None}).constraints["quality_db"] > 0
     # Latency cap for the quality objective; pareto has two values.
     q = obj.Goal("quality", budget_bytes=12 * GB, max_latency=1.5)
-    sc = obj.score(q, ok)
+    sc = score(q, ok)
     assert sc.values == [35.0] and sc.constraints["latency_s"] == pytest.approx(0.5) and not sc.feasible
-    assert obj.score(obj.Goal("pareto", budget_bytes=None), ok).values == [2.0, 35.0]
+    assert score(obj.Goal("pareto", budget_bytes=None), ok).values == [2.0, 35.0]
     # On CPU the budget bounds host memory.
     cpu = obj.Goal("latency", budget_bytes=1 * GB, on_gpu=False)
-    assert obj.score(cpu, {"status": "ok", "measurement": {"latency_s": 1.0, "host_ram_peak": 2 * GB}}).constraints[
+    assert score(cpu, {"status": "ok", "measurement": {"latency_s": 1.0, "host_ram_peak": 2 * GB}}).constraints[
         "memory_gb"] == pytest.approx(1.0)
     # Compile time amortised over --images.
     first = {"status": "ok", "measurement": {"latency_s": 1.0, "first_call_s": 11.0, "peak_reserved": GB}}
-    assert obj.score(obj.Goal("latency", 12 * GB, images=10), first).values == [pytest.approx(2.0)]
+    assert score(obj.Goal("latency", 12 * GB, images=10), first).values == [pytest.approx(2.0)]
     assert obj.predicted_infeasible(goal, 14 * GB).constraints["memory_gb"] == pytest.approx(2.0)
 
 
@@ -783,7 +799,7 @@ def test_plots_cpu_bench_points_quality_plot_and_chosen_tile(tmp_path, monkeypat
     assert out.read_bytes()[:4] == b"\x89PNG"
     out = rep.plot_latency_vs_memory(table, tmp_path / "m.png", budget=None, max_latency=1.5)
     assert out.read_bytes()[:4] == b"\x89PNG"
-    assert rep._knobs_that_differ(table) == {1: "a=1", 2: "a=2"}
+    assert rep.knobs_that_differ(table) == {1: "a=1", 2: "a=2"}
     import numpy as np
 
     img = np.zeros((3, 8, 8), dtype=np.uint8)

@@ -76,11 +76,11 @@ def run(args: argparse.Namespace) -> int:
     from fluxtune import pipelines
     from fluxtune.bench import make_candidates, markdown, plot, run_bench
     from fluxtune.cli import checks
-    from fluxtune.cli.search import default_workload, parse_duration
+    from fluxtune.cli.search import default_workload
     from fluxtune.errors import ProfileError
     from fluxtune.hardware import detect_hardware
     from fluxtune.presets import load_profile
-    from fluxtune.units import parse_image_size
+    from fluxtune.units import parse_duration, parse_image_size
 
     if not args.profiles and not args.baselines and not args.recipes:
         raise ProfileError("nothing to bench: give profiles and/or --baselines")

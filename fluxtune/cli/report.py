@@ -13,31 +13,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import optuna
-
-    from fluxtune import report
     from fluxtune.cli import checks
     from fluxtune.cli.search import _print_table, print_best
-    from fluxtune.errors import ProfileError
-    from fluxtune.search.study import CONFIG_KEY, check_study_name, open_storage, study_dir
+    from fluxtune.search import build_report, load_existing, study_dir
+    from fluxtune.search.study import CONFIG_KEY, check_study_name
 
     check_study_name(args.study)
     home = Path(args.home)
-    url = checks.storage(args.storage)
-    journal = Path(url.removeprefix("journal:")) if url and "://" not in url else home / "journal.log"
-    if (url is None or "://" not in url) and not journal.is_file():
-        # Reading must not create: no journal here means no studies here.
-        raise ProfileError(f"study {args.study!r} not found: there is no journal {journal}; pass the --home "
-                           "(or --storage) the search used")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(url, home)
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-    if args.study not in names:
-        raise ProfileError(f"study {args.study!r} not found; studies here: {', '.join(names) or 'none'}")
-    study = optuna.load_study(study_name=args.study, storage=storage)
+    study = load_existing(args.study, checks.storage(args.storage), home)  # reading never creates a journal
     folder = study_dir(args.study, home)
     checks.writable("--home", folder / "trials.csv")
-    files = report.build(study, folder)
+    files = build_report(study, folder)
     cfg = study.user_attrs.get(CONFIG_KEY, {})
     on_gpu = any(str(d).startswith("cuda") for d in cfg.get("devices", []))
     _print_table(study, cfg.get("budget_bytes"), on_gpu)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fluxtune.errors import ProfileError, UnsupportedHardwareError
+from fluxtune.status import Status
 
 DEFAULT_MODEL = "flux-mini"
 
@@ -52,14 +53,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--home", default=".fluxtune", help="folder for the journal, references and reports")
     p.add_argument("--out", default=None, help="where to write the best profile (default: the study folder)")
     p.add_argument("--dtype", default=None, help="load dtype (default: bfloat16; a built-in's own, e.g. float32 for the mini models)")
-
-
-def parse_duration(text: str) -> float:
-    """'30m' -> 1800.0; '90s', '1.5h', or plain seconds."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", text or "")
-    if not m:
-        raise ProfileError(f"--timeout {text!r} is not a duration; use e.g. 30m, 1h, 90s")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
 def parse_steps(text: str) -> Any:
@@ -168,10 +161,9 @@ def run(args: argparse.Namespace) -> int:
     from fluxtune.cli import checks
     from fluxtune.hardware import detect_hardware
     from fluxtune.presets import load_profile
-    from fluxtune.search.runner import Search, SearchConfig, _cpu_view
-    from fluxtune.search.space import SearchSpace, load_space_file, parse_pins
+    from fluxtune.search import Search, SearchConfig, SearchSpace, load_space_file, parse_pins
     from fluxtune.search.study import check_study_name
-    from fluxtune.units import format_bytes, parse_bytes, parse_image_size
+    from fluxtune.units import format_bytes, parse_bytes, parse_duration, parse_image_size
 
     try:
         budget = parse_bytes(args.budget, field="--budget") if args.budget else None
@@ -256,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"throughput: searching batch sizes {narrow['batch']} (narrow with --pin batch=[...])")
     sensitivity = _sensitivity(args.sensitivity, family)
     # Check --pin/--space now: a typo should cost one line, not a model load and a study in the journal.
-    SearchSpace.create(hw if on_gpu else _cpu_view(hw), family, base, narrow,
+    SearchSpace.create(hw if on_gpu else hw.without_gpu(), family, base, narrow,
                        sensitivity=sensitivity if isinstance(sensitivity, dict) else None)
     min_psnr = args.min_psnr
     if min_psnr is None and not (spec is not None and spec.needs_gpu):
@@ -281,8 +273,7 @@ def run(args: argparse.Namespace) -> int:
     home, folder = Path(args.home), study_dir(name, Path(args.home))
     created = (None if home.exists() else home, None if folder.exists() else folder)
     search = Search(cfg)
-    from fluxtune import report as rep
-    from fluxtune.search.results import profile_of
+    from fluxtune.search import build_report, profile_of
 
     try:
         result = search.run()
@@ -295,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
         study = getattr(search, "study", None)
         if study is not None:
             try:
-                files = rep.build(study, search.dir)
+                files = build_report(study, search.dir)
                 _print_table(study, budget, on_gpu)
                 print(f"interrupted; report of the finished trials: {files.get('csv', search.dir)}")
             except Exception as e:  # never let the report hide the interrupt
@@ -303,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
             print("run the same command again to resume the study")
         raise
 
-    files = rep.build(result.study, search.dir)
+    files = build_report(result.study, search.dir)
     print(f"\nstopped: {search.stop_reason or 'done'}; {result.trials_run} trials run in {result.elapsed_s / 60:.1f} min")
     _print_table(result.study, budget, on_gpu)
     for key, path in files.items():
@@ -311,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
     if result.best is None:
         return _no_feasible(search, cfg)
     if args.objective == "pareto":
-        from fluxtune.search.results import pareto_front
+        from fluxtune.search import pareto_front
 
         front_dir = search.dir / "front"
         for t in pareto_front(result.study):
@@ -383,7 +374,7 @@ def save_searched(prof: Any, out: Path, args: argparse.Namespace, dtype: str, fa
 def _print_summary(study: Any, best_latency: float | None) -> None:
     """The best against the fastest diffusers recipe measured in this same study, and how well the
     memory model predicted the peaks it was checked against."""
-    from fluxtune.search.results import rows
+    from fluxtune.search import rows
 
     table = rows(study)
     recipes = [r for r in table if str(r.get("source", "")).startswith("recipe") and r["feasible"] and r.get("latency_s")]
@@ -391,7 +382,7 @@ def _print_summary(study: Any, best_latency: float | None) -> None:
         fastest = min(recipes, key=lambda r: r["latency_s"])
         print(f"baseline: fastest recipe that fits, measured in this study: {fastest['source'][7:]} "
               f"{fastest['latency_s']:.2f}s (trial {fastest['trial']}); the best is {fastest['latency_s'] / best_latency:.2f}x faster")
-    ok = [r for r in table if r.get("status") == "ok"]
+    ok = [r for r in table if r.get("status") == Status.OK]
     pairs = [(r["predicted_allocated"], r["peak_allocated"]) for r in ok if r.get("predicted_allocated") and r.get("peak_allocated")]
     what = "allocated peak"
     if not pairs:  # CPU: host memory
@@ -405,11 +396,11 @@ def _print_summary(study: Any, best_latency: float | None) -> None:
 
 
 def _no_feasible(search: Any, cfg: Any) -> int:
-    from fluxtune.search.results import rows
+    from fluxtune.search import rows
     from fluxtune.units import format_bytes
 
     table = rows(search.study)
-    measured = [r for r in table if r.get("status") == "ok"]
+    measured = [r for r in table if r.get("status") == Status.OK]
     if cfg.min_psnr is not None and measured:
         budget = search.goal.budget_bytes
         fits = [r for r in measured if budget is None or (r.get("peak") or 0) <= budget] or measured
@@ -428,7 +419,7 @@ def _print_table(study: Any, budget: int | None, on_gpu: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from fluxtune.search.results import rows
+    from fluxtune.search import rows
     from fluxtune.units import format_bytes
 
     shown = [r for r in rows(study) if r["state"] != "WAITING"]  # enqueued warm starts the run ended before
@@ -443,7 +434,7 @@ def _print_table(study: Any, budget: int | None, on_gpu: bool) -> None:
         pred = format_bytes(pred_b) if pred_b else "-"
         alloc = format_bytes(r["peak_allocated"]) if r.get("peak_allocated") else "-"
         psnr = f"{min(r['psnr'], 100):.1f}" if r.get("psnr") is not None else "-"
-        status = r["status"] + ("" if r["feasible"] or r["status"] != "ok" else " (infeasible)")
+        status = r["status"] + ("" if r["feasible"] or r["status"] != Status.OK else " (infeasible)")
         table.add_row(str(r["trial"]), differ[id(r)], status, lat, first, peak, alloc, pred, psnr)
     Console(width=200).print(table)
 
@@ -464,7 +455,7 @@ def _differing(table: list[dict[str, Any]]) -> dict[int, str]:
 
 def print_best(study: Any) -> None:
     """One line on the study's best trial (or why there is none)."""
-    from fluxtune.search.results import best_trial
+    from fluxtune.search import best_trial
     from fluxtune.units import format_bytes
 
     best = best_trial(study)

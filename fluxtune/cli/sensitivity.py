@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     from fluxtune import pipelines
     from fluxtune.errors import ProfileError
-    from fluxtune.sensitivity import _check_method, proxy_scan, scan
+    from fluxtune.sensitivity import check_method, proxy_scan, scan
 
     try:
         labels = [int(x) for x in args.labels.split(",") if x.strip()]
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or f".fluxtune/sensitivity-{Path(args.model).name}-{args.method}.json")
     check_writable(out, "--out")  # before the scan, which takes minutes
     device = args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
-    _check_method(args.method, torch.device(device))  # fp8 on a CPU: one line before loading anything
+    check_method(args.method, torch.device(device))  # fp8 on a CPU: one line before loading anything
     spec = pipelines.builtin(args.model)
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else (spec.dtype if spec and spec.dtype else "float32"))
     pipe: Any = pipelines.load(args.model, device=device, dtype=dtype)

@@ -8,6 +8,7 @@ from typing import Any
 
 from fluxtune.profile import Profile, validate_profile
 from fluxtune.search.study import CONFIG_KEY
+from fluxtune.status import Status
 
 
 def rows(study: Any) -> list[dict[str, Any]]:
@@ -57,7 +58,7 @@ def feasible_trials(study: Any) -> list[Any]:
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         cons = t.user_attrs.get("constraints") or {}
-        if t.user_attrs.get("status") == "ok" and all(v <= 0 for v in cons.values()):
+        if t.user_attrs.get("status") == Status.OK and all(v <= 0 for v in cons.values()):
             out.append(t)
     return out
 

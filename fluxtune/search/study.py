@@ -115,6 +115,28 @@ def open_storage(url: str | None, home: Path = HOME) -> Any:
     raise AssertionError("unreachable")
 
 
+def load_existing(name: str, storage_url: str | None, home: Path = HOME) -> Any:
+    """An existing study, for reading (``fluxtune report``).
+
+    Raises:
+        ProfileError: no study of that name in the storage; names the ones there.
+    """
+    import optuna
+
+    url = normalize_storage_url(storage_url) if storage_url else None
+    journal = Path(url.removeprefix("journal:")) if url and "://" not in url else home / "journal.log"
+    if (url is None or "://" not in url) and not journal.is_file():
+        # Reading must not create: no journal here means no studies here.
+        raise ProfileError(f"study {name!r} not found: there is no journal {journal}; pass the --home "
+                           "(or --storage) the search used")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(url, home)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    if name not in names:
+        raise ProfileError(f"study {name!r} not found; studies here: {', '.join(names) or 'none'}")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
 def directions(objective: str) -> list[Any]:
     """Optuna directions for an objective: latency min, quality (PSNR) max, both, or images/s max."""
     return {"latency": ["minimize"], "quality": ["maximize"], "pareto": ["minimize", "maximize"],

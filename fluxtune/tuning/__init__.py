@@ -35,8 +35,9 @@ from fluxtune.tuning import (  # noqa: F401  (importing registers the handlers)
 from fluxtune.tuning.base import HANDLERS, IRREVERSIBLE, Context
 from fluxtune.tuning.generation import CallState
 from fluxtune.tuning.report import Action, ApplyReport
+from fluxtune.tuning.state import broken_reason, call_state, is_tuned, mark_broken, reset, set_call_state
 
-__all__ = ["Action", "ApplyReport", "apply", "irreversible_signature", "is_tuned", "preload"]
+__all__ = ["Action", "ApplyReport", "apply", "irreversible_signature", "is_tuned", "preload", "reset"]
 
 
 def _lazy_imports(profile: Profile) -> list[str]:
@@ -88,11 +89,6 @@ def irreversible_signature(profile: Profile) -> dict[str, Any]:
     return sig
 
 
-def is_tuned(pipe: Any) -> bool:
-    """Whether ``apply`` has already run on this pipeline."""
-    return getattr(pipe, "_fluxtune", None) is not None
-
-
 def _device(hardware: HardwareInfo, device: str | None) -> Any:
     import torch
 
@@ -139,8 +135,7 @@ def _check_pipeline(pipe: Any) -> None:
         )
     # The mark sits on the components whose weights a failed apply changed: replacing them (a reload,
     # or the search worker's pristine copies) clears it.
-    parts: dict[str, Any] = getattr(pipe, "components", {})
-    broken = next((m._fluxtune_broken for m in parts.values() if getattr(m, "_fluxtune_broken", None)), None)
+    broken = broken_reason(pipe)
     if broken:
         raise IncompatibleKnobsError(
             f"this pipeline was left changed by a failed apply ({broken}); reload it (fluxtune.pipelines.load) "
@@ -240,7 +235,7 @@ def apply(
     _check_family(prof, fam, pipe)
     _check_machine(prof, hw, dev)
 
-    previous: CallState | None = getattr(pipe, "_fluxtune", None)
+    previous: CallState | None = call_state(pipe)
     if previous is not None:
         if previous.profile.loras != prof.loras:
             raise IncompatibleKnobsError(
@@ -280,7 +275,7 @@ def apply(
     except BaseException as e:
         _roll_back(ctx, previous, done, e)
         raise
-    pipe._fluxtune = CallState(ctx)
+    set_call_state(pipe, CallState(ctx))
     _warn_travel(prof, pipe, model, hw, ctx.report)
     return ctx.report
 
@@ -305,15 +300,15 @@ def _roll_back(ctx: Context, previous: CallState | None, done: list[str], error:
     try:
         for handler in (h for h in HANDLERS if h.reversible):
             handler.apply(back)
-        ctx.pipe._fluxtune = CallState(back)
+        set_call_state(ctx.pipe, CallState(back))
     except Exception:
         for _, undo in reversed(back.undo):
             with contextlib.suppress(Exception):
                 undo()
-        ctx.pipe._fluxtune = None
+        reset(ctx.pipe)  # the pipeline's own class and no fluxtune state: it runs as it is
         _mark_broken(ctx, f"restoring profile {previous.profile.name!r} after {type(error).__name__} failed")
 
 
 def _mark_broken(ctx: Context, reason: str) -> None:
     for module in ctx.components().values():
-        module._fluxtune_broken = reason
+        mark_broken(module, reason)

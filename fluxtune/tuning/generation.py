@@ -12,6 +12,7 @@ from typing import Any
 
 from fluxtune.errors import BudgetExceededError
 from fluxtune.tuning.base import GENERATION, Context, Handler, register
+from fluxtune.tuning.state import BASE_ATTR, base_class, call_state
 
 _KWARG = {  # profile field -> pipeline __call__ parameter
     "steps": "num_inference_steps",
@@ -24,11 +25,6 @@ _KWARG = {  # profile field -> pipeline __call__ parameter
 _TUNED: dict[type, type] = {}
 
 
-def base_class(pipe: Any) -> type:
-    """The pipeline's own class, under fluxtune's call wrapper if there is one."""
-    return getattr(type(pipe), "_fluxtune_base", type(pipe))
-
-
 def _count(value: Any) -> int:
     if value is None:
         return 1
@@ -36,7 +32,7 @@ def _count(value: Any) -> int:
 
 
 def _tuned_call(self: Any, *args: Any, **kwargs: Any) -> Any:
-    state = self._fluxtune
+    state = call_state(self)
     base = base_class(self)
     if state is None:  # a failed apply left no profile: run the pipeline as it is
         return base.__call__(self, *args, **kwargs)
@@ -57,11 +53,11 @@ def _tuned_call(self: Any, *args: Any, **kwargs: Any) -> Any:
 
 def tuned_class(cls: type) -> type:
     """A subclass of ``cls`` with the same name whose ``__call__`` applies the profile's defaults."""
-    if hasattr(cls, "_fluxtune_base"):
+    if hasattr(cls, BASE_ATTR):
         return cls
     if cls not in _TUNED:
         _TUNED[cls] = type(cls.__name__, (cls,), {
-            "__call__": _tuned_call, "_fluxtune_base": cls, "__module__": cls.__module__,
+            "__call__": _tuned_call, BASE_ATTR: cls, "__module__": cls.__module__,
             "__qualname__": cls.__qualname__, "__doc__": cls.__doc__,
         })
     return _TUNED[cls]

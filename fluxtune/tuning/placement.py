@@ -14,7 +14,7 @@ from fluxtune.units import format_bytes
 _GROUP_HOOKS = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
 
 
-def _parallel_host_pinning() -> str | None:
+def parallel_host_pinning() -> str | None:
     """Let pinned host allocations fault in and register their pages on several threads.
 
     torch's default pinned allocator (cudaHostAlloc, one thread) managed 1.2 GB/s on the H200's host,
@@ -106,7 +106,7 @@ class PlacementHandler(Handler):
         seq += [n for n in comps if n not in seq]
         model_hooks: list[Any] = []
         if ctx.on_gpu and any(_pins_host_memory(modes[n]) for n in comps):
-            setting = _parallel_host_pinning()
+            setting = parallel_host_pinning()
             if setting is not None:
                 ctx.report.add(self.name, "pipeline", f"host pinning on several threads ({setting})")
         for name in seq:
@@ -133,12 +133,13 @@ class PlacementHandler(Handler):
                 detail = self._group(ctx, name, module, off)
             else:
                 assert isinstance(off, PartialResidency)
+                from fluxtune.tuning.state import set_streamer
                 from fluxtune.tuning.streaming import BlockStreamer
 
                 streamer = BlockStreamer(module, ctx.device, resident_bytes=off.resident,
                                          resident_blocks=off.resident_blocks, prefetch=off.prefetch)
                 ctx.undo.append((self.name, streamer.remove))
-                module._fluxtune_streamer = streamer
+                set_streamer(module, streamer)
                 detail = f"partial residency: {streamer.describe()}"
             if ctx.on_gpu:
                 torch.cuda.synchronize(ctx.device)
