@@ -396,3 +396,14 @@ def test_library_noise_is_silenced_unless_debug(tmp_path):
                            timeout=300, cwd=tmp_path)
     assert debug.returncode == 0
     assert any(n in debug.stderr for n in noise)  # the libraries speak again with --debug
+
+
+def test_dit_mini_id2label_note_is_silenced(tmp_path):
+    path = tmp_path / "dit.yaml"
+    path.write_text("name: dit-cpu\nfamily: dit\ngeneration: {steps: 2}\n")
+    res = subprocess.run([sys.executable, "-m", "fluxtune", "generate", str(path), "--model", "dit-mini",
+                          "--class-label", "1", "--out", str(tmp_path / "d.png")], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "id2label" not in res.stderr and "Loading pipeline components" not in res.stderr, res.stderr
+    assert (tmp_path / "d.png").exists()

@@ -52,5 +52,4 @@ class ApplyReport:
             mark = "+" if a.status == "applied" else "-"
             t = f" ({a.seconds:.2f}s)" if a.seconds >= 0.01 else ""
             lines.append(f"  {mark} {a.knob:<12} {a.component:<15} {a.detail}{t}")
-        lines += [f"  ! warning: {w}" for w in self.warnings]
-        return "\n".join(lines)
+        return "\n".join(lines)  # warnings go through the warnings module (the CLI prints each once)
