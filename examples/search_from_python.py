@@ -10,8 +10,7 @@ from pathlib import Path
 
 import fluxtune
 from fluxtune import pipelines
-from fluxtune.search.results import profile_of
-from fluxtune.search.runner import Search, SearchConfig
+from fluxtune.search import Search, SearchConfig, profile_of
 
 
 def main(argv: list[str] | None = None) -> None:

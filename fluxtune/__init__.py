@@ -7,9 +7,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+# The package face registers the in-repo mini models as built-ins: the registry (pipelines) never
+# imports its plugins, so the two modules do not import each other.
+import fluxtune.minimodels  # noqa: F401
+from fluxtune import quiet as _quiet
 from fluxtune.errors import (
     BudgetExceededError,
     FluxtuneError,
+    FluxtuneWarning,
     IncompatibleKnobsError,
     MissingDependencyError,
     PipelineError,
@@ -19,6 +24,8 @@ from fluxtune.errors import (
 from fluxtune.presets import list_presets, load_profile, save_profile
 from fluxtune.profile import Profile
 
+_quiet.from_env()  # a worker process of the quiet CLI: before torch and the libraries are imported
+
 if TYPE_CHECKING:
     from fluxtune.tuning import ApplyReport
 
@@ -26,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BudgetExceededError",
     "FluxtuneError",
+    "FluxtuneWarning",
     "IncompatibleKnobsError",
     "MissingDependencyError",
     "PipelineError",

@@ -19,17 +19,20 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fluxtune.profile import COMPONENTS, Profile, validate_profile
+from fluxtune.status import Status
 from fluxtune.units import format_bytes
+
+if TYPE_CHECKING:
+    from fluxtune.worker import RunOutcome
 
 GB = 1e9
 Cap = int | None
 """A memory cap in bytes; None = no cap."""
 
-DID_NOT_FIT = ("oom", "over_budget", "no_fit")
-FINAL = ("ok", "invalid", "error", *DID_NOT_FIT)
+FINAL = (Status.OK, Status.INVALID, Status.ERROR, Status.OOM, Status.OVER_BUDGET, Status.NO_FIT)
 """Statuses a resumed bench keeps; the others (crashed, timeout) run again."""
 
 MIN_START_S = 60.0
@@ -88,7 +91,7 @@ class Candidate:
 class BenchRow:
     name: str
     kind: str
-    status: str
+    status: Status
     cap: int | None = None
     """The allocator cap this row ran under (None: no cap)."""
     latency_s: float | None = None
@@ -115,9 +118,12 @@ class BenchRow:
     key: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.status = Status(self.status)  # bench.json holds the plain string
+
     @property
     def fits(self) -> bool:
-        return self.status == "ok"
+        return self.status == Status.OK
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BenchRow:
@@ -229,8 +235,7 @@ def run_bench(
             in :mod:`fluxtune.distribution`'s random-feature space; not FID).
         resume: keep the rows of a previous run of the same model and workload in ``folder``.
     """
-    from fluxtune.search.runner import Worker, WorkerDied
-    from fluxtune.search.worker import WorkerConfig
+    from fluxtune.worker import RunOutcome, RunRequest, Worker, WorkerDied, WorkerSpec
 
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"model": model, "workload": workload, "recipe_workload": recipe_workload or workload, "samples": samples}
@@ -255,13 +260,13 @@ def run_bench(
                 rows.append(r)
                 if r.extra.get("features") is not None and cand.kind == "reference":
                     ref_feats = r.extra["features"]
-                if r.status not in DID_NOT_FIT:
+                if not r.status.did_not_fit():
                     break
                 continue
             profile = _with_cap(cand.profile, cap)
             floor = _weight_floor(profile, facts) if cap is not None and facts is not None else None
             if floor is not None and floor[0] > cap:  # type: ignore[operator]
-                r = BenchRow(cand.name, cand.kind, "no_fit", cap=cap, key=key, error=(
+                r = BenchRow(cand.name, cand.kind, Status.NO_FIT, cap=cap, key=key, error=(
                     f"its weights alone need {format_bytes(floor[0])} on the GPU at once (during {floor[1]}) "
                     f"> cap {cap_label(cap)}; not run"))
                 say(f"{label}: does not fit: {r.error}")
@@ -273,28 +278,27 @@ def run_bench(
                 stopped = True
                 break
             limit = min(timeout_s, left) if left is not None else timeout_s
-            cfg = WorkerConfig(model=model, device=device, dtype=dtype, workload=wl, budget_bytes=cap,
-                               study_dir=str(folder), extra={"fixed_workload": True})
+            spec = WorkerSpec(model=model, device=device, dtype=dtype, workload=wl, budget_bytes=cap,
+                              study_dir=str(folder), fixed_workload=True)
             t0 = time.monotonic()
             say(f"{label} ...")
             try:
-                worker = Worker(cfg)
+                worker = Worker(spec)
                 try:
-                    if facts is None and worker.ready.get("facts"):
+                    if facts is None and worker.info.facts:
                         from fluxtune.memory import ModelFacts
 
-                        facts = ModelFacts.from_dict(worker.ready["facts"])
-                    result = worker.run(i, profile.to_dict(), max(1.0, limit - (time.monotonic() - t0)),
-                                        reference=cand.kind == "reference", samples=samples,
-                                        time_box_s=None if cand.kind == "profile" else time_box_s)
+                        facts = ModelFacts.from_dict(worker.info.facts)
+                    request = RunRequest(profile, role="reference" if cand.kind == "reference" else "trial",
+                                         samples=samples, time_box_s=None if cand.kind == "profile" else time_box_s)
+                    result = worker.run(request, max(1.0, limit - (time.monotonic() - t0)))
                 finally:
                     worker.stop()
             except WorkerDied as e:
-                timed_out = "timed out" in str(e)
-                result = {"status": "timeout" if timed_out else "crashed", "error": str(e)}
+                result = RunOutcome(Status.TIMEOUT if e.timed_out else Status.CRASHED, error=str(e))
             r = _row(cand, cap, key, result, wl)
             r.seconds = time.monotonic() - t0
-            feats = result.get("features")
+            feats = result.features
             if feats is not None and cand.kind == "reference":
                 ref_feats = feats
                 r.extra["features"] = feats  # kept so a resumed bench still has the reference's samples
@@ -306,14 +310,14 @@ def run_bench(
                 shift = compare_features(torch.tensor(feats, dtype=torch.float64),
                                          torch.tensor(ref_feats, dtype=torch.float64))
                 r.fd, r.kid = shift.fd, shift.kid_mean
-            if result.get("features_error"):
-                say(f"    samples failed: {result['features_error']}")
+            if result.features_error:
+                say(f"    samples failed: {result.features_error}")
             rows.append(r)
             _write(folder, meta, rows, previous)
             lat = f"{r.latency_s:.2f}s" if r.latency_s else "-"
             say(f"    {r.status}: {lat}, peak {format_bytes(r.peak_reserved or 0)} ({r.seconds:.0f}s)"
-                + (f" - {r.error}" if r.error and r.status != "ok" else ""))
-            if r.status not in DID_NOT_FIT:
+                + (f" - {r.error}" if r.error and r.status != Status.OK else ""))
+            if not r.status.did_not_fit():
                 break
         if stopped:
             say(f"stopped: less than {MIN_START_S:.0f}s left of --timeout; re-run the same command to continue "
@@ -351,22 +355,26 @@ def _write(folder: Path, meta: dict[str, Any], rows: list[BenchRow], previous: d
     tmp.replace(folder / "bench.json")
 
 
-def _row(cand: Candidate, cap: Cap, key: str, result: dict[str, Any], workload: dict[str, Any]) -> BenchRow:
-    m = result.get("measurement") or {}
-    q = result.get("quality") or {}
-    runs = m.get("latency_runs") or []
+def _row(cand: Candidate, cap: Cap, key: str, result: RunOutcome, workload: dict[str, Any]) -> BenchRow:
+    from fluxtune.measure import Measurement
+
+    m = result.measurement or Measurement(status=result.status)
+    q = result.quality or {}
+    t = result.timings
+    runs = m.latency_runs
     spread = (max(runs) - min(runs)) if len(runs) > 1 else None
     short = workload.get("warmup_steps")
     return BenchRow(
-        name=cand.name, kind=cand.kind, status=str(result.get("status")), cap=cap, key=key,
-        latency_s=m.get("latency_s"), latency_spread=spread, first_call_s=m.get("first_call_s"),
-        warmup_steps=short if short and m.get("warmup_s") else None, runs=len(runs),
-        peak_reserved=m.get("peak_reserved"), peak_allocated=m.get("peak_allocated"), peak_nvml=m.get("peak_nvml"),
-        psnr=q.get("psnr"), ssim=q.get("ssim"), apply_s=result.get("apply_s"), quantize_s=result.get("quantize_s"),
-        placement_s=result.get("placement_s"), error=result.get("error"),
-        generations=(len(m.get("warmup_s") or []) + len(runs)) if result.get("status") == "ok" else 0,
-        extra={**{k: m.get(k) for k in ("text_encode_s", "step_s", "decode_s", "host_ram_peak", "latency_runs")},
-               "imports_s": result.get("imports_s"), "apply_parts": result.get("apply_parts")},
+        name=cand.name, kind=cand.kind, status=result.status, cap=cap, key=key,
+        latency_s=m.latency_s, latency_spread=spread, first_call_s=m.first_call_s,
+        warmup_steps=short if short and m.warmup_s else None, runs=len(runs),
+        peak_reserved=m.peak_reserved, peak_allocated=m.peak_allocated, peak_nvml=m.peak_nvml,
+        psnr=q.get("psnr"), ssim=q.get("ssim"), apply_s=t.apply_s, quantize_s=t.quantize_s,
+        placement_s=t.placement_s, error=result.error,
+        generations=(len(m.warmup_s) + len(runs)) if result.status == Status.OK else 0,
+        extra={"text_encode_s": m.text_encode_s, "step_s": m.step_s, "decode_s": m.decode_s,
+               "host_ram_peak": m.host_ram_peak, "latency_runs": list(runs) if result.measurement else None,
+               "imports_s": t.imports_s, "apply_parts": t.parts},
     )
 
 
@@ -435,12 +443,16 @@ def plot(rows: list[BenchRow], path: Path, budgets: Sequence[Cap], title: str) -
     """Latency against peak reserved memory, profiles and recipes, with a line at each budget."""
     from fluxtune.report import plot_latency_vs_memory
 
-    table = [{"trial": i, "latency_s": r.latency_s, "peak": r.peak_reserved, "feasible": r.fits,
-              "name": r.name[:28]} for i, r in enumerate(rows) if r.kind == "profile"]
-    baselines = [{"name": r.name[:28], "latency_s": r.latency_s, "peak": r.peak_reserved}
+    # On CPU there is no allocator peak: the host memory peak is what was measured.
+    gpu = any(r.peak_reserved for r in rows)
+    peak = (lambda r: r.peak_reserved) if gpu else (lambda r: r.extra.get("host_ram_peak"))  # noqa: E731
+    table = [{"trial": i, "latency_s": r.latency_s, "peak": peak(r), "feasible": r.fits,
+              "name": r.name} for i, r in enumerate(rows) if r.kind == "profile"]
+    baselines = [{"name": r.name, "latency_s": r.latency_s, "peak": peak(r)}
                  for r in rows if r.kind != "profile" and r.fits]
-    return plot_latency_vs_memory(table, path, budget=[c for c in budgets if c is not None], baselines=baselines,
-                                  title=title, label_points=True, point_label="profiles",
+    return plot_latency_vs_memory(table, path, budget=[c for c in budgets if c is not None] if gpu else None,
+                                  baselines=baselines, title=title, label_points=True, point_label="profiles",
+                                  memory_label="peak VRAM (reserved)" if gpu else "peak host RAM",
                                   baseline_label="diffusers recipes (run under the smallest cap they fit)")
 
 
@@ -462,7 +474,7 @@ def write_measured(source: str, profile: Profile, rows: list[BenchRow], *, model
     import datetime as dt
 
     from fluxtune.hardware import library_versions
-    from fluxtune.presets import list_presets, load_profile, save_profile
+    from fluxtune.presets import list_presets, load_profile, update_measured
 
     row = next((r for r in rows if r.kind == "profile" and r.name == profile.name and r.fits), None)
     if row is None:
@@ -491,4 +503,4 @@ def write_measured(source: str, profile: Profile, rows: list[BenchRow], *, model
         "notes": notes,
     }
     original = load_profile(path)
-    return save_profile(original.replace(measured=measured), path)
+    return update_measured(path, original.replace(measured=measured))  # atomic; keeps the user's comments

@@ -36,3 +36,7 @@ class PipelineError(FluxtuneError, ValueError):
 
 class SearchError(FluxtuneError, RuntimeError):
     """A search cannot start or cannot continue."""
+
+
+class FluxtuneWarning(UserWarning):
+    """Something the user should know that does not stop the run (e.g. a profile measured elsewhere)."""

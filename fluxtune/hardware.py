@@ -102,6 +102,13 @@ class HardwareInfo:
 
         return match_gpu(self.gpu_name, self.total_memory_bytes) if self.has_cuda else None
 
+    def without_gpu(self) -> HardwareInfo:
+        """This machine as a CPU-only run sees it: a GPU nobody asked for is hidden, so only CPU knobs
+        are offered (a search on CPU)."""
+        from dataclasses import replace
+
+        return replace(self, gpu_index=None, gpu_name=None, total_memory_bytes=None, compute_capability=None)
+
     def fingerprint(self) -> dict[str, object]:
         """The hardware identity stored next to measured numbers (JSON/YAML-safe plain types).
 

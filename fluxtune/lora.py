@@ -39,15 +39,16 @@ def set_loras(pipe: Any, loras: Sequence[Lora | str | dict[str, Any]]) -> ApplyR
         ProfileError: a LoRA entry is malformed (e.g. not .safetensors).
         IncompatibleKnobsError: a LoRA does not fit the pipeline or its mode; the pipeline is unchanged.
     """
+    from fluxtune.tuning import state as tuned
     from fluxtune.tuning.lora import LoraState, inspect_lora
 
-    call_state = getattr(pipe, "_fluxtune", None)
+    call_state = tuned.call_state(pipe)
     if call_state is None:
         raise IncompatibleKnobsError("set_loras: this pipeline is not tuned; run fluxtune.apply(profile, pipe, "
                                      "loras=[...]) first")
     new = _as_loras(loras)
     profile = call_state.profile
-    state: LoraState | None = getattr(pipe, "_fluxtune_lora", None)
+    state: LoraState | None = tuned.lora_state(pipe)
     mode = state.mode if state is not None else profile.replace(loras=[lo.model_dump() for lo in new]).lora_mode()[0]
     wrong = [lo for lo in new if lo.mode not in ("auto", mode)]
     if wrong:
@@ -80,7 +81,7 @@ def set_loras(pipe: Any, loras: Sequence[Lora | str | dict[str, Any]]) -> ApplyR
     else:
         detail = _switch_adapters(pipe, state, new)
     state.loras = new
-    pipe._fluxtune_lora = state
+    tuned.set_lora_state(pipe, state)
     call_state.profile = new_profile
     names = ", ".join(f"{lo.adapter_name}@{lo.scale:g}" for lo in new) or "none"
     report.add("loras", "transformer", f"{mode}: {names}: {detail}", seconds=time.perf_counter() - t0)
@@ -127,14 +128,10 @@ def _switch_fused(pipe: Any, profile: Any, state: Any, new: tuple[Lora, ...], in
     q = profile.transformer.quantize
     if q is None:
         return f"restored {len(restore)} layers from the pristine copy, fused {len(new)} LoRA(s)"
-    from torchao.quantization import quantize_
+    from fluxtune.tuning.quantize import quantize_module
 
-    from fluxtune.tuning.quantize import _linear_filter, torchao_config
-
-    keep = _linear_filter(q, [])
-    device = t.device if t.device.type == "cuda" else None
-    quantize_(t, torchao_config(q, on_cuda=t.device.type == "cuda"),
-              filter_fn=lambda m, fqn: fqn in restore and keep(m, fqn), device=device)
+    on_cuda = t.device.type == "cuda"
+    quantize_module(t, q, on_cuda=on_cuda, device=t.device if on_cuda else None, only=restore.__contains__)
     if t.device.type == "cuda":
         torch.cuda.synchronize(t.device)
     return (f"restored {len(restore)} layers from the pristine copy, fused {len(new)} LoRA(s), "
@@ -142,7 +139,7 @@ def _switch_fused(pipe: Any, profile: Any, state: Any, new: tuple[Lora, ...], in
 
 
 def _switch_adapters(pipe: Any, state: Any, new: tuple[Lora, ...]) -> str:
-    from fluxtune.tuning.lora import _load, set_adapter_weights
+    from fluxtune.tuning.lora import load_lora, set_adapter_weights
 
     loaded = 0
     for lo in new:
@@ -151,7 +148,7 @@ def _switch_adapters(pipe: Any, state: Any, new: tuple[Lora, ...]) -> str:
         if lo.adapter_name in state.loaded:
             pipe.delete_adapters([lo.adapter_name])
             del state.loaded[lo.adapter_name]
-        _load(pipe, lo)
+        load_lora(pipe, lo)
         state.loaded[lo.adapter_name] = lo.path
         loaded += 1
     set_adapter_weights(pipe, new)
@@ -159,7 +156,7 @@ def _switch_adapters(pipe: Any, state: Any, new: tuple[Lora, ...]) -> str:
 
 
 def _switch_hotswap(pipe: Any, state: Any, new: tuple[Lora, ...]) -> str:
-    from fluxtune.tuning.lora import _load, record_hotswap_base, write_hotswap_scales
+    from fluxtune.tuning.lora import load_lora, record_hotswap_base, write_hotswap_scales
 
     t = pipe.transformer
     slots = list(state.loaded)
@@ -169,7 +166,7 @@ def _switch_hotswap(pipe: Any, state: Any, new: tuple[Lora, ...]) -> str:
             # peft writes the new file's alpha/rank into the scaling only where it differs from the current
             # value: put the old file's back first so the slot ends up holding exactly the new one's.
             write_hotswap_scales(t, state, {slot: 1.0})
-            _load(pipe, lo.model_copy(update={"adapter_name": slot}), hotswap=True)
+            load_lora(pipe, lo.model_copy(update={"adapter_name": slot}), hotswap=True)
             record_hotswap_base(t, state, [slot])
             state.loaded[slot] = lo.path
             swapped += 1

@@ -7,15 +7,14 @@ A spec is one of
 * a local directory written by ``save_pretrained``;
 * a Hugging Face Hub id (``org/name``) through ``DiffusionPipeline.from_pretrained``.
 
-Other modules add built-ins with :func:`register_builtin` (``fluxtune.minimodels`` does, and is
-imported on first use of the registry). torch, diffusers and transformers are imported inside
+Other modules add built-ins with :func:`register_builtin` (``fluxtune.minimodels`` does; the package
+face ``fluxtune/__init__.py`` imports it). torch, diffusers and transformers are imported inside
 functions so that importing this module (and ``fluxtune --help``) stays instant.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
 import os
 import re
@@ -533,31 +532,13 @@ for _spec in (
     register_builtin(_spec)
 
 
-_plugins_loaded = False
-
-
 def builtin(name: str) -> BuiltinSpec | None:
-    """The built-in called ``name`` (plugins such as the mini models included), or None."""
-    _load_plugins()
+    """The built-in called ``name`` (those registered by other modules, such as the mini models, included), or None."""
     return BUILTINS.get(name)
-
-
-def _load_plugins() -> None:
-    """Import ``fluxtune.minimodels`` once so its built-ins are registered whatever the import order."""
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
-    try:
-        importlib.import_module("fluxtune.minimodels")
-    except ModuleNotFoundError as exc:
-        if exc.name != "fluxtune.minimodels":  # the package exists but is broken: say so
-            raise
 
 
 def list_builtins() -> list[BuiltinSpec]:
     """All built-in models, sorted by name."""
-    _load_plugins()
     return [BUILTINS[name] for name in sorted(BUILTINS)]
 
 
@@ -613,7 +594,6 @@ def load(
     torch_dtype = parse_dtype(dtype)
     if "torch_dtype" in from_pretrained_kwargs:
         raise PipelineError("torch_dtype= is deprecated in diffusers 0.42; pass dtype='bfloat16' (or fp16/fp32)")
-    _load_plugins()
     if spec in BUILTINS:
         return _build_builtin(BUILTINS[spec], device, dtype, from_pretrained_kwargs)
     path = os.path.expanduser(spec)

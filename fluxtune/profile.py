@@ -111,6 +111,17 @@ class Profile(Knob):
                 seen[c] = v.name
         return variants
 
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_shorthand(cls, value: Any) -> Any:
+        # ``compile: regional`` / ``compile=off`` as shorthand; YAML 1.1 readers (and Python callers
+        # copying such YAML) turn ``off`` into False: it is the choice name here.
+        if value is False or isinstance(value, str):
+            return {"mode": "off" if value is False else value}
+        if isinstance(value, dict) and value.get("mode") is False:
+            return {**value, "mode": "off"}
+        return value
+
     @model_validator(mode="after")
     def _cross_field(self) -> Profile:
         for name in COMPONENTS:

@@ -17,18 +17,32 @@ GB = 1e9
 
 def write_tables(table: Sequence[dict[str, Any]], folder: Path) -> tuple[Path, Path]:
     """``trials.csv`` and ``trials.json`` in ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    js = folder / "trials.json"
-    js.write_text(json.dumps(list(table), indent=1, default=str))
-    cs = folder / "trials.csv"
+    import io
+
+    from fluxtune.presets import write_atomic
+
+    js = write_atomic(folder / "trials.json", json.dumps(list(table), indent=1, default=str))
     keys: list[str] = []
     for row in table:
         keys += [k for k in row if k not in keys]
-    with cs.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(table)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(table)
+    cs = write_atomic(folder / "trials.csv", buf.getvalue())
     return cs, js
+
+
+def _save(fig: Any, path: Path, dpi: int) -> Path:
+    """Save a figure whole (labels at the edges kept) through a temporary file."""
+    import io
+
+    from fluxtune.presets import write_atomic
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    _plt().close(fig)
+    return write_atomic(path, buf.getvalue())
 
 
 def _plt() -> Any:
@@ -52,6 +66,7 @@ def plot_latency_vs_memory(
     memory_label: str = "peak VRAM (reserved)",
     label_points: bool = False,
     point_label: str = "feasible trials",
+    max_latency: float | None = None,
     baseline_label: str | None = None,
 ) -> Path:
     """Scatter of every measured trial (and baselines) by latency and peak memory, a line at each budget,
@@ -90,17 +105,68 @@ def plot_latency_vs_memory(
     for i, cap in enumerate(sorted(budgets)):
         label = (f"budget{'s' if len(budgets) > 1 else ''} {names}") if i == 0 else None
         ax.axvline(cap / GB, color="#cc2222", ls="--", lw=1.2, label=label)
+    if max_latency is not None:
+        ax.axhline(max_latency, color="#7a3db8", ls=":", lw=1.4, label=f"--max-latency {max_latency:g}s")
     ax.set_xlabel(f"{memory_label} [GB]")
     ax.set_ylabel("latency per call [s]")
-    if ok and max(r["latency_s"] for r in ok) / max(1e-9, min(r["latency_s"] for r in ok)) > 20:
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
+    lats = [r["latency_s"] for r in ok] + [b["latency_s"] for b in baselines if b.get("latency_s")]
+    if lats and max(lats) / max(1e-9, min(lats)) > 8:
+        ax.set_yscale("log")  # one slow recipe would otherwise flatten the rest against the axis
+    peaks = [r["peak"] for r in ok] + [b["peak"] for b in baselines if b.get("peak")] + list(budgets)
+    if peaks and max(peaks) / max(1.0, min(peaks)) > 8:
+        ax.set_xscale("log")
+    ax.margins(x=0.12, y=0.12)
+    ax.grid(alpha=0.3, which="both")
     ax.set_title(title or "fluxtune search: latency vs memory")
-    ax.legend(fontsize=8, loc="best")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best")
+    if not ok and not baselines:
+        ax.text(0.5, 0.5, "no measured point yet", ha="center", va="center", transform=ax.transAxes, color="#888")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 110)
+
+
+def plot_latency_vs_quality(table: Sequence[dict[str, Any]], path: Path, *, front: Sequence[int] = (),
+                            best: int | None = None, min_psnr: float | None = None,
+                            max_latency: float | None = None, title: str = "") -> Path:
+    """PSNR against latency for every measured trial: the trade-off the pareto and quality objectives
+    search, with the front, the chosen trial, the quality floor and the latency cap."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    ok = [r for r in table if r.get("latency_s") and r.get("psnr") is not None]
+    cap = lambda v: min(float(v), 100.0)  # noqa: E731  (identical images read as PSNR inf; drawn at 100)
+    feas = [r for r in ok if r.get("feasible")]
+    infeas = [r for r in ok if not r.get("feasible")]
+    if infeas:
+        ax.scatter([r["latency_s"] for r in infeas], [cap(r["psnr"]) for r in infeas], c="#bbbbbb", s=22,
+                   marker="x", label="infeasible trials")
+    if feas:
+        ax.scatter([r["latency_s"] for r in feas], [cap(r["psnr"]) for r in feas], c="#3b7dd8", s=26,
+                   label="feasible trials")
+    fr = sorted((r for r in ok if r["trial"] in set(front)), key=lambda r: r["latency_s"])
+    if fr:
+        ax.plot([r["latency_s"] for r in fr], [cap(r["psnr"]) for r in fr], "-o", c="#e07b00", ms=5,
+                label="Pareto front")
+    for r in ok:
+        ax.annotate(f"#{r['trial']}", (r["latency_s"], cap(r["psnr"])), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points", color="#555")
+    br = next((r for r in ok if r["trial"] == best), None)
+    if br:
+        ax.scatter([br["latency_s"]], [cap(br["psnr"])], s=160, facecolors="none", edgecolors="#1a9c3e",
+                   linewidths=2, label=f"chosen (trial {best})")
+    if min_psnr is not None:
+        ax.axhline(min_psnr, color="#cc2222", ls="--", lw=1.2, label=f"quality floor {min_psnr:g} dB")
+    if max_latency is not None:
+        ax.axvline(max_latency, color="#7a3db8", ls=":", lw=1.4, label=f"--max-latency {max_latency:g}s")
+    ax.set_xlabel("latency per call [s]")
+    ax.set_ylabel("PSNR vs the lossless reference [dB] (identical: 100)")
+    ax.margins(x=0.12, y=0.12)
+    ax.grid(alpha=0.3)
+    ax.set_title(title or "fluxtune search: latency vs quality")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return _save(fig, path, 110)
 
 
 def plot_best_so_far(curve: Sequence[tuple[int, float | None]], path: Path, *, baseline: float | None = None,
@@ -115,17 +181,20 @@ def plot_best_so_far(curve: Sequence[tuple[int, float | None]], path: Path, *, b
     if baseline is not None:
         ax.axhline(baseline, c="#cc2222", ls="--", label=f"{baseline_label} {baseline:.2f}")
     ax.set_xlabel("trial")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trials are counted, never fractional
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 110)
 
 
-def image_grid(tiles: Sequence[tuple[str, Any]], path: Path, *, cols: int = 4) -> Path | None:
-    """A labelled grid of images (uint8 CxHxW or HxWxC tensors/arrays)."""
+def image_grid(tiles: Sequence[tuple[Any, ...]], path: Path, *, cols: int = 4) -> Path | None:
+    """A labelled grid of images (uint8 CxHxW or HxWxC tensors/arrays); a tile is (label, image) or
+    (label, image, chosen), and the chosen one gets a green frame."""
     import numpy as np
 
     if not tiles:
@@ -135,88 +204,37 @@ def image_grid(tiles: Sequence[tuple[str, Any]], path: Path, *, cols: int = 4) -
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (label, img) in zip(axes.flat, tiles, strict=False):
+    for ax, tile in zip(axes.flat, tiles, strict=False):
+        label, img = tile[0], tile[1]
+        chosen = len(tile) > 2 and bool(tile[2])
         arr = np.asarray(img)
         if arr.ndim == 4:
             arr = arr[0]
         if arr.ndim == 3 and arr.shape[0] in (1, 3):
             arr = arr.transpose(1, 2, 0)
         ax.imshow(arr.squeeze(), interpolation="nearest")
-        ax.set_title(label, fontsize=8)
+        ax.set_title(label, fontsize=7.5, color="#1a9c3e" if chosen else "black",
+                     fontweight="bold" if chosen else "normal")
+        if chosen:  # a green frame around the profile the search chose
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_edgecolor("#1a9c3e")
+                spine.set_linewidth(4)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 100)
 
 
-def build(study: Any, folder: Path) -> dict[str, Path]:
-    """Every report file of a study, (re)built from its storage and image folder."""
-    import torch
-
-    from fluxtune.search.results import best_trial, pareto_front, rows
-    from fluxtune.search.study import CONFIG_KEY
-
-    cfg = study.user_attrs.get(CONFIG_KEY, {})
-    table = rows(study)
-    out: dict[str, Path] = {}
-    out["csv"], out["json"] = write_tables(table, folder)
-    best = best_trial(study)
-    if cfg.get("objective") == "pareto":
-        front = [t.number for t in pareto_front(study)]
-    else:
-        front = _memory_front(table)
-    on_gpu = any(str(d).startswith("cuda") for d in cfg.get("devices", []))
-    out["plot"] = plot_latency_vs_memory(
-        table, folder / "latency_vs_memory.png", budget=cfg.get("budget_bytes"), front=front,
-        best=best.number if best else None,
-        title=f"{study.study_name}: {cfg.get('model')} ({cfg.get('objective')})",
-        memory_label="peak VRAM (reserved)" if on_gpu else "peak host RAM",
-    )
-    ref = study.user_attrs.get("fluxtune_reference", {})
-    out["progress"] = _progress_plot(study, table, ref, cfg.get("objective"), folder / "best_so_far.png")
-    tiles = []
-    ref_file = folder / "reference.pt"
-    if ref_file.exists():
-        ref_imgs = torch.load(ref_file, weights_only=True)
-        if isinstance(ref_imgs, dict):
-            ref_imgs = ref_imgs.get("images")
-        if ref_imgs is not None:
-            tiles.append(("reference", (ref_imgs[:1].clamp(0, 1) * 255).round().to(torch.uint8)))
-    finalists = sorted((r for r in table if r["feasible"] and r.get("latency_s")), key=lambda r: r["latency_s"])[:7]
-    for r in finalists:
-        f = folder / "images" / f"trial_{r['trial']:04d}.pt"
-        if f.exists():
-            psnr = r.get("psnr")
-            label = f"#{r['trial']} {r['latency_s']:.2f}s" + (f" {min(psnr, 100):.1f}dB" if psnr else "")
-            tiles.append((label, torch.load(f, weights_only=True)))
-    grid = image_grid(tiles, folder / "finalists.png")
-    if grid:
-        out["grid"] = grid
-    return out
+def knobs_that_differ(table: Sequence[dict[str, Any]]) -> dict[int, str]:
+    """Each trial's config reduced to the ``k=v`` words in which the given trials differ."""
+    parsed = {r["trial"]: dict(w.split("=", 1) for w in str(r.get("config") or "").split() if "=" in w) for r in table}
+    keys = list(dict.fromkeys(k for d in parsed.values() for k in d))
+    varying = [k for k in keys if len({d.get(k, "") for d in parsed.values()}) > 1] if len(table) > 1 else keys
+    return {n: " ".join(f"{k}={d[k]}" for k in varying if k in d) or "the same knobs" for n, d in parsed.items()}
 
 
-def _progress_plot(study: Any, table: Sequence[dict[str, Any]], ref: dict[str, Any], objective: str | None,
-                   path: Path) -> Path:
-    """Best so far against the baseline that matters: the fastest diffusers recipe that fit, measured in
-    this same study (else the lossless reference)."""
-    from fluxtune.search.results import best_so_far
+def wrap(text: str, width: int) -> str:
+    import textwrap
 
-    if objective == "throughput":
-        return plot_best_so_far(best_so_far(study), path, ylabel="best feasible throughput [images/s]")
-    if objective == "quality":
-        return plot_best_so_far(best_so_far(study), path, ylabel="best feasible PSNR [dB]")
-    recipes = [r for r in table if str(r.get("source", "")).startswith("recipe") and r["feasible"] and r.get("latency_s")]
-    if recipes:
-        fastest = min(recipes, key=lambda r: r["latency_s"])
-        return plot_best_so_far(best_so_far(study), path, baseline=fastest["latency_s"],
-                                baseline_label=f"fastest recipe ({fastest['source'][7:]})")
-    return plot_best_so_far(best_so_far(study), path, baseline=ref.get("latency_s"), baseline_label="reference")
-
-
-def _memory_front(table: Sequence[dict[str, Any]]) -> list[int]:
-    """Feasible trials no other feasible trial beats on both latency and peak memory."""
-    pts = [r for r in table if r["feasible"] and r.get("latency_s") and r.get("peak")]
-    front = [r["trial"] for r in pts if not any(
-        o["latency_s"] <= r["latency_s"] and o["peak"] <= r["peak"] and (o["latency_s"] < r["latency_s"] or o["peak"] < r["peak"])
-        for o in pts)]
-    return front
+    return "\n".join(textwrap.wrap(text, width)[:3])

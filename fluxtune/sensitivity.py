@@ -183,10 +183,9 @@ class SensitivityResult:
 
     def save(self, path: str | Path) -> Path:
         """Write the result as JSON; returns the path."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=True) + "\n")
-        return p
+        from fluxtune.presets import write_atomic
+
+        return write_atomic(path, json.dumps(self.to_dict(), indent=2, allow_nan=True) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> SensitivityResult:
@@ -205,7 +204,7 @@ class SensitivityResult:
             raise ProfileError(f"{path}: not a sensitivity result ({e})") from e
 
 
-def _check_method(method: str, device: torch.device) -> Quantize:
+def check_method(method: str, device: torch.device) -> Quantize:
     if method not in METHODS:
         raise ProfileError(f"sensitivity method {method!r} is not one of {', '.join(METHODS)}")
     q = Quantize(method=method)  # type: ignore[arg-type]
@@ -220,22 +219,12 @@ def _check_method(method: str, device: torch.device) -> Quantize:
     return q
 
 
-def _quantize_matching(module: torch.nn.Module, q: Quantize, patterns: Iterable[str], on_cuda: bool) -> int:
+def quantize_matching(module: torch.nn.Module, q: Quantize, patterns: Iterable[str], on_cuda: bool) -> int:
     """Quantize the Linear layers whose name matches any pattern; returns how many."""
-    from torchao.quantization import quantize_
-
-    from fluxtune.tuning.quantize import torchao_config
+    from fluxtune.tuning.quantize import quantize_module
 
     compiled = [re.compile(p) for p in patterns]
-    hit: list[str] = []
-
-    def keep(mod: torch.nn.Module, fqn: str) -> bool:
-        ok = isinstance(mod, torch.nn.Linear) and any(p.search(fqn) for p in compiled)
-        if ok:
-            hit.append(fqn)
-        return ok
-
-    quantize_(module, torchao_config(q, on_cuda=on_cuda), filter_fn=keep)
+    hit, _ = quantize_module(module, q, on_cuda=on_cuda, only=lambda fqn: any(p.search(fqn) for p in compiled))
     return len(hit)
 
 
@@ -256,7 +245,7 @@ def render(pipe: Any, class_labels: Sequence[int], seeds: Sequence[int], steps: 
     return np.concatenate(out, axis=0)
 
 
-def _errors(images: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+def image_errors(images: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     from fluxtune.measure import PSNR_CAP
@@ -317,7 +306,7 @@ def scan(
     if quantized_linear_count(pristine)[0]:
         raise PipelineError("the transformer is already quantized; scan an unquantized pipeline")
     device = next(pristine.parameters()).device
-    q = _check_method(method, device)
+    q = check_method(method, device)
     on_cuda = device.type == "cuda"
     groups = groups if groups is not None else layer_groups(pristine, per_block=per_block)
     t0 = time.perf_counter()
@@ -325,10 +314,10 @@ def scan(
 
     def trial(patterns: Iterable[str]) -> tuple[int, dict[str, float]]:
         candidate = copy.deepcopy(pristine)
-        n = _quantize_matching(candidate, q, patterns, on_cuda)
+        n = quantize_matching(candidate, q, patterns, on_cuda)
         pipe.transformer = candidate
         try:
-            return n, _errors(render(pipe, class_labels, seeds, steps, guidance_scale), ref)
+            return n, image_errors(render(pipe, class_labels, seeds, steps, guidance_scale), ref)
         finally:
             pipe.transformer = pristine
 
@@ -377,7 +366,7 @@ def proxy_scan(
         raise PipelineError(f"proxy_scan needs a DiT pipeline, got {type(pipe).__name__}")
     tr = pipe.transformer
     p0 = next(tr.parameters())
-    q = _check_method(method, p0.device)
+    q = check_method(method, p0.device)
     t0 = time.perf_counter()
     inputs: dict[str, torch.Tensor] = {}
     linears = {n: m for n, m in tr.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -400,7 +389,7 @@ def proxy_scan(
         with torch.inference_mode():
             y = lin(x).double()
         holder = torch.nn.Sequential(copy.deepcopy(lin))
-        _quantize_matching(holder, q, [r"^0$"], p0.device.type == "cuda")
+        quantize_matching(holder, q, [r"^0$"], p0.device.type == "cuda")
         with torch.inference_mode():
             yq = holder(x).double()
         num[n] = float(((yq - y) ** 2).sum())

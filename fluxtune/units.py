@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import re
+
+from fluxtune.errors import ProfileError
 
 _UNITS = {
     "": 1, "B": 1,
@@ -10,7 +13,9 @@ _UNITS = {
     "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
     "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40,
 }
-_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*$")
+MAX_BYTES = 2**50
+"""1 PiB: far above any GPU or host; larger sizes are typos (1e30) and overflow the allocator's fraction."""
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 
 def parse_bytes(value: str | int | float, *, field: str = "size") -> int:
@@ -29,8 +34,12 @@ def parse_bytes(value: str | int | float, *, field: str = "size") -> int:
     if isinstance(value, bool):
         raise ValueError(f"{field}{value!r} is not a size; {hint}")
     if isinstance(value, int | float):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{field}{value!r} is not a finite size; {hint}")
         if value <= 0:
             raise ValueError(f"{field}{value!r} must be positive; {hint}")
+        if value > MAX_BYTES:
+            raise ValueError(f"{field}{value!r} is more memory than any machine has (at most 1PiB); {hint}")
         return int(value)
     if not isinstance(value, str):
         raise ValueError(f"{field}{value!r} is not a size; {hint}")
@@ -40,6 +49,8 @@ def parse_bytes(value: str | int | float, *, field: str = "size") -> int:
     n = float(m.group(1)) * _UNITS[m.group(2).upper()]
     if n <= 0:
         raise ValueError(f"{field}{value!r} must be positive; {hint}")
+    if n > MAX_BYTES:
+        raise ValueError(f"{field}{value!r} is more memory than any machine has (at most 1PiB); {hint}")
     return int(n)
 
 
@@ -58,4 +69,20 @@ def parse_image_size(value: str, *, field: str = "size") -> tuple[int, int]:
     if not m:
         raise ValueError(f"{field}={value!r} is not an image size; use WIDTHxHEIGHT such as 1024x1024")
     width, height = int(m.group(1)), int(m.group(2))
+    for name, v in (("width", width), ("height", height)):
+        if v < 16 or v > 16384 or v % 16:
+            raise ValueError(f"{field}={value!r}: {name} {v} must be a multiple of 16 between 16 and 16384, "
+                             "e.g. 1024x1024")
     return height, width
+
+
+def parse_duration(text: str, *, field: str = "--timeout") -> float:
+    """'30m' -> 1800.0; '90s', '1.5h', or plain seconds.
+
+    Raises:
+        ProfileError: with the field, the value and the accepted forms.
+    """
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", text or "")
+    if not m:
+        raise ProfileError(f"{field} {text!r} is not a duration; use e.g. 30m, 1h, 90s")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]

@@ -31,7 +31,7 @@ from fluxtune import pipelines
 from fluxtune.distribution import compare_sets
 from fluxtune.knobs import Quantize
 from fluxtune.measure import Workload, measure
-from fluxtune.sensitivity import SensitivityResult, _errors, _quantize_matching, render, scan
+from fluxtune.sensitivity import SensitivityResult, image_errors, quantize_matching, render, scan
 
 
 def _fresh(model: str, device: str) -> Any:
@@ -92,9 +92,9 @@ def _ranking(model: str, device: str, args: argparse.Namespace, say: Any) -> tup
         cand = copy.deepcopy(pristine)
         keep = set(sens.exclude_patterns(n))
         pats = [g.pattern for g in sens.groups if g.pattern not in keep]
-        _quantize_matching(cand, Quantize(method=args.method), pats, device.startswith("cuda"))
+        quantize_matching(cand, Quantize(method=args.method), pats, device.startswith("cuda"))
         pipe.transformer = cand
-        choice[n] = _errors(render(pipe, labels, [0], args.scan_steps), ref_small)["psnr"]
+        choice[n] = image_errors(render(pipe, labels, [0], args.scan_steps), ref_small)["psnr"]
         pipe.transformer = pristine
         del cand
         _free()
@@ -138,7 +138,7 @@ def run_model(model: str, device: str, args: argparse.Namespace, say: Any) -> li
         if ref_set is None:
             ref_set = dist_set
         n = min(16, len(dist_set))
-        err = _errors(dist_set[:n].permute(0, 2, 3, 1).numpy(), ref_set[:n].permute(0, 2, 3, 1).numpy())
+        err = image_errors(dist_set[:n].permute(0, 2, 3, 1).numpy(), ref_set[:n].permute(0, 2, 3, 1).numpy())
         row.update(psnr=err["psnr"], ssim=err["ssim"])
         shift = compare_sets(dist_set, ref_set)
         row.update(fd=shift.fd, kid=shift.kid_mean, kid_std=shift.kid_std)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from fluxtune.tuning.hostmem import HostArena, _fault_in, aligned
-from fluxtune.tuning.placement import _parallel_host_pinning
+from fluxtune.tuning.hostmem import HostArena, aligned, fault_in
+from fluxtune.tuning.placement import parallel_host_pinning
 
 
 def _thp() -> str:
@@ -115,7 +115,7 @@ def _phases(blocks: list[list[torch.Tensor]], dev: torch.device, workers: int) -
     out["map"] = round(time.perf_counter() - t0, 3)
 
     def touch(i: int) -> None:
-        _fault_in(ptrs[i], sizes[i])
+        fault_in(ptrs[i], sizes[i])
 
     def touch_all(i: int) -> None:
         ctypes.memset(ptrs[i], 0, sizes[i])
@@ -160,7 +160,7 @@ def main() -> None:
         res[f"arena phases, {workers} thread(s)"] = _phases(blocks, dev, workers)
     s = _torch_pinned(blocks)
     res["torch default"] = {"s": round(s, 3), "GB/s": round(total / s, 2)}
-    _parallel_host_pinning()  # what placement sets for diffusers' group offload
+    parallel_host_pinning()  # what placement sets for diffusers' group offload
     s = _torch_pinned(blocks)
     res["torch host_register"] = {"s": round(s, 3), "GB/s": round(total / s, 2)}
     text = json.dumps(res, indent=1)

@@ -1,7 +1,7 @@
 """A throwaway PostgreSQL cluster on loopback, for tests of ``--storage postgresql://...``.
 
 Uses the server binaries of the Debian ``postgresql`` package (``/usr/lib/postgresql/*/bin``, or
-``initdb``/``pg_ctl`` on PATH) and psycopg2 (``pip install -e ".[postgres]"``). The cluster lives
+``initdb``/``pg_ctl`` on PATH) and psycopg 3 (``pip install -e ".[postgres]"``). The cluster lives
 in a fresh temporary folder, listens only on 127.0.0.1 on a free port with ``trust`` auth, and is
 stopped and deleted by :meth:`PgCluster.stop`. PostgreSQL refuses to run as root, so as root the
 server runs as the ``postgres`` user (which the Debian package creates) through ``runuser``.
@@ -44,9 +44,9 @@ def find_bindir() -> Path | None:
 def skip_reason() -> str | None:
     """Why a cluster cannot be started here, or None when it can."""
     try:
-        import psycopg2  # noqa: F401
+        import psycopg  # noqa: F401
     except ImportError:
-        return "psycopg2 is not installed (pip install -e '.[postgres]' or psycopg2-binary)"
+        return "psycopg (3) is not installed (pip install -e '.[postgres]' or 'psycopg[binary]')"
     if find_bindir() is None:
         return ("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin or initdb on PATH); "
                 "install the Debian package: apt-get install -y postgresql")
@@ -82,7 +82,8 @@ class PgCluster:
 
     @property
     def url(self) -> str:
-        return f"postgresql+psycopg2://{SUPERUSER}@127.0.0.1:{self.port}/{self.db}"
+        # The URL the README documents: SQLAlchemy 2.1 opens postgresql:// with psycopg 3 (the extra's driver).
+        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{self.db}"
 
     def _cmd(self, *args: str) -> list[str]:
         cmd = [str(self.bindir / args[0]), *args[1:]]
@@ -100,18 +101,18 @@ class PgCluster:
                 "-c synchronous_commit=off -c full_page_writes=off -c max_connections=50")
         self._run("pg_ctl", "-D", str(self.datadir), "-l", str(self.root / "server.log"), "-o", opts,
                   "-w", "-t", "60", "start")
-        import psycopg2
+        import psycopg
 
         deadline = time.monotonic() + 30
         while True:
             try:
-                conn = psycopg2.connect(host="127.0.0.1", port=self.port, user=SUPERUSER, dbname="postgres")
+                conn = psycopg.connect(host="127.0.0.1", port=self.port, user=SUPERUSER, dbname="postgres",
+                                       autocommit=True)
                 break
-            except psycopg2.OperationalError:
+            except psycopg.OperationalError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
-        conn.autocommit = True
         with conn.cursor() as cur:
             cur.execute(f'CREATE DATABASE "{self.db}"')
         conn.close()

@@ -121,14 +121,81 @@ def test_generation_defaults_and_explicit_args_win(tiny_flux):
     assert type(tiny_flux).__name__ == "FluxPipeline"
 
 
-def test_budget_guard_refuses_bigger_calls(tiny_flux):
-    fluxtune.apply({"budget": {"vram": "1GB", "enforce": False},
+def test_budget_guard_refuses_bigger_calls_only_under_an_active_cap(tiny_flux):
+    fluxtune.apply({"budget": {"vram": "1GB"},
                     "generation": {"steps": 2, "height": 32, "width": 32, "images_per_prompt": 1}}, tiny_flux)
-    with pytest.raises(BudgetExceededError, match="64x64"):
+    # On CPU no cap holds: the profile's size is a default, a larger call is the caller's choice.
+    assert tiny_flux("x", height=64, width=64, output_type="pt").images.shape[-1] == 64
+    assert len(tiny_flux(["a", "b"], output_type="pt").images) == 2
+    tiny_flux._fluxtune.capped = True  # what apply records on a GPU with budget.enforce
+    with pytest.raises(BudgetExceededError, match=r"64x64.*generation\.width/height.*budget\.enforce=false"):
         tiny_flux("x", height=64, width=64)
     with pytest.raises(BudgetExceededError, match="images_per_prompt=1"):
         tiny_flux(["a", "b"])
     assert tiny_flux("x", output_type="pt").images.shape[-1] == 32
+
+
+def test_apply_refuses_an_object_that_is_not_a_pipeline():
+    from fluxtune.errors import PipelineError
+
+    class NotAPipe:
+        transformer = None
+
+    thing = NotAPipe()
+    with pytest.raises(PipelineError, match="is not a diffusers pipeline"):
+        fluxtune.apply({"transformer": {"quantize": "int8_weight"}}, thing)
+    assert not hasattr(thing, "_fluxtune") and type(thing) is NotAPipe
+    import torch
+
+    module = torch.nn.Linear(4, 4)
+    with pytest.raises(PipelineError, match="not a diffusers pipeline"):
+        fluxtune.apply({"transformer": {"quantize": "int8_weight"}}, module)
+    assert type(module.weight) is torch.nn.Parameter  # untouched: not quantized
+
+
+def test_strict_fails_before_any_irreversible_knob(tiny_flux):
+    weight = tiny_flux.transformer.transformer_blocks[0].attn.to_q.weight
+    with pytest.raises(IncompatibleKnobsError, match=r"budget skipped.*strict=True"):
+        fluxtune.apply({"budget": {"vram": "8GB"}, "transformer": {"quantize": "int8_weight"}}, tiny_flux,
+                       strict=True)
+    assert tiny_flux.transformer.transformer_blocks[0].attn.to_q.weight is weight  # not quantized
+    assert not fluxtune.tuning.is_tuned(tiny_flux)
+    # and the same profile applies without strict afterwards (nothing half-done stands in the way)
+    report = fluxtune.apply({"budget": {"vram": "8GB"}, "transformer": {"quantize": "int8_weight"}}, tiny_flux)
+    assert any(a.knob == "quantize" for a in report.applied)
+
+
+def test_a_failed_reapply_restores_the_previous_profile(tiny_flux, monkeypatch):
+    from fluxtune.tuning import budget
+
+    fluxtune.apply({"name": "a", "generation": {"steps": 2}}, tiny_flux)
+
+    original = budget.BudgetHandler.apply
+
+    def boom(self, ctx):
+        if ctx.profile.name == "b":
+            raise RuntimeError("budget handler failed")
+        original(self, ctx)
+
+    monkeypatch.setattr(budget.BudgetHandler, "apply", boom)
+    with pytest.raises(RuntimeError, match="budget handler failed"):
+        fluxtune.apply({"name": "b", "cache": "first_block", "generation": {"steps": 2}}, tiny_flux)
+    # the cache hooks the failed profile installed are gone, and the state still says profile a
+    assert not tiny_flux.transformer.is_cache_enabled
+    assert tiny_flux._fluxtune.profile.name == "a"
+    monkeypatch.undo()
+    assert fluxtune.apply({"name": "c", "generation": {"steps": 2}}, tiny_flux).profile == "c"
+
+
+def test_applying_a_profile_measured_elsewhere_warns(tiny_flux):
+    from fluxtune.errors import FluxtuneWarning
+
+    with pytest.warns(FluxtuneWarning, match="measured on NVIDIA H200") as rec:
+        report = fluxtune.apply("flux-dev-fast", tiny_flux, model="tiny-flux",
+                                overrides=["compile=off", "transformer.quantize=int8_weight", "attention.backend=native",
+                                           "compile.fuse_qkv=false"])
+    assert any("flux-dev-replica" in str(w.message) for w in rec)
+    assert any("not validated" in w for w in report.warnings)
 
 
 def test_second_profile_reapplies_reversible_and_refuses_irreversible(tiny_flux):
@@ -227,3 +294,25 @@ def test_preload_imports_what_the_profile_needs():
                      "diffusers.hooks"]
     assert preload(heavy) >= 0.0
     assert all(n in sys.modules for n in names)
+
+
+def test_a_first_apply_that_fails_after_quantizing_marks_the_components(tiny_flux, monkeypatch):
+    from fluxtune.tuning import budget
+
+    def boom(self, ctx):
+        raise RuntimeError("late failure")
+
+    monkeypatch.setattr(budget.BudgetHandler, "apply", boom)
+    with pytest.raises(RuntimeError, match="late failure"):
+        fluxtune.apply({"transformer": {"quantize": "int8_weight"}}, tiny_flux)
+    monkeypatch.undo()
+    # the weights were quantized: a retry says to reload instead of failing inside torchao
+    with pytest.raises(IncompatibleKnobsError, match="reload it"):
+        fluxtune.apply({"transformer": {"quantize": "int8_weight"}}, tiny_flux)
+    # fresh components (a reload, or the search worker's pristine copies) clear the mark
+    from fluxtune.pipelines import load
+
+    fresh = load("tiny-flux", dtype="float32")
+    tiny_flux.register_modules(transformer=fresh.transformer, text_encoder_2=fresh.text_encoder_2,
+                               text_encoder=fresh.text_encoder, vae=fresh.vae)
+    assert fluxtune.apply({"transformer": {"quantize": "int8_weight"}}, tiny_flux).applied

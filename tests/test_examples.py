@@ -16,6 +16,12 @@ def test_apply_profile_example(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert out.exists() and out.stat().st_size > 0
     assert "int8_weight" in res.stdout
+    # A real picture: flux-mini at its native 64x64 and 96 tokens draws what the prompt asks for.
+    assert "(64x64)" in res.stdout and "max_sequence_length=96" in res.stdout
+    import re
+
+    m = re.search(r"prompt adherence .*: ([0-9.]+)", res.stdout)
+    assert m and float(m.group(1)) > 0.6, res.stdout[-1000:]
 
 
 def test_search_from_python_example(tmp_path):

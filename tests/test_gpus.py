@@ -9,7 +9,14 @@ import pytest
 
 from fluxtune.errors import ProfileError, UnsupportedHardwareError
 from fluxtune.gpus import capability_class, class_allows, find_gpu, gpu_table, match_gpu
-from fluxtune.hardware import EMULATE_ENV, HardwareInfo, activate_emulation, card_budget, emulated, emulation_note
+from fluxtune.hardware import (
+    EMULATE_ENV,
+    HardwareInfo,
+    activate_emulation,
+    card_budget,
+    emulated,
+    emulation_note,
+)
 from fluxtune.presets import list_presets, load_profile, preset_for_card
 from fluxtune.profile import validate_profile
 from fluxtune.tuning import check_hardware

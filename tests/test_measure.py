@@ -332,7 +332,7 @@ def test_measure_on_cuda_oom_under_a_cap() -> None:
 
 
 def test_short_warmup_and_time_box(dit: object, monkeypatch: pytest.MonkeyPatch) -> None:
-    import fluxtune.measure as fm
+    import fluxtune.measure.timing as fm
 
     steps_seen: list[int] = []
     real = fm._one_call

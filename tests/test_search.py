@@ -28,11 +28,13 @@ from optuna.trial import FixedTrial, TrialState, create_trial
 from fluxtune.cli import main
 from fluxtune.errors import ProfileError
 from fluxtune.hardware import HardwareInfo
+from fluxtune.measure import Measurement
 from fluxtune.presets import list_presets, load_profile
 from fluxtune.search import objective as obj
 from fluxtune.search import recipes, results
 from fluxtune.search.space import SearchSpace
 from fluxtune.search.study import CONFIG_KEY, create_or_resume, fail_stale
+from fluxtune.worker import RunOutcome, Status
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -68,7 +70,6 @@ def _one_thread(monkeypatch):
     # Worker processes inherit the environment: one BLAS/OpenMP thread each keeps the tiny model's
     # trials fast and steady on a small (2-core, possibly shared) CI machine.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.delenv("FLUXTUNE_TEST_CRASH_TRIAL", raising=False)
 
 
 @pytest.fixture
@@ -112,11 +113,19 @@ def test_search_writes_a_measured_profile_and_a_report(searched):
     assert m.versions.get("torch") and m.versions.get("optuna")
     assert m.model == "tiny-flux" and m.study == STUDY
     study = load(searched.home)
-    best = study.trials[m.trial]
+    best = study.trials[m.trial - 1]  # trials are numbered from 1 in what users read
     assert best.state == TrialState.COMPLETE and best.user_attrs["status"] == "ok"
     assert m.latency_s == pytest.approx(best.user_attrs["measurement"]["latency_s"])
     # The profile is the trial's, and every trial of this search ran 2 steps (--steps 2).
     assert prof.generation.steps == 2
+    # It says what it was validated for (size, steps, dtype) and where it came from, in a comment header.
+    text = (searched.root / "best.yaml").read_text()
+    assert text.startswith("# ") and "found by `fluxtune search` on tiny-flux" in text
+    assert "Use: fluxtune generate" in text and "float32 weights" in text
+    assert "generation:\n  steps: 2\n" in text and "height: 64" in text and "width: 64" in text
+    assert m.workload["dtype"] == "float32" and m.workload["steps"] == 2 and m.workload["height"] == 64
+    # the table shows the knobs in which the trials differ, and the best line names the trial from 1
+    assert "knobs that differ" in searched.second.out
     assert prof.transformer.quantize == load_profile(best.user_attrs["profile"]).transformer.quantize
     folder = searched.home / STUDY
     for name in ("trials.csv", "trials.json", "latency_vs_memory.png", "best_so_far.png", "finalists.png"):
@@ -137,7 +146,9 @@ def test_report_rebuilds_the_study_files(searched):
     import json
 
     table = json.loads((folder / "trials.json").read_text())
-    assert [r["trial"] for r in table] == [0, 1, 2, 3]
+    assert [r["trial"] for r in table] == [1, 2, 3, 4]  # numbered from 1, as the progress lines and plots
+    # it prints the table and the best, not only file paths
+    assert "knobs that differ" in res.out and "best: trial " in res.out and "trials.csv" in res.out
     assert all(r["state"] == "COMPLETE" and r["latency_s"] for r in table)
 
 
@@ -260,8 +271,13 @@ def test_two_cpu_workers_share_the_study(home):
 
 @pytest.mark.slow
 def test_a_crashing_worker_fails_its_trial_and_the_search_goes_on(home, monkeypatch):
-    # Test hook in fluxtune/search/worker.py: the worker process exits abruptly when sent trial 1.
-    monkeypatch.setenv("FLUXTUNE_TEST_CRASH_TRIAL", "1")
+    # The workers run tests/crashing.py's session, whose process exits abruptly when sent trial 1.
+    import functools
+
+    import fluxtune.search
+
+    monkeypatch.setattr(fluxtune.search, "SearchConfig",
+                        functools.partial(fluxtune.search.SearchConfig, session="crashing:CrashOnTrial1"))
     res = cli("search", *TINY, "--budget", "12GB", "--trials", "3", "--home", home)
     assert res.code == 0, res.out[-3000:] + res.err[-3000:]
     assert "starting a new worker" in res.out
@@ -319,6 +335,35 @@ def test_unreachable_quality_floor_reports_the_best_quality_found(home):
     (["--size", "100x100"], "multiple of 16"),
     (["--gpus", "0"], "no CUDA GPU"),
     (["--model", "flux-dev-replica"], "built on a GPU"),
+    # issue 18: every one of these used to exit 1, crash, or be accepted
+    (["--storage", "not a url"], "--storage 'not a url' is not a storage URL"),
+    (["--storage", "sqlite://relative.db"], "three slashes"),
+    (["--model", "no-such-model"], "--model 'no-such-model'"),
+    (["--model", "/nonexistent/dir/"], "--model '/nonexistent/dir/'"),
+    (["--dtype", "int3"], "--dtype 'int3'"),
+    (["--max-latency", "-1"], "--max-latency -1.0"),
+    (["--max-latency", "inf"], "--max-latency inf"),
+    (["--min-psnr", "nan"], "--min-psnr nan"),
+    (["--runs", "0"], "--runs 0"),
+    (["--images", "-1"], "--images -1"),
+    (["--patience", "-2"], "--patience -2"),
+    (["--timeout", "0"], "--timeout '0'"),
+    (["--size", "infxinf"], "not an image size"),
+    (["--size", "99999999x16"], "between 16 and 16384"),
+    (["--budget", ".inf"], "'.inf'"),
+    (["--budget", "1e30"], "more memory than any machine has"),
+    (["--ram-budget", "nan"], "--ram-budget"),
+    (["--study", ".."], "--study '..'"),
+    (["--study", "../escape"], "--study '../escape'"),
+    (["--lora", "style.bin"], "not a .safetensors file"),
+    (["--lora", "missing.safetensors"], "no such file"),
+    (["--out", "/proc/nope/best.yaml"], "cannot be written"),
+    (["--prompt", ""], "--prompt ''"),
+    (["--seed", "-1"], "--seed -1"),
+    (["--steps", "1-5000"], "at most 1000 steps"),
+    (["--sensitivity", "nofile.json"], "--sensitivity 'nofile.json': no such file"),
+    (["--profile", "nofile.yaml"], "neither a file nor a preset"),
+    (["--storage", "sqlite:////nonexistent/dir/x.db"], "does not exist"),
 ])
 def test_bad_input_is_one_line_and_exit_2(home, extra, needle):
     if extra[0] in ("--gpus", "--model"):
@@ -334,6 +379,64 @@ def test_bad_input_is_one_line_and_exit_2(home, extra, needle):
     assert "Traceback" not in res.err
     # Refused before any model load or study: nothing written.
     assert not (home / "journal.log").exists()
+    assert not home.exists() or not any(home.iterdir()), list(home.iterdir())
+    assert not (home.parent / "escape").exists()
+
+
+def test_out_folder_and_a_lora_that_is_not_a_lora_fail_before_work(home, tmp_path):
+    from safetensors.torch import save_file
+
+    res = cli("search", *TINY, "--budget", "12GB", "--out", tmp_path, "--home", home)
+    assert res.code == 2 and "is a folder" in res.err and len(res.err.strip().splitlines()) == 1
+    ckpt = tmp_path / "model.safetensors"
+    import torch
+
+    save_file({"transformer.proj.weight": torch.zeros(2, 2)}, str(ckpt))
+    res = cli("search", *TINY, "--budget", "12GB", "--lora", ckpt, "--home", home)
+    assert res.code == 2 and "none of its 1 tensors is a LoRA weight" in res.err, res.err
+    garbage = tmp_path / "bad.safetensors"
+    garbage.write_bytes(b"not safetensors at all")
+    res = cli("search", *TINY, "--budget", "12GB", "--lora", garbage, "--home", home)
+    assert res.code == 2 and "not a readable safetensors file" in res.err, res.err
+    assert "GPU" not in res.err  # the old message blamed the GPU after loading the model
+    assert not home.exists()
+
+
+def test_an_unwritable_home_fails_before_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = cli("search", *TINY, "--budget", "12GB", "--home", "/proc/nope")
+    assert res.code == 2 and "--home '/proc/nope/journal.log' cannot be written" in res.err, res.err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_local_model_dir_on_cpu_needs_a_size(home, tmp_path):
+    from fluxtune.pipelines import load
+
+    load("tiny-flux", dtype="float32").save_pretrained(tmp_path / "m")
+    res = cli("search", "--model", tmp_path / "m", "--budget", "12GB", "--home", home)
+    assert res.code == 2 and "give --size" in res.err and "1024x1024" in res.err, res.err
+    assert not home.exists()
+
+
+def test_storage_urls_are_checked_and_postgresql_maps_to_psycopg3():
+    from fluxtune.errors import ProfileError
+    from fluxtune.search.study import normalize_storage_url
+
+    assert normalize_storage_url("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert normalize_storage_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert normalize_storage_url("postgresql+psycopg2://u@h/db") == "postgresql+psycopg2://u@h/db"
+    assert normalize_storage_url("sqlite:///x.db") == "sqlite:///x.db"
+    assert normalize_storage_url("journal:a.log") == "journal:a.log"
+    for bad in ("not a url", "journal:", "://x", "sqlite://x.db"):
+        with pytest.raises(ProfileError, match="--storage"):
+            normalize_storage_url(bad)
+
+
+@pytest.mark.slow
+def test_a_budget_no_trial_can_meet_creates_no_study(home):
+    res = cli("search", *TINY, "--budget", "1KB", "--trials", "1", "--home", home)
+    assert res.code == 2 and "smallest peak" in res.err
+    assert not home.exists(), list(home.rglob("*"))
 
 
 def test_space_file_with_an_unknown_knob_is_one_line(home, tmp_path):
@@ -547,37 +650,47 @@ def test_warm_start_keeps_what_fits_a_narrowed_space():
 GB = int(1e9)
 
 
+def _outcome(result: dict) -> RunOutcome:
+    """A worker's answer, as the tests below write it."""
+    return RunOutcome(Status(result["status"]), measurement=Measurement.from_dict(result.get("measurement") or {}),
+                      quality=result.get("quality"))
+
+
+def score(goal: obj.Goal, result: dict) -> obj.Score:
+    return obj.score(goal, _outcome(result))
+
+
 def test_score_constrains_memory_quality_and_latency():
     goal = obj.Goal("latency", budget_bytes=12 * GB, min_psnr=30.0)
     ok = {"status": "ok", "measurement": {"latency_s": 2.0, "peak_reserved": 11 * GB}, "quality": {"psnr": 35.0}}
-    sc = obj.score(goal, ok)
+    sc = score(goal, ok)
     assert sc.values == [2.0] and sc.feasible
     assert sc.constraints["memory_gb"] == pytest.approx(-1.0) and sc.constraints["quality_db"] == pytest.approx(-5.0)
     # A measured peak above the budget.
     over = {**ok, "measurement": {"latency_s": 2.0, "peak_reserved": 13 * GB}}
-    assert obj.score(goal, over).constraints["memory_gb"] == pytest.approx(1.0)
-    assert not obj.score(goal, over).feasible
+    assert score(goal, over).constraints["memory_gb"] == pytest.approx(1.0)
+    assert not score(goal, over).feasible
     # OOM and over budget at the cap: violated even though the recorded peak is within the budget.
     for status in ("oom", "over_budget"):
         for m in ({}, {"peak_reserved": 12 * GB}, {"latency_s": 1.0, "peak_reserved": 11 * GB}):
-            sc = obj.score(goal, {"status": status, "measurement": m, "quality": {"psnr": 40.0}})
+            sc = score(goal, {"status": status, "measurement": m, "quality": {"psnr": 40.0}})
             assert sc.constraints["memory_gb"] > 0 and not sc.feasible, (status, m)
-    assert obj.score(goal, {"status": "oom", "measurement": {}}).values == [obj.PENALTY_LATENCY]
+    assert score(goal, {"status": "oom", "measurement": {}}).values == [obj.PENALTY_LATENCY]
     # Quality under the floor, or not measured at all.
-    assert obj.score(goal, {**ok, "quality": {"psnr": 25.0}}).constraints["quality_db"] == pytest.approx(5.0)
-    assert obj.score(goal, {**ok, "quality": None}).constraints["quality_db"] > 0
+    assert score(goal, {**ok, "quality": {"psnr": 25.0}}).constraints["quality_db"] == pytest.approx(5.0)
+    assert score(goal, {**ok, "quality": None}).constraints["quality_db"] > 0
     # Latency cap for the quality objective; pareto has two values.
     q = obj.Goal("quality", budget_bytes=12 * GB, max_latency=1.5)
-    sc = obj.score(q, ok)
+    sc = score(q, ok)
     assert sc.values == [35.0] and sc.constraints["latency_s"] == pytest.approx(0.5) and not sc.feasible
-    assert obj.score(obj.Goal("pareto", budget_bytes=None), ok).values == [2.0, 35.0]
+    assert score(obj.Goal("pareto", budget_bytes=None), ok).values == [2.0, 35.0]
     # On CPU the budget bounds host memory.
     cpu = obj.Goal("latency", budget_bytes=1 * GB, on_gpu=False)
-    assert obj.score(cpu, {"status": "ok", "measurement": {"latency_s": 1.0, "host_ram_peak": 2 * GB}}).constraints[
+    assert score(cpu, {"status": "ok", "measurement": {"latency_s": 1.0, "host_ram_peak": 2 * GB}}).constraints[
         "memory_gb"] == pytest.approx(1.0)
     # Compile time amortised over --images.
     first = {"status": "ok", "measurement": {"latency_s": 1.0, "first_call_s": 11.0, "peak_reserved": GB}}
-    assert obj.score(obj.Goal("latency", 12 * GB, images=10), first).values == [pytest.approx(2.0)]
+    assert score(obj.Goal("latency", 12 * GB, images=10), first).values == [pytest.approx(2.0)]
     assert obj.predicted_infeasible(goal, 14 * GB).constraints["memory_gb"] == pytest.approx(2.0)
 
 
@@ -612,7 +725,7 @@ def test_pareto_front_and_knee():
     assert [r["feasible"] for r in rows] == [True] * 5 + [False, False]
     assert rows[-1]["state"] == "FAIL" and rows[-1]["status"] == "crashed"
     prof = results.profile_of(knee, study, name="knee")
-    assert prof.measured is not None and prof.measured.trial == knee.number and prof.measured.latency_s == 2.0
+    assert prof.measured is not None and prof.measured.trial == knee.number + 1 and prof.measured.latency_s == 2.0
 
 
 def test_best_and_best_so_far_skip_infeasible_trials():
@@ -657,3 +770,39 @@ def test_quality_floor_excludes_degraded_profiles_on_flux_mini(tmp_path, monkeyp
     assert low, "no trial fell below the floor: the threshold range should have produced some"
     assert all(not r["feasible"] for r in low)
     assert load_profile(tmp_path / "best.yaml").measured.quality["psnr"] >= 35  # type: ignore[union-attr]
+
+
+def test_plots_cpu_bench_points_quality_plot_and_chosen_tile(tmp_path, monkeypatch):
+    import fluxtune.report as rep
+    from fluxtune.bench import BenchRow
+    from fluxtune.bench import plot as bench_plot
+
+    seen = {}
+
+    def capture(table, path, **kw):
+        seen.update(table=table, **kw)
+        return path
+
+    monkeypatch.setattr(rep, "plot_latency_vs_memory", capture)
+    rows = [BenchRow("p", "profile", "ok", latency_s=3.0, extra={"host_ram_peak": 5e8}),
+            BenchRow("sequential offload, a long recipe name", "recipe", "ok", latency_s=90.0,
+                     extra={"host_ram_peak": 3e8})]
+    bench_plot(rows, tmp_path / "b.png", [None], "t")
+    # On CPU the points are the host-memory peaks (the plot was empty: no allocator peaks there)
+    assert seen["table"][0]["peak"] == 5e8 and seen["baselines"][0]["peak"] == 3e8
+    assert seen["baselines"][0]["name"] == "sequential offload, a long recipe name"  # not cut
+    assert seen["memory_label"] == "peak host RAM"
+    monkeypatch.undo()
+    table = [{"trial": 1, "latency_s": 1.0, "psnr": 100.0, "feasible": True, "peak": 5e8, "config": "a=1 b=2"},
+             {"trial": 2, "latency_s": 2.0, "psnr": 40.0, "feasible": True, "peak": 4e8, "config": "a=2 b=2"}]
+    out = rep.plot_latency_vs_quality(table, tmp_path / "q.png", front=[1, 2], best=1, min_psnr=30, max_latency=1.5)
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    out = rep.plot_latency_vs_memory(table, tmp_path / "m.png", budget=None, max_latency=1.5)
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert rep.knobs_that_differ(table) == {1: "a=1", 2: "a=2"}
+    import numpy as np
+
+    img = np.zeros((3, 8, 8), dtype=np.uint8)
+    grid = rep.image_grid([("reference", img), ("chosen: #1", img, True)], tmp_path / "g.png")
+    assert grid is not None and grid.stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.png", "m.png", "q.png"]  # no temporary files left

@@ -87,8 +87,8 @@ def test_exclude_patterns_keep_layers_and_improve_quality(dit_mini, coarse):
     for name, mod in mixed.transformer.named_modules():
         if isinstance(mod, torch.nn.Linear):
             assert _is_subclass_weight(mod.weight) == (name not in kept), name
-    psnr_mixed = sens._errors(sens.render(mixed, LABELS, (0,), STEPS), reference)["psnr"]
-    psnr_plain = sens._errors(sens.render(plain, LABELS, (0,), STEPS), reference)["psnr"]
+    psnr_mixed = sens.image_errors(sens.render(mixed, LABELS, (0,), STEPS), reference)["psnr"]
+    psnr_plain = sens.image_errors(sens.render(plain, LABELS, (0,), STEPS), reference)["psnr"]
     assert psnr_plain == pytest.approx(coarse.all_quantized["psnr"], abs=1e-6)
     # Measured on this workload: plain INT8 12.1 dB, AdaLN + embedders kept in fp32 13.3 dB. The gain is
     # small because the harm of INT8 here is mostly the interaction of all groups, not any one group.

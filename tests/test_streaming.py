@@ -160,12 +160,12 @@ def test_block_level_group_offload_is_refused_for_dit(tiny_dit):
 def test_fault_in_touches_every_page_of_a_fresh_mapping():
     import mmap
 
-    from fluxtune.tuning.hostmem import _fault_in, _page_stride
+    from fluxtune.tuning.hostmem import _page_stride, fault_in
 
     m = mmap.mmap(-1, 8 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     buf = torch.frombuffer(m, dtype=torch.uint8)
     buf.fill_(7)
-    _fault_in(buf.data_ptr(), buf.numel())
+    fault_in(buf.data_ptr(), buf.numel())
     stride = _page_stride()
     assert stride in (mmap.PAGESIZE, 2 << 20)
     assert int(buf[::stride].sum()) == 0 and int(buf[1]) == 7  # one byte written per page, nothing else

@@ -16,12 +16,24 @@ from optuna.trial import FixedTrial
 from fluxtune.cli import main
 from fluxtune.errors import ProfileError
 from fluxtune.hardware import detect_hardware
+from fluxtune.measure import Measurement
 from fluxtune.presets import load_profile
 from fluxtune.search import objective as obj
 from fluxtune.search.space import SearchSpace
 from fluxtune.search.study import directions
+from fluxtune.worker import RunOutcome, Status
 
 CPU = replace(detect_hardware(), gpu_index=None, gpu_name=None, total_memory_bytes=None, compute_capability=None)
+
+
+def _outcome(result: dict) -> RunOutcome:
+    """A worker's answer, as the tests below write it."""
+    return RunOutcome(Status(result["status"]), measurement=Measurement.from_dict(result.get("measurement") or {}),
+                      quality=result.get("quality"))
+
+
+def score(goal: obj.Goal, result: dict) -> obj.Score:
+    return obj.score(goal, _outcome(result))
 
 
 def _space(narrow: dict | None = None, sensitivity: dict | None = None, batch: int = 2) -> SearchSpace:
@@ -66,10 +78,10 @@ def test_batch_dimension_is_asked_only_when_narrowed_and_checked():
 
 def test_throughput_objective_maximises_images_per_second():
     goal = obj.Goal("throughput", budget_bytes=None, on_gpu=False)
-    fast_small = obj.score(goal, {"status": "ok", "measurement": {"latency_s": 1.0, "images_per_call": 2}})
-    slow_big = obj.score(goal, {"status": "ok", "measurement": {"latency_s": 2.0, "images_per_call": 8}})
+    fast_small = score(goal, {"status": "ok", "measurement": {"latency_s": 1.0, "images_per_call": 2}})
+    slow_big = score(goal, {"status": "ok", "measurement": {"latency_s": 2.0, "images_per_call": 8}})
     assert fast_small.values == [2.0] and slow_big.values == [4.0] and slow_big.throughput == 4.0
-    oom = obj.score(goal, {"status": "oom", "measurement": {"latency_s": None, "images_per_call": 64}})
+    oom = score(goal, {"status": "oom", "measurement": {"latency_s": None, "images_per_call": 64}})
     assert oom.values == [0.0]
     assert directions("throughput") == ["maximize"]
 

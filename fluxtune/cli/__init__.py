@@ -8,6 +8,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from fluxtune import __version__, quiet
 from fluxtune.errors import (
     FluxtuneError,
     IncompatibleKnobsError,
@@ -37,13 +38,37 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fluxtune",
         description="Measured, budget-constrained profiles for diffusion transformer pipelines (FLUX, DiT).",
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks and the libraries' own log lines and warnings")
+    parser.add_argument("--version", action="version", version=f"fluxtune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         module = importlib.import_module(f"fluxtune.cli.{name}")
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
     return parser
+
+
+def _one_line_warnings() -> None:
+    """fluxtune's own warnings as ``fluxtune: warning: ...`` lines (not file:line plus source)."""
+    import warnings
+
+    from fluxtune.errors import FluxtuneWarning
+
+    shown = warnings.showwarning
+    if getattr(shown, "_fluxtune", False):
+        return
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: object = None, line: str | None = None) -> None:
+        if isinstance(category, type) and issubclass(category, FluxtuneWarning):
+            print(f"fluxtune: warning: {message}", file=sys.stderr)
+            return
+        shown(message, category, filename, lineno, file, line)  # type: ignore[arg-type]
+
+    show._fluxtune = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
+    warnings.simplefilter("default", FluxtuneWarning)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,6 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.debug:
+        quiet.loud()
+    else:
+        quiet.quiet()
+    _one_line_warnings()
     module = importlib.import_module(f"fluxtune.cli.{args.command}")
     try:
         return int(module.run(args) or 0)

@@ -78,18 +78,29 @@ def run(args: argparse.Namespace) -> int:
 
     from fluxtune import pipelines
     from fluxtune.bench import make_candidates, markdown, plot, run_bench
-    from fluxtune.cli.search import default_workload, parse_duration
+    from fluxtune.cli import checks
+    from fluxtune.cli.search import default_workload
     from fluxtune.errors import ProfileError
     from fluxtune.hardware import detect_hardware, emulation_note
     from fluxtune.presets import load_profile
-    from fluxtune.units import parse_image_size
+    from fluxtune.units import parse_duration, parse_image_size
 
-    if not args.profiles and not args.baselines:
+    if not args.profiles and not args.baselines and not args.recipes:
         raise ProfileError("nothing to bench: give profiles and/or --baselines")
+    checks.model(args.model)
+    checks.dtype(args.dtype)
+    checks.device(args.device)
+    checks.positive_int("--steps", args.steps, example="28")
+    checks.positive_int("--samples", args.samples, zero=True, example="256")
+    if args.prompt is not None and not all(p.strip() for p in args.prompt):
+        raise ProfileError("--prompt '': give a non-empty prompt, e.g. --prompt 'a red circle'")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ProfileError(f"--out {args.out!r} is a file; give a folder for bench.json, bench.md and the plot")
+    checks.writable("--out", Path(args.out) / "bench.json")
     budgets = _budgets(args.budget)
     for name in ("--runs", "--recipe-runs", "--recipe-warmup-steps"):
         _positive(name, getattr(args, name[2:].replace("-", "_")))
-    if args.recipe_time_box is not None and args.recipe_time_box <= 0:
+    if args.recipe_time_box is not None and not 0 < args.recipe_time_box < float("inf"):
         raise ProfileError(f"--recipe-time-box {args.recipe_time_box}: give a positive number of seconds, e.g. 60")
     try:
         size = parse_image_size(args.size, field="--size") if args.size else None
@@ -105,6 +116,12 @@ def run(args: argparse.Namespace) -> int:
         elif any(b is None or b > own for b in budgets):
             raise ProfileError(f"--budget {args.budget}: under --emulate every cap must be at most the card's "
                                f"{own / 1e9:g}GB")
+    if total is not None and total <= 0:
+        raise ProfileError(f"--timeout {args.timeout!r}: use a positive duration, e.g. 9m")
+    if args.write_measured:
+        for src in args.profiles:  # checked now, not after the bench: each file must be writable
+            if Path(src).exists():
+                checks.writable("--write-measured", src)
     hw = detect_hardware()
     device = args.device or ("cuda:0" if hw.has_cuda else "cpu")
     spec = pipelines.builtin(args.model)
@@ -133,7 +150,12 @@ def run(args: argparse.Namespace) -> int:
                                  reference=not args.no_reference)
     if args.recipes:
         words = [w.strip().lower() for w in args.recipes.split(",") if w.strip()]
+        names = [c.name for c in candidates if c.kind == "recipe"]
         candidates = [c for c in candidates if c.kind != "recipe" or any(w in c.name.lower() for w in words)]
+        unmatched = [w for w in words if not any(w in n.lower() for n in names)]
+        if unmatched or not words:
+            raise ProfileError(f"--recipes {args.recipes!r}: {unmatched[0] if unmatched else 'no word'!r} names no "
+                               f"recipe; recipes: {', '.join(names)}")
     folder = Path(args.out)
     dtype = args.dtype or (spec.dtype if spec and spec.dtype else "bfloat16")
     if args.samples and family != "dit":
@@ -150,9 +172,11 @@ def run(args: argparse.Namespace) -> int:
     console.print(summary_table(rows))
     caps = sorted({r.cap for r in rows if r.cap is not None})
     png = plot(rows, folder / "bench.png", caps, f"{args.model}: profiles vs diffusers recipes")
+    from fluxtune.presets import write_atomic
+
     note = emulation_note(hw)
-    (folder / "bench.md").write_text((f"{note}\n\n" if note else "")
-                                     + markdown(rows, command="fluxtune " + shlex.join(args.argv)))
+    write_atomic(folder / "bench.md", (f"{note}\n\n" if note else "")
+                 + markdown(rows, command="fluxtune " + shlex.join(args.argv)))
     if note:
         console.print(note)
     console.print(f"table: {folder / 'bench.json'}, {folder / 'bench.md'}; plot: {png}")

@@ -23,16 +23,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import io
     import time
+
+    from fluxtune.cli import checks
+    from fluxtune.errors import ProfileError
+    from fluxtune.presets import check_writable, load_profile, write_atomic
+
+    # Everything that can be checked is checked before the model loads and the images are drawn.
+    profile = load_profile(args.profile, args.overrides)
+    checks.model(args.model)
+    checks.dtype(args.dtype)
+    checks.device(args.device)
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise ProfileError(f"--out {args.out!r}: fluxtune generate writes PNG files; give a name ending in .png")
+    check_writable(out, "--out")
+    if not 0 <= args.seed < 2**63:
+        raise ProfileError(f"--seed {args.seed}: use 0 to {2**63 - 1}, e.g. --seed 0")
+    for label in args.class_label or []:
+        if label < 0:
+            raise ProfileError(f"--class-label {label}: class ids start at 0, e.g. --class-label 1")
+    if args.prompt is not None and not all(p.strip() for p in args.prompt):
+        raise ProfileError("--prompt '': give a non-empty prompt, e.g. --prompt 'a red circle'")
 
     import torch
 
     from fluxtune import apply, pipelines
-    from fluxtune.errors import ProfileError
-    from fluxtune.presets import load_profile
     from fluxtune.units import format_bytes
 
-    profile = load_profile(args.profile, args.overrides)
     if args.emulate:
         from fluxtune.hardware import activate_emulation, emulation_note
 
@@ -40,35 +59,45 @@ def run(args: argparse.Namespace) -> int:
     spec = pipelines.builtin(args.model)
     dtype = args.dtype or (spec.dtype if spec is not None and spec.dtype else "bfloat16")
     pipe: Any = pipelines.load(args.model, dtype=dtype)
-    report = apply(profile, pipe, device=args.device)
-    print(report)
     family = pipelines.family(pipe)
-    kwargs: dict[str, object] = {"generator": torch.Generator().manual_seed(args.seed)}
+    calls: list[dict[str, Any]] = []
     if family == "dit":
         labels = list(args.class_label or [])
+        classes = int(getattr(pipe.transformer.config, "num_embeds_ada_norm", 0) or 0)
+        bad = [x for x in labels if classes and x >= classes]
+        if bad:
+            raise ProfileError(f"--class-label {bad[0]}: {args.model} has classes 0..{classes - 1}")
         if args.prompt:
             try:
                 labels += pipe.get_label_ids(args.prompt)
             except (ValueError, KeyError) as e:
                 raise ProfileError(f"--prompt {args.prompt!r} is not a class name of this model: {e}") from None
-        kwargs["class_labels"] = labels or [0]
+        calls.append({"class_labels": labels or [0]})
     else:
-        kwargs["prompt"] = args.prompt or ["a photo"]
+        if args.class_label:
+            raise ProfileError(f"--class-label is for class-conditional (DiT) models; {args.model} takes --prompt")
+        # One call per prompt: the profile was validated for its images_per_prompt per call, and a
+        # budget cap holds that limit.
+        calls += [{"prompt": p} for p in (args.prompt or ["a photo"])]
+    report = apply(profile, pipe, device=args.device, model=args.model)
+    print(report)
     device = report.device
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
+    images = []
     t0 = time.perf_counter()
-    images = pipe(**kwargs).images
+    for kwargs in calls:
+        images += pipe(generator=torch.Generator().manual_seed(args.seed), **kwargs).images
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
     for image, path in zip(images, paths, strict=True):
-        image.save(path)
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        write_atomic(path, buf.getvalue())  # a concurrent run or a reader never sees half a PNG
     peak = f"peak VRAM {format_bytes(torch.cuda.max_memory_reserved())} reserved" if cuda else "on CPU"
     emulated = " on an EMULATED card (compute is this GPU's)" if args.emulate else ""
     print(f"{len(images)} image(s) in {seconds:.2f}s{emulated} ({peak}) -> {', '.join(str(p) for p in paths)}")

@@ -13,19 +13,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import optuna
+    from fluxtune.cli import checks
+    from fluxtune.cli.search import _print_table, print_best
+    from fluxtune.search import build_report, load_existing, study_dir
+    from fluxtune.search.study import CONFIG_KEY, check_study_name
 
-    from fluxtune import report
-    from fluxtune.errors import ProfileError
-    from fluxtune.search.study import open_storage, study_dir
-
+    check_study_name(args.study)
     home = Path(args.home)
-    storage = open_storage(args.storage, home)
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-    if args.study not in names:
-        raise ProfileError(f"study {args.study!r} not found; studies here: {', '.join(names) or 'none'}")
-    study = optuna.load_study(study_name=args.study, storage=storage)
-    files = report.build(study, study_dir(args.study, home))
+    study = load_existing(args.study, checks.storage(args.storage), home)  # reading never creates a journal
+    folder = study_dir(args.study, home)
+    checks.writable("--home", folder / "trials.csv")
+    files = build_report(study, folder)
+    cfg = study.user_attrs.get(CONFIG_KEY, {})
+    on_gpu = any(str(d).startswith("cuda") for d in cfg.get("devices", []))
+    _print_table(study, cfg.get("budget_bytes"), on_gpu)
+    print_best(study)
     for key, path in files.items():
-        print(f"{key}: {path}")
+        print(f"  {key}: {path}")
     return 0

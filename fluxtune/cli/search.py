@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fluxtune.errors import ProfileError, UnsupportedHardwareError
+from fluxtune.status import Status
 
 DEFAULT_MODEL = "flux-mini"
 
@@ -58,19 +59,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="load dtype (default: bfloat16; a built-in's own, e.g. float32 for the mini models)")
 
 
-def parse_duration(text: str) -> float:
-    """'30m' -> 1800.0; '90s', '1.5h', or plain seconds."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", text or "")
-    if not m:
-        raise ProfileError(f"--timeout {text!r} is not a duration; use e.g. 30m, 1h, 90s")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
-
-
 def parse_steps(text: str) -> Any:
     m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*", text)
     if not m or int(m.group(1)) < 1:
         raise ProfileError(f"--steps {text!r}: use a positive count (28) or a range (20-50)")
     lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+    if hi > 1000:
+        raise ProfileError(f"--steps {text!r}: at most 1000 steps, e.g. 28 or 20-50")
     if hi < lo:
         raise ProfileError(f"--steps {text!r}: the range is reversed; use {hi}-{lo}")
     return lo if lo == hi else {"low": lo, "high": hi}
@@ -107,6 +102,9 @@ def _sensitivity(items: list[str], family: str) -> dict[str, Any] | str | None:
     for item in items:
         if item in ("auto", "off"):
             raise ProfileError(f"--sensitivity {item} cannot be mixed with scan files")
+        if not Path(item).is_file():
+            raise ProfileError(f"--sensitivity {item!r}: no such file; give a scan written by `fluxtune sensitivity "
+                               "--out FILE`, or auto, or off")
         res = SensitivityResult.load(item)
         out[res.method] = list(res.exclude_patterns(len(res.groups)))
     return out
@@ -142,36 +140,97 @@ def _emulate(card: str, budget: int | None) -> int:
         raise ProfileError(f"--budget {format_bytes(budget)} is more than the emulated {hw.gpu_name} has; "
                            f"use at most {format_bytes(own)} or leave --budget out")
     return budget or own
+def _local_family(model: str) -> str:
+    """The family of a local save_pretrained directory from its model_index.json (flux when unknown)."""
+    import json
+
+    index = Path(model).expanduser() / "model_index.json"
+    try:
+        cls = str(json.loads(index.read_text()).get("_class_name", ""))
+    except (OSError, ValueError, AttributeError):
+        return "flux"
+    return "dit" if cls.startswith("DiT") else "flux"
+
+
+def _local_generation(model: str, on_gpu: bool) -> dict[str, Any]:
+    """Call settings for a model that is not a built-in: a local DiT's native size (its transformer's
+    sample_size x 8 pixels, the only size it draws); otherwise diffusers' default (FLUX: 1024x1024),
+    which on CPU would take minutes per image, so there the search asks for --size instead of running
+    it silently."""
+    import json
+
+    cfg_path = Path(model).expanduser() / "transformer" / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    sample = cfg.get("sample_size")
+    if _local_family(model) == "dit" and isinstance(sample, int) and sample > 0:
+        return {"height": sample * 8, "width": sample * 8}  # a DiT draws its native size only
+    if not on_gpu:
+        raise ProfileError(f"--model {model}: on CPU give --size (and --steps): diffusers' default for this model "
+                           "is 1024x1024, minutes per image on a CPU; e.g. --size 256x256 --steps 8")
+    return {}
 
 
 def run(args: argparse.Namespace) -> int:
     from fluxtune import pipelines
+    from fluxtune.cli import checks
     from fluxtune.hardware import detect_hardware
-    from fluxtune.presets import load_profile, save_profile
-    from fluxtune.search.runner import Search, SearchConfig, _cpu_view
-    from fluxtune.search.space import SearchSpace, load_space_file, parse_pins
-    from fluxtune.units import format_bytes, parse_bytes, parse_image_size
+    from fluxtune.presets import load_profile
+    from fluxtune.search import Search, SearchConfig, SearchSpace, load_space_file, parse_pins
+    from fluxtune.search.study import check_study_name
+    from fluxtune.units import format_bytes, parse_bytes, parse_duration, parse_image_size
 
     try:
         budget = parse_bytes(args.budget, field="--budget") if args.budget else None
         ram_budget = parse_bytes(args.ram_budget, field="--ram-budget") if args.ram_budget else None
     except ValueError as e:
         raise ProfileError(str(e)) from None
+    # Every value is checked before anything is loaded, created or written (DESIGN.md: bad input is
+    # one line and exit 2, and leaves nothing behind).
     if args.objective == "quality" and args.max_latency is None:
         raise ProfileError("--objective quality needs --max-latency SECONDS (the cap under which quality is maximised)")
     if args.trials < 1:
         raise ProfileError(f"--trials {args.trials}: use 1 or more")
     if args.emulate:
         budget = _emulate(args.emulate, budget)
+    checks.positive_int("--trials", args.trials, example="40")
+    checks.positive_int("--patience", args.patience, zero=True, example="15")
+    checks.positive_int("--images", args.images, example="100")
+    checks.positive_int("--runs", args.runs, example="2")
+    checks.positive_int("--workers", args.workers, example="1")
+    if not 0 <= args.seed < 2**32:
+        raise ProfileError(f"--seed {args.seed}: use 0 to {2**32 - 1}, e.g. --seed 0")
+    checks.positive_float("--max-latency", args.max_latency, example="5")
+    checks.positive_float("--min-psnr", args.min_psnr, zero=True, example="30")
+    if args.timeout is not None and parse_duration(args.timeout) <= 0:
+        raise ProfileError(f"--timeout {args.timeout!r}: use a positive duration, e.g. 30m")
+    checks.model(args.model)
+    checks.dtype(args.dtype)
+    args.storage = checks.storage(args.storage)
+    if args.study is not None:
+        check_study_name(args.study)
+    if Path(args.home).exists() and not Path(args.home).is_dir():
+        raise ProfileError(f"--home {args.home!r} is a file; give a folder for the journal and reports")
+    checks.writable("--home", Path(args.home) / "journal.log")
+    checks.writable("--out", args.out)
+    for f in args.lora:
+        checks.lora_file(f)
+    if args.prompt is not None and not all(p.strip() for p in args.prompt):
+        raise ProfileError("--prompt '': give a non-empty prompt, e.g. --prompt 'a red circle'")
     hw = detect_hardware()
     devices = _devices(args, hw.has_cuda)
     on_gpu = devices[0].startswith("cuda")
     spec = pipelines.builtin(args.model)
     if spec is not None and spec.needs_gpu and not on_gpu:
         raise UnsupportedHardwareError(f"--model {args.model} is built on a GPU; on this machine use flux-mini or tiny-flux")
-    family = spec.family if spec is not None else "flux"
+    family = spec.family if spec is not None else _local_family(args.model)
+    if args.lora and family != "flux":
+        raise ProfileError(f"--lora: {args.model} is a {family} model; LoRAs apply to FLUX pipelines")
     base = load_profile(args.profile) if args.profile else load_profile(
-        {"name": "search-base", "family": family, "generation": dict(spec.generation) if spec else {}})
+        {"name": "search-base", "family": family,
+         "generation": dict(spec.generation) if spec else _local_generation(args.model, on_gpu or bool(args.size))})
     data = base.to_dict()
     data["family"] = family
     if args.size:
@@ -210,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"throughput: searching batch sizes {narrow['batch']} (narrow with --pin batch=[...])")
     sensitivity = _sensitivity(args.sensitivity, family)
     # Check --pin/--space now: a typo should cost one line, not a model load and a study in the journal.
-    SearchSpace.create(hw if on_gpu else _cpu_view(hw), family, base, narrow,
+    SearchSpace.create(hw if on_gpu else hw.without_gpu(), family, base, narrow,
                        sensitivity=sensitivity if isinstance(sensitivity, dict) else None)
     min_psnr = args.min_psnr
     if min_psnr is None and not (spec is not None and spec.needs_gpu):
@@ -219,27 +278,36 @@ def run(args: argparse.Namespace) -> int:
         min_psnr = None
     print(f"quality floor: {f'PSNR >= {min_psnr:g} dB against the lossless reference' if min_psnr else 'none'}")
     name = args.study or f"{Path(args.model).name}-{format_bytes(budget) if budget else 'nobudget'}-{args.objective}"
+    check_study_name(name)
     cfg = SearchConfig(
         model=args.model, base=base, workload=workload, budget_bytes=budget, objective=args.objective,
         min_psnr=min_psnr, max_latency=args.max_latency, images=args.images, trials=args.trials,
         timeout_s=parse_duration(args.timeout) if args.timeout else None, patience=args.patience or None,
         storage=args.storage, study=name, devices=devices,
-        dtype=args.dtype or (spec.dtype if spec and spec.dtype else "bfloat16"), narrow=narrow, seed=args.seed,
+        dtype=args.dtype or (spec.dtype if spec and spec.dtype else "bfloat16" if on_gpu else "float32"),
+        narrow=narrow, seed=args.seed,
         home=Path(args.home), ram_budget_bytes=ram_budget, floor_compiled=args.floor_compiled,
         sensitivity=sensitivity,
     )
+    from fluxtune.search.study import study_dir
+
+    home, folder = Path(args.home), study_dir(name, Path(args.home))
+    created = (None if home.exists() else home, None if folder.exists() else folder)
     search = Search(cfg)
-    from fluxtune import report as rep
-    from fluxtune.search.results import profile_of
+    from fluxtune.search import build_report, profile_of
 
     try:
         result = search.run()
+    except Exception:
+        if getattr(search, "study", None) is None:
+            _remove_created(created)  # failed before the study existed: leave nothing behind
+        raise
     except KeyboardInterrupt:
         # Keep what was measured visible: the report of the finished trials, then the resume hint.
         study = getattr(search, "study", None)
         if study is not None:
             try:
-                files = rep.build(study, search.dir)
+                files = build_report(study, search.dir)
                 _print_table(study, budget, on_gpu)
                 print(f"interrupted; report of the finished trials: {files.get('csv', search.dir)}")
             except Exception as e:  # never let the report hide the interrupt
@@ -247,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
             print("run the same command again to resume the study")
         raise
 
-    files = rep.build(result.study, search.dir)
+    files = build_report(result.study, search.dir)
     print(f"\nstopped: {search.stop_reason or 'done'}; {result.trials_run} trials run in {result.elapsed_s / 60:.1f} min")
     _print_table(result.study, budget, on_gpu)
     for key, path in files.items():
@@ -255,16 +323,17 @@ def run(args: argparse.Namespace) -> int:
     if result.best is None:
         return _no_feasible(search, cfg)
     if args.objective == "pareto":
-        from fluxtune.search.results import pareto_front
+        from fluxtune.search import pareto_front
 
         front_dir = search.dir / "front"
         for t in pareto_front(result.study):
-            save_profile(profile_of(t, result.study, name=f"{name}-front-trial{t.number}"),
-                         front_dir / f"trial{t.number:04d}.yaml")
+            save_searched(profile_of(t, result.study, name=f"{name}-front-trial{t.number + 1}"),
+                          front_dir / f"trial{t.number + 1:04d}.yaml", args, cfg.dtype,
+                          getattr(search, "facts", None))
         print(f"  front: {front_dir} (the knee is written to --out)")
     prof = profile_of(result.best, result.study, name=f"{name}")
     out = Path(args.out) if args.out else search.dir / "best.yaml"
-    save_profile(prof, out)
+    save_searched(prof, out, args, cfg.dtype, getattr(search, "facts", None))
     m = prof.measured
     assert m is not None
     ref_lat = result.reference.get("latency_s")
@@ -272,16 +341,61 @@ def run(args: argparse.Namespace) -> int:
     peak = m.peak_reserved if on_gpu else result.best.user_attrs.get("peak")
     tput = (f", {m.throughput:.2f} images/s at batch {prof.generation.images_per_prompt}"
             if m.throughput and args.objective == "throughput" else "")
-    print(f"best: trial {result.best.number}: {m.latency_s:.3f}s per call{tput}{speed if not tput else ''}, "
+    print(f"best: trial {result.best.number + 1}: {m.latency_s:.3f}s per call{tput}{speed if not tput else ''}, "
           f"peak {format_bytes(peak or 0)}, PSNR {min(m.quality.get('psnr', float('nan')), 100):.1f} dB -> {out}")
     _print_summary(result.study, m.latency_s if args.objective == "latency" else None)
     return 0
 
 
+def _remove_created(created: tuple[Path | None, Path | None]) -> None:
+    """Remove the folders this run created: the study folder, and --home when this run made it."""
+    import shutil
+
+    home, folder = created
+    if folder is not None and folder.is_dir():
+        shutil.rmtree(folder, ignore_errors=True)
+    if home is not None and home.is_dir():  # made by this run, which created no study: all of it is ours
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def save_searched(prof: Any, out: Path, args: argparse.Namespace, dtype: str, facts: Any = None) -> Path:
+    """Write a searched profile with the call it was validated for spelled out (size, steps, batch, the
+    load dtype) and a comment header saying where it came from and how to use it. ``facts`` (the
+    model's, from the search) give the size the trials ran at when the profile left it to the model."""
+    from fluxtune.presets import write_atomic
+
+    g = prof.generation
+    if (g.height is None or g.width is None) and getattr(facts, "default_height", None):
+        g = g.model_copy(update={"height": g.height or facts.default_height, "width": g.width or facts.default_width})
+        prof = prof.replace(generation=g.model_dump(mode="json"))
+        g = prof.generation
+        m = prof.measured
+        if m is not None and "height" not in m.workload:
+            prof = prof.replace(measured={**m.model_dump(mode="json"),
+                                          "workload": {**m.workload, "height": g.height, "width": g.width}})
+    m = prof.measured
+    size = f"{g.width}x{g.height}" if g.height and g.width else "the model's default size"
+    where = (m.hardware or {}).get("name") or "cpu" if m is not None else "?"
+    header = (
+        f"# {prof.name}: found by `fluxtune search` on {args.model} ({where}), {m.date if m else ''}\n"
+        f"# Measured at {size}, {g.steps} steps, {g.images_per_prompt} image(s) per call, {dtype} weights"
+        f"{', budget ' + args.budget if args.budget else ''}.\n"
+        f"# Use: fluxtune generate {out} --model {args.model} --prompt '...'   or in Python:\n"
+        f"#      fluxtune.apply('{out}', pipelines.load('{args.model}', dtype='{dtype}'))\n"
+        "# Another model or GPU was not validated: apply warns; re-run the search (or fluxtune bench) there.\n"
+    )
+    from omegaconf import OmegaConf
+
+    data = prof.to_dict(exclude_defaults=True)
+    data["generation"] = {k: v for k, v in g.model_dump(mode="json").items() if v is not None}  # defaults too
+    text = OmegaConf.to_yaml(OmegaConf.create(data), sort_keys=False)
+    return write_atomic(out, header + text)
+
+
 def _print_summary(study: Any, best_latency: float | None) -> None:
     """The best against the fastest diffusers recipe measured in this same study, and how well the
     memory model predicted the peaks it was checked against."""
-    from fluxtune.search.results import rows
+    from fluxtune.search import rows
 
     table = rows(study)
     recipes = [r for r in table if str(r.get("source", "")).startswith("recipe") and r["feasible"] and r.get("latency_s")]
@@ -289,7 +403,7 @@ def _print_summary(study: Any, best_latency: float | None) -> None:
         fastest = min(recipes, key=lambda r: r["latency_s"])
         print(f"baseline: fastest recipe that fits, measured in this study: {fastest['source'][7:]} "
               f"{fastest['latency_s']:.2f}s (trial {fastest['trial']}); the best is {fastest['latency_s'] / best_latency:.2f}x faster")
-    ok = [r for r in table if r.get("status") == "ok"]
+    ok = [r for r in table if r.get("status") == Status.OK]
     pairs = [(r["predicted_allocated"], r["peak_allocated"]) for r in ok if r.get("predicted_allocated") and r.get("peak_allocated")]
     what = "allocated peak"
     if not pairs:  # CPU: host memory
@@ -303,11 +417,11 @@ def _print_summary(study: Any, best_latency: float | None) -> None:
 
 
 def _no_feasible(search: Any, cfg: Any) -> int:
-    from fluxtune.search.results import rows
+    from fluxtune.search import rows
     from fluxtune.units import format_bytes
 
     table = rows(search.study)
-    measured = [r for r in table if r.get("status") == "ok"]
+    measured = [r for r in table if r.get("status") == Status.OK]
     if cfg.min_psnr is not None and measured:
         budget = search.goal.budget_bytes
         fits = [r for r in measured if budget is None or (r.get("peak") or 0) <= budget] or measured
@@ -326,14 +440,14 @@ def _print_table(study: Any, budget: int | None, on_gpu: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from fluxtune.search.results import rows
+    from fluxtune.search import rows
     from fluxtune.units import format_bytes
 
-    table = Table("#", "config", "status", "latency", "first call", "peak", "allocated", "predicted", "PSNR",
-                  title="trials")
-    for r in rows(study):
-        if r["state"] == "WAITING":  # enqueued warm starts the run ended before
-            continue
+    shown = [r for r in rows(study) if r["state"] != "WAITING"]  # enqueued warm starts the run ended before
+    differ = _differing(shown)
+    table = Table("#", "knobs that differ" if len(shown) > 1 else "config", "status", "latency", "first call", "peak",
+                  "allocated", "predicted", "PSNR", title="trials")
+    for r in shown:
         lat = f"{r['latency_s']:.3f}s" if r.get("latency_s") else "-"
         first = f"{r['first_call_s']:.2f}s" if r.get("first_call_s") else "-"
         peak = format_bytes(r["peak"]) if r.get("peak") else "-"
@@ -341,6 +455,41 @@ def _print_table(study: Any, budget: int | None, on_gpu: bool) -> None:
         pred = format_bytes(pred_b) if pred_b else "-"
         alloc = format_bytes(r["peak_allocated"]) if r.get("peak_allocated") else "-"
         psnr = f"{min(r['psnr'], 100):.1f}" if r.get("psnr") is not None else "-"
-        status = r["status"] + ("" if r["feasible"] or r["status"] != "ok" else " (infeasible)")
-        table.add_row(str(r["trial"]), str(r.get("config", ""))[:60], status, lat, first, peak, alloc, pred, psnr)
-    Console(width=160).print(table)
+        status = r["status"] + ("" if r["feasible"] or r["status"] != Status.OK else " (infeasible)")
+        table.add_row(str(r["trial"]), differ[id(r)], status, lat, first, peak, alloc, pred, psnr)
+    Console(width=200).print(table)
+
+
+def _differing(table: list[dict[str, Any]]) -> dict[int, str]:
+    """Each row's config reduced to the knobs in which the trials differ (``k=v`` words), so that two
+    different trials never look the same; the whole config when there is only one trial."""
+    parsed = {id(r): dict(w.split("=", 1) for w in str(r.get("config") or "").split() if "=" in w) for r in table}
+    keys = list(dict.fromkeys(k for d in parsed.values() for k in d))
+    varying = [k for k in keys if len({d.get(k, "") for d in parsed.values()}) > 1] if len(table) > 1 else keys
+    out = {}
+    for r in table:
+        d = parsed[id(r)]
+        words = [f"{k}={d[k]}" for k in varying if k in d]
+        out[id(r)] = " ".join(words) or ("(same knobs as the others)" if len(table) > 1 else "defaults")
+    return out
+
+
+def print_best(study: Any) -> None:
+    """One line on the study's best trial (or why there is none)."""
+    from fluxtune.search import best_trial
+    from fluxtune.units import format_bytes
+
+    best = best_trial(study)
+    if best is None:
+        print("best: no feasible trial yet")
+        return
+    a = best.user_attrs
+    psnr = (a.get("quality") or {}).get("psnr")
+    bits = [f"best: trial {best.number + 1}: {a.get('latency_s') or 0:.3f}s per call"]
+    if a.get("throughput") and study.user_attrs.get("fluxtune_config", {}).get("objective") == "throughput":
+        bits.append(f"{a['throughput']:.2f} images/s")
+    if a.get("peak"):
+        bits.append(f"peak {format_bytes(a['peak'])}")
+    if psnr is not None:
+        bits.append(f"PSNR {min(psnr, 100):.1f} dB")
+    print(", ".join(bits) + f"; knobs: {a.get('config') or 'defaults'}")

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     from fluxtune import pipelines
     from fluxtune.errors import ProfileError
-    from fluxtune.sensitivity import _check_method, proxy_scan, scan
+    from fluxtune.sensitivity import check_method, proxy_scan, scan
 
     try:
         labels = [int(x) for x in args.labels.split(",") if x.strip()]
@@ -39,11 +39,27 @@ def run(args: argparse.Namespace) -> int:
         raise ProfileError(f"--labels must be comma-separated integers, got {args.labels!r}") from None
     if not labels or args.steps < 1 or args.seeds < 1 or args.top < 0:
         raise ProfileError("--labels needs at least one label; --steps and --seeds must be >= 1, --top >= 0")
+    if any(x < 0 for x in labels):
+        raise ProfileError(f"--labels {args.labels!r}: class ids start at 0, e.g. --labels 0,5,10,20")
+    from fluxtune.cli import checks
+    from fluxtune.presets import check_writable
+
+    checks.model(args.model)
+    checks.dtype(args.dtype)
+    checks.device(args.device)
+    out = Path(args.out or f".fluxtune/sensitivity-{Path(args.model).name}-{args.method}.json")
+    check_writable(out, "--out")  # before the scan, which takes minutes
     device = args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
-    _check_method(args.method, torch.device(device))  # fp8 on a CPU: one line before loading anything
+    check_method(args.method, torch.device(device))  # fp8 on a CPU: one line before loading anything
     spec = pipelines.builtin(args.model)
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else (spec.dtype if spec and spec.dtype else "float32"))
     pipe: Any = pipelines.load(args.model, device=device, dtype=dtype)
+    if pipelines.family(pipe) != "dit":
+        raise ProfileError(f"--model {args.model}: sensitivity scans class-conditional DiT pipelines; this is a "
+                           f"{type(pipe).__name__} (try --model dit-mini)")
+    classes = int(getattr(pipe.transformer.config, "num_embeds_ada_norm", 0) or 0)
+    if classes and max(labels) >= classes:
+        raise ProfileError(f"--labels {args.labels!r}: {args.model} has classes 0..{classes - 1}")
     pipe.set_progress_bar_config(disable=True)
     console = Console(width=140, stderr=True)
     if args.proxy:
@@ -55,7 +71,6 @@ def run(args: argparse.Namespace) -> int:
 
             result = scan(pipe, args.method, class_labels=labels, seeds=list(range(args.seeds)), steps=args.steps,
                           per_block=not args.coarse, model=args.model, progress=progress)
-    out = Path(args.out or f".fluxtune/sensitivity-{Path(args.model).name}-{args.method}.json")
     result.save(out)
     table = Table("rank", "group", "layers", "PSNR", "SSIM", "rel. MSE",
                   title=f"{args.model} {args.method} sensitivity ({result.kind}, {len(result.groups)} groups, "
@@ -68,6 +83,12 @@ def run(args: argparse.Namespace) -> int:
         table.add_row("", "[bold]all groups[/]", str(sum(g.layers for g in result.groups)), f"{a['psnr']:.1f}",
                       f"{a['ssim']:.4f}", f"{a['rel_mse']:.2e}")
     Console(width=140).print(table)
-    print(f"wrote {out}; use transformer.quantize.exclude = the first N patterns "
-          f"(SensitivityResult.load(path).exclude_patterns(N))")
+    n = min(args.top, len(result.groups)) or min(10, len(result.groups))
+    patterns = list(result.exclude_patterns(n))
+    print(f"exclude patterns that keep the {n} most sensitive groups in higher precision (most sensitive first):")
+    for pat in patterns:
+        print(f"  {pat}")
+    shown = ", ".join(f"'{p}'" for p in patterns[:2])  # YAML single quotes: backslashes stay single
+    print(f"in a profile: transformer: {{quantize: {{method: {args.method}, exclude: [{shown}{', ...' if n > 2 else ''}]}}}}")
+    print(f"wrote {out}; a search reads it with --sensitivity {out} (and picks how many groups to keep)")
     return 0

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
+
+from fluxtune.status import Status
+
+if TYPE_CHECKING:
+    from fluxtune.measure import Measurement
+    from fluxtune.worker import RunOutcome
 
 PENALTY_LATENCY = 1e4  # seconds: what an infeasible trial "costs" when it never ran
 GB = 1e9
@@ -44,25 +50,27 @@ class Score:
         return all(v <= 0 for v in self.constraints.values())
 
 
-def peak_of(measurement: dict[str, Any], on_gpu: bool) -> int | None:
+def peak_of(measurement: Measurement | None, on_gpu: bool) -> int | None:
     """The peak compared with the budget: allocator reserved on a GPU (what the cap limits), host RSS on CPU."""
-    if on_gpu:
-        return measurement.get("peak_reserved") or measurement.get("peak_allocated")
-    return measurement.get("host_ram_peak")
-
-
-def effective_latency(measurement: dict[str, Any], images: int | None) -> float | None:
-    """Steady-state latency, plus the first call's extra cost spread over ``images`` images."""
-    lat = measurement.get("latency_s")
-    if lat is None:
+    if measurement is None:
         return None
-    first = measurement.get("first_call_s") or lat
+    if on_gpu:
+        return measurement.peak_reserved or measurement.peak_allocated
+    return measurement.host_ram_peak
+
+
+def effective_latency(measurement: Measurement | None, images: int | None) -> float | None:
+    """Steady-state latency, plus the first call's extra cost spread over ``images`` images."""
+    lat = measurement.latency_s if measurement is not None else None
+    if measurement is None or lat is None:
+        return None
+    first = measurement.first_call_s or lat
     return float(lat + max(0.0, first - lat) / images) if images else float(lat)
 
 
-def throughput_of(measurement: dict[str, Any], latency: float | None) -> float | None:
+def throughput_of(measurement: Measurement | None, latency: float | None) -> float | None:
     """Images per second of a call of ``images_per_call`` images that takes ``latency`` seconds."""
-    n = measurement.get("images_per_call") or 1
+    n = (measurement.images_per_call if measurement is not None else None) or 1
     return float(n / latency) if latency else None
 
 
@@ -76,16 +84,15 @@ def _values(goal: Goal, latency: float, psnr: float, throughput: float) -> list[
     return [latency, psnr]
 
 
-def score(goal: Goal, result: dict[str, Any]) -> Score:
+def score(goal: Goal, outcome: RunOutcome) -> Score:
     """Values and constraints of a finished trial (ok, oom or over budget)."""
-    m = result.get("measurement") or {}
-    status = result.get("status")
+    m, status = outcome.measurement, outcome.status
     latency = effective_latency(m, goal.images)
     peak = peak_of(m, goal.on_gpu)
-    psnr = (result.get("quality") or {}).get("psnr")
+    psnr = (outcome.quality or {}).get("psnr")
     constraints: dict[str, float] = {}
     if goal.budget_bytes is not None:
-        if status in ("oom", "over_budget") and (peak is None or peak <= goal.budget_bytes):
+        if status in (Status.OOM, Status.OVER_BUDGET) and (peak is None or peak <= goal.budget_bytes):
             # It failed at the cap: the real need is unknown but above the budget.
             constraints["memory_gb"] = max(0.1, ((peak or goal.budget_bytes) - goal.budget_bytes) / GB + 0.5)
         else:
@@ -94,9 +101,9 @@ def score(goal: Goal, result: dict[str, Any]) -> Score:
         constraints["quality_db"] = goal.min_psnr - (psnr if psnr is not None else 0.0)
     if goal.max_latency is not None:
         constraints["latency_s"] = (latency if latency is not None else PENALTY_LATENCY) - goal.max_latency
-    lat_value = latency if latency is not None and status != "oom" else PENALTY_LATENCY
+    lat_value = latency if latency is not None and status != Status.OOM else PENALTY_LATENCY
     psnr_value = psnr if psnr is not None and math.isfinite(psnr) else 0.0
-    tput = throughput_of(m, latency) if status != "oom" else None
+    tput = throughput_of(m, latency) if status != Status.OOM else None
     return Score(_values(goal, lat_value, psnr_value, tput or 0.0), constraints, latency, peak, psnr, tput)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from fluxtune.profile import Profile, validate_profile
 from fluxtune.search.study import CONFIG_KEY
+from fluxtune.status import Status
 
 
 def rows(study: Any) -> list[dict[str, Any]]:
@@ -19,7 +20,7 @@ def rows(study: Any) -> list[dict[str, Any]]:
         q = a.get("quality") or {}
         cons = a.get("constraints") or {}
         out.append({
-            "trial": t.number,
+            "trial": t.number + 1,  # trials are numbered from 1 wherever a user reads them
             "state": t.state.name,
             "status": a.get("status", t.state.name.lower()),
             "source": a.get("source", "sampler"),
@@ -57,7 +58,7 @@ def feasible_trials(study: Any) -> list[Any]:
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         cons = t.user_attrs.get("constraints") or {}
-        if t.user_attrs.get("status") == "ok" and all(v <= 0 for v in cons.values()):
+        if t.user_attrs.get("status") == Status.OK and all(v <= 0 for v in cons.values()):
             out.append(t)
     return out
 
@@ -103,7 +104,7 @@ def knee(front: list[Any]) -> Any | None:
 
 
 def best_so_far(study: Any) -> list[tuple[int, float | None]]:
-    """(trial number, best feasible objective so far) for the progress curve (first objective)."""
+    """(Optuna trial number, from 0; best feasible objective so far) for the progress curve (first objective)."""
     feas = {t.number for t in feasible_trials(study)}
     objective = study.user_attrs.get(CONFIG_KEY, {}).get("objective", "latency")
     sign = -1.0 if objective in ("quality", "throughput") else 1.0
@@ -120,13 +121,20 @@ def best_so_far(study: Any) -> list[tuple[int, float | None]]:
     return out
 
 
+def _call(data: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    g = data.get("generation") or {}
+    out = {"height": g.get("height"), "width": g.get("width"), "steps": g.get("steps", 28),
+           "images_per_prompt": g.get("images_per_prompt", 1), "dtype": cfg.get("dtype")}
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def profile_of(trial: Any, study: Any, name: str | None = None) -> Profile:
     """The trial's profile with its measured block filled in."""
     cfg = study.user_attrs.get(CONFIG_KEY, {})
     data = dict(trial.user_attrs["profile"])
     m = trial.user_attrs.get("measurement") or {}
     quality = {k: float(v) for k, v in (trial.user_attrs.get("quality") or {}).items() if isinstance(v, int | float)}
-    data["name"] = name or f"{study.study_name}-trial{trial.number}"
+    data["name"] = name or f"{study.study_name}-trial{trial.number + 1}"
     data["description"] = data.get("description") or (
         f"found by fluxtune search ({cfg.get('objective')} objective) on {cfg.get('model')}")
     data["measured"] = {
@@ -136,7 +144,8 @@ def profile_of(trial: Any, study: Any, name: str | None = None) -> Profile:
         "hardware": trial.user_attrs.get("hardware") or cfg.get("hardware", {}),
         "versions": cfg.get("versions", {}),
         "model": cfg.get("model"),
-        "workload": cfg.get("workload", {}),
+        # The call and precision it was measured at, so the profile says what it was validated for.
+        "workload": {**cfg.get("workload", {}), **_call(data, cfg)},
         "latency_s": m.get("latency_s"),
         "throughput": trial.user_attrs.get("throughput"),
         "first_call_s": m.get("first_call_s"),
@@ -145,6 +154,6 @@ def profile_of(trial: Any, study: Any, name: str | None = None) -> Profile:
         "peak_nvml": m.get("peak_nvml"),
         "quality": quality,
         "study": study.study_name,
-        "trial": trial.number,
+        "trial": trial.number + 1,
     }
-    return validate_profile(data, source=f"trial {trial.number}")
+    return validate_profile(data, source=f"trial {trial.number + 1}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import shutil
 import socket
@@ -21,14 +20,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import fluxtune.search.objective as obj
 from fluxtune.errors import ProfileError, SearchError
 from fluxtune.hardware import HardwareInfo, detect_hardware, library_versions
 from fluxtune.profile import Profile
-from fluxtune.search import objective as obj
 from fluxtune.search.space import SearchSpace
 from fluxtune.search.study import HOME, create_or_resume, open_storage, study_dir
-from fluxtune.search.worker import WorkerConfig, worker_main
 from fluxtune.units import format_bytes
+from fluxtune.worker import (
+    DEFAULT_SESSION,
+    RunOutcome,
+    RunRequest,
+    ScanRequest,
+    Status,
+    Worker,
+    WorkerDied,
+    WorkerSpec,
+)
 
 SKIP_MARGIN = 1.15
 """Skip a trial without running it only when the memory model predicts 15 % over the budget."""
@@ -62,6 +70,8 @@ class SearchConfig:
     """Also measure the lossless profile compiled, so quality drops count against compile's own drift."""
     sensitivity: dict[str, list[str]] | str | None = None
     """Method -> ranked exclude patterns, ``"auto"`` (scan each int8/fp8 method in the first worker), or None."""
+    session: str = DEFAULT_SESSION
+    """The workers' session class (``module:Class``); tests swap in one that crashes."""
 
     def identity(self) -> dict[str, Any]:
         return {
@@ -70,75 +80,6 @@ class SearchConfig:
             "max_latency": self.max_latency, "images": self.images,
             "sensitivity": self.sensitivity if not isinstance(self.sensitivity, dict) else sorted(self.sensitivity),
         }
-
-
-class WorkerDied(Exception):
-    """The worker process exited (crash, kill, OOM-killer) while it had a job."""
-
-
-class Worker:
-    """A worker process and the pipe to it."""
-
-    def __init__(self, cfg: WorkerConfig) -> None:
-        self.cfg = cfg
-        self.ready: dict[str, Any] = {}
-        self._start()
-
-    def _start(self) -> None:
-        ctx = mp.get_context("spawn")  # a fresh CUDA context and allocator per worker
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=worker_main, args=(child, self.cfg), daemon=True)
-        self.proc.start()
-        child.close()
-        msg = self._recv(timeout=1800.0)
-        if msg[0] == "fatal":
-            self.stop()
-            raise SearchError(f"worker on {self.cfg.device} could not load {self.cfg.model}: {msg[1]}")
-        self.ready = msg[1]
-
-    def _recv(self, timeout: float) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.conn.poll(0.5):
-                try:
-                    return self.conn.recv()
-                except EOFError:
-                    break
-            if not self.proc.is_alive():
-                break
-        if time.monotonic() < deadline:
-            # EOF on the pipe comes before the exit status: reap the dying process, or a crash
-            # would read as a time-out.
-            self.proc.join(5)
-        code = self.proc.exitcode
-        self.stop()
-        why = "timed out" if code is None else f"exited with code {code}"
-        raise WorkerDied(f"worker on {self.cfg.device} {why}")
-
-    def run(self, job: int, profile: dict[str, Any], timeout: float, **options: Any) -> dict[str, Any]:
-        self.conn.send(("run", job, profile, options))
-        msg = self._recv(timeout)
-        return msg[2]  # type: ignore[no-any-return]
-
-    def scan(self, method: str, steps: int, timeout: float) -> dict[str, Any]:
-        self.conn.send(("scan", -3, method, steps))
-        msg = self._recv(timeout)
-        return msg[2]  # type: ignore[no-any-return]
-
-    def restart(self) -> None:
-        self.stop()
-        self._start()
-
-    def stop(self) -> None:
-        try:
-            if self.proc.is_alive():
-                self.conn.send(("stop",))
-                self.proc.join(5)
-        except (OSError, BrokenPipeError, ValueError):
-            pass
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(5)
 
 
 @dataclass
@@ -197,13 +138,13 @@ class Search:
         for dev in self.cfg.devices:
             # Several CPU workers share the cores: without a split each one runs as many threads as
             # there are cores, and oversubscribed CPU timings are noise.
-            extra = {"threads": max(1, (os.cpu_count() or 1) // n_cpu)} if dev == "cpu" and n_cpu > 1 else {}
-            wc = WorkerConfig(model=self.cfg.model, device=dev, dtype=self.cfg.dtype, workload=self.cfg.workload,
+            threads = max(1, (os.cpu_count() or 1) // n_cpu) if dev == "cpu" and n_cpu > 1 else None
+            spec = WorkerSpec(model=self.cfg.model, device=dev, dtype=self.cfg.dtype, workload=self.cfg.workload,
                               budget_bytes=self.goal.budget_bytes if self.on_gpu else None, study_dir=str(self.dir),
-                              extra=extra)
+                              threads=threads, session=self.cfg.session)
             self.say(f"starting worker on {dev} with {self.cfg.model} ...")
-            workers.append(Worker(wc))
-            self.say(f"  loaded in {workers[-1].ready['load_s']:.1f}s")
+            workers.append(Worker(spec))
+            self.say(f"  loaded in {workers[-1].info.load_s:.1f}s")
         return workers
 
     def _prediction(self, profile: Profile, calibrated: bool = True) -> Any | None:
@@ -230,31 +171,32 @@ class Search:
         from fluxtune.search.recipes import warm_start
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        storage = open_storage(self.cfg.storage, self.cfg.home)
-        with warnings.catch_warnings():  # multivariate/group are "experimental": not the user's concern
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            sampler = optuna.samplers.TPESampler(seed=self.cfg.seed, multivariate=True, group=True,
-                                                 constant_liar=len(self.cfg.devices) > 1, n_startup_trials=8)
-        config = {**self.cfg.identity(), "hardware": self.hardware.fingerprint(), "versions": library_versions(),
-                  "devices": self.cfg.devices, "base": self.cfg.base.to_dict(exclude_defaults=True)}
-        study, resumed = create_or_resume(self.cfg.study, storage, config, sampler)
-        self.study = study
-        done = len([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
-        self.say(f"study {self.cfg.study!r} ({'resumed, ' + str(done) + ' trials done' if resumed else 'new'}) "
-                 f"in {self.cfg.storage or self.cfg.home / 'journal.log'}")
         workers = self._workers()
         try:
-            self.facts = ModelFacts.from_dict(workers[0].ready["facts"])
+            self.facts = ModelFacts.from_dict(workers[0].info.facts)
             cal_path = self.dir / "calibration.json"
             self.calibration = Calibration.load(cal_path) if cal_path.exists() else Calibration()
-            hw = self.hardware if self.on_gpu else _cpu_view(self.hardware)
+            hw = self.hardware if self.on_gpu else self.hardware.without_gpu()
             self.space = SearchSpace.create(hw, _family(self.facts), self.cfg.base, self.cfg.narrow,
                                             transformer_bytes=_block_bytes(self.facts))
+            self._check_budget_reachable()  # before the study exists: a budget no trial can meet creates none
+            storage = open_storage(self.cfg.storage, self.cfg.home)
+            with warnings.catch_warnings():  # multivariate/group are "experimental": not the user's concern
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                sampler = optuna.samplers.TPESampler(seed=self.cfg.seed, multivariate=True, group=True,
+                                                     constant_liar=len(self.cfg.devices) > 1, n_startup_trials=8)
+            config = {**self.cfg.identity(), "hardware": self.hardware.fingerprint(), "versions": library_versions(),
+                      "devices": self.cfg.devices, "base": self.cfg.base.to_dict(exclude_defaults=True),
+                      "dtype": self.cfg.dtype}
+            study, resumed = create_or_resume(self.cfg.study, storage, config, sampler)
+            self.study = study
+            done = len([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
+            self.say(f"study {self.cfg.study!r} ({'resumed, ' + str(done) + ' trials done' if resumed else 'new'}) "
+                     f"in {self.cfg.storage or self.cfg.home / 'journal.log'}")
             sensitivity = self._sensitivity(workers[0])
             if sensitivity:
                 self.space = SearchSpace.create(hw, _family(self.facts), self.cfg.base, self.cfg.narrow,
                                                 transformer_bytes=_block_bytes(self.facts), sensitivity=sensitivity)
-            self._check_budget_reachable()
             reference = self._reference(workers[0])
             if not study.get_trials(deepcopy=False):  # new, or its first run stopped before this point
                 from fluxtune.presets import list_presets, load_profile
@@ -303,13 +245,14 @@ class Search:
             if not path.exists():
                 self.say(f"sensitivity: scanning {method} one layer group at a time ({steps} steps) ...")
                 t0 = time.monotonic()
-                res = worker.scan(method, steps, self.cfg.trial_timeout_s)
-                if res["status"] != "ok":
-                    self.say(f"sensitivity: {method} scan failed ({res.get('error')}); searching it without exclusions")
+                res = worker.scan(ScanRequest(method, steps), self.cfg.trial_timeout_s)
+                if res.status != Status.OK or res.result is None:
+                    self.say(f"sensitivity: {method} scan failed ({res.error}); searching it without exclusions")
                     continue
-                path.write_text(json.dumps(res["result"], indent=2) + "\n")
-                self.say(f"sensitivity: {method}: {len(res['result']['groups'])} groups in {time.monotonic() - t0:.0f}s, "
-                         f"most sensitive {', '.join(g['name'] for g in res['result']['groups'][:3])}")
+                path.write_text(json.dumps(res.result, indent=2) + "\n")
+                groups = res.result["groups"]
+                self.say(f"sensitivity: {method}: {len(groups)} groups in {time.monotonic() - t0:.0f}s, "
+                         f"most sensitive {', '.join(g['name'] for g in groups[:3])}")
             scan = SensitivityResult.load(path)
             out[method] = list(scan.exclude_patterns(len(scan.groups)))
         return out
@@ -345,7 +288,7 @@ class Search:
 
     def _reference(self, worker: Worker) -> dict[str, Any]:
         ref = self.study.user_attrs.get("fluxtune_reference")
-        if ref and worker.ready.get("reference"):
+        if ref and worker.info.reference:
             self.say(f"reference: reusing {self.dir / 'reference'} (noise floor PSNR "
                      f"{ref.get('noise_floor', {}).get('psnr', float('nan')):.1f} dB)")
             return dict(ref)
@@ -366,22 +309,22 @@ class Search:
         self.say(f"reference: lossless run ({'resident' if fits else 'streamed: the bf16 model exceeds the budget'}) ...")
         result = None
         for w_profile in (profile, reference_profile(self.cfg, False)) if fits else (profile,):
-            result = worker.run(-1, w_profile.to_dict(), self.cfg.trial_timeout_s, reference=True)
-            if result["status"] == "ok":
+            result = worker.run(RunRequest(w_profile, role="reference"), self.cfg.trial_timeout_s)
+            if result.status == Status.OK:
                 profile = w_profile
                 break
         assert result is not None
-        if result["status"] != "ok":
-            raise SearchError(f"the lossless reference could not run here ({result['status']}: {result.get('error')}); "
+        if result.status != Status.OK or result.measurement is None:
+            raise SearchError(f"the lossless reference could not run here ({result.status}: {result.error}); "
                               "raise --budget or lower --size")
-        m = result["measurement"]
-        ref = {"profile": profile.to_dict(exclude_defaults=True), "latency_s": m.get("latency_s"),
-               "peak": obj.peak_of(m, self.on_gpu), "noise_floor": result.get("noise_floor", {})}
+        m = result.measurement
+        ref = {"profile": profile.to_dict(exclude_defaults=True), "latency_s": m.latency_s,
+               "peak": obj.peak_of(m, self.on_gpu), "noise_floor": result.noise_floor or {}}
         if self.cfg.floor_compiled:
             compiled = profile.replace(compile={"mode": "regional"})
             self.say("reference: the same run compiled, for the compiled noise floor ...")
-            cres = worker.run(-2, compiled.to_dict(), self.cfg.trial_timeout_s, compiled_floor=True)
-            ref["compiled_floor"] = cres.get("compiled_floor", {})
+            cres = worker.run(RunRequest(compiled, role="compiled_floor"), self.cfg.trial_timeout_s)
+            ref["compiled_floor"] = cres.compiled_floor or {}
             self.say(f"reference: compiled floor PSNR {ref['compiled_floor'].get('psnr', float('nan')):.1f} dB")
         self.study.set_user_attr("fluxtune_reference", ref)
         if all((self.dir / name).exists() for name in _REFERENCE_FILES):
@@ -390,7 +333,7 @@ class Search:
                 shutil.copyfile(self.dir / name, shared / name)
             (shared / "run.json.tmp").write_text(json.dumps(ref, default=str))
             (shared / "run.json.tmp").replace(shared / "run.json")  # written last: marks the folder whole
-        self.say(f"reference: {m.get('latency_s', 0):.2f}s, peak {format_bytes(ref['peak'] or 0)}, noise floor PSNR "
+        self.say(f"reference: {m.latency_s or 0:.2f}s, peak {format_bytes(ref['peak'] or 0)}, noise floor PSNR "
                  f"{ref['noise_floor'].get('psnr', float('nan')):.1f} dB")
         return ref
 
@@ -463,10 +406,10 @@ class Search:
                 with get_heartbeat_thread(trial._trial_id, self.study._storage):
                     self._one(worker, trial)
             except WorkerDied as e:
-                trial.set_user_attr("status", "crashed")
+                trial.set_user_attr("status", Status.CRASHED.value)
                 trial.set_user_attr("error", str(e))
                 self.study.tell(trial, state=TrialState.FAIL)
-                self.say(f"trial {trial.number}: {e}; starting a new worker")
+                self.say(f"trial {trial.number + 1}: {e}; starting a new worker")
                 try:
                     worker.restart()
                 except SearchError as e2:
@@ -474,7 +417,7 @@ class Search:
                     return
             except Exception as e:
                 self.study.tell(trial, state=TrialState.FAIL)
-                self.say(f"trial {trial.number}: failed in the search loop: {type(e).__name__}: {e}")
+                self.say(f"trial {trial.number + 1}: failed in the search loop: {type(e).__name__}: {e}")
 
     def _one(self, worker: Worker, trial: Any) -> None:
         import optuna
@@ -494,68 +437,69 @@ class Search:
         total = self.cfg.trials
         if self.goal.budget_bytes is not None and predicted is not None and predicted > self.goal.budget_bytes * SKIP_MARGIN:
             sc = obj.predicted_infeasible(self.goal, predicted)
-            self._tell(trial, sc, {"status": "skipped", "error": f"predicted peak {format_bytes(predicted)} > budget"})
+            self._tell(trial, sc, RunOutcome(Status.SKIPPED, error=f"predicted peak {format_bytes(predicted)} > budget"))
             self.say(f"[{n + 1}/{total}] {desc} | skipped: predicted {format_bytes(predicted)} > "
                      f"{format_bytes(self.goal.budget_bytes)}")
             return
-        self.say(f"[{n + 1}/{total}] running on {worker.cfg.device}: {desc}")
+        self.say(f"[{n + 1}/{total}] running on {worker.spec.device}: {desc}")
         t0 = time.monotonic()
-        result = worker.run(n, profile.to_dict(), self.cfg.trial_timeout_s, trial=n)
+        result = worker.run(RunRequest(profile, trial=n), self.cfg.trial_timeout_s)
         self.durations.append(time.monotonic() - t0)
         self.ran += 1
-        status = result.get("status")
-        if status in ("invalid", "error"):
-            trial.set_user_attr("status", status)
-            trial.set_user_attr("error", result.get("error"))
+        status = result.status
+        if status in (Status.INVALID, Status.ERROR):
+            trial.set_user_attr("status", status.value)
+            trial.set_user_attr("error", result.error)
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            self.say(f"[{n + 1}/{total}] {desc} | {status}: {result.get('error')}")
+            self.say(f"[{n + 1}/{total}] {desc} | {status}: {result.error}")
             return
         sc = obj.score(self.goal, result)
-        m = result.get("measurement") or {}
-        if status == "ok" and self.on_gpu and m.get("peak_allocated"):
+        m = result.measurement
+        if status == Status.OK and self.on_gpu and m is not None and m.peak_allocated:
             # Learn from the allocated peak: under a cap the allocator reserves up to the cap whatever
             # the need (H200: leaf offload reserved 4.5 GB for 2.1 GB allocated), which inflates ratios.
             raw = self._prediction(profile, calibrated=False)
             if raw is not None:
-                self.calibration.add(raw, m["peak_allocated"], kind="allocated")
+                self.calibration.add(raw, m.peak_allocated, kind="allocated")
         self._tell(trial, sc, result)
-        self.say(self._line(n, desc, sc, result, m))
+        self.say(self._line(n, desc, sc, result))
 
-    def _tell(self, trial: Any, sc: obj.Score, result: dict[str, Any]) -> None:
+    def _tell(self, trial: Any, sc: obj.Score, result: RunOutcome) -> None:
         for key, value in sc.constraints.items():
             trial.set_constraint(key, value)
-        attrs = {"status": result.get("status"), "error": result.get("error"), "constraints": sc.constraints,
-                 "latency_s": sc.latency, "throughput": sc.throughput, "peak": sc.peak, "quality": result.get("quality"),
-                 "measurement": result.get("measurement"), "apply_s": result.get("apply_s"),
+        # The keys studies have always had: a study written before still resumes and reports.
+        attrs = {"status": result.status.value, "error": result.error, "constraints": sc.constraints,
+                 "latency_s": sc.latency, "throughput": sc.throughput, "peak": sc.peak, "quality": result.quality,
+                 "measurement": result.measurement_data(), "apply_s": result.timings.apply_s,
                  "hardware": self.hardware.fingerprint()}
         for k, v in attrs.items():
             if v is not None:
                 trial.set_user_attr(k, v)
         self.study.tell(trial, sc.values)
 
-    def _line(self, n: int, desc: str, sc: obj.Score, result: dict[str, Any], m: dict[str, Any]) -> str:
+    def _line(self, n: int, desc: str, sc: obj.Score, result: RunOutcome) -> str:
         from fluxtune.search.results import best_trial
 
-        status = result.get("status")
+        status, m = result.status, result.measurement
         bits = [f"[{n + 1}/{self.cfg.trials}] {desc}"]
-        if status == "ok":
+        if status == Status.OK and m is not None:
             lat = f"{sc.latency:.2f}s" if sc.latency is not None else "?"
-            first = m.get("first_call_s")
+            first = m.first_call_s
             bits.append(f"{lat}" + (f" (first {first:.1f}s)" if first and sc.latency and first > 1.5 * sc.latency else ""))
             if self.goal.objective == "throughput" and sc.throughput:
-                bits.append(f"{sc.throughput:.2f} img/s (batch {m.get('images_per_call')})")
+                bits.append(f"{sc.throughput:.2f} img/s (batch {m.images_per_call})")
             bits.append(f"peak {format_bytes(sc.peak or 0)}")
             if sc.psnr is not None:
                 bits.append(f"PSNR {min(sc.psnr, 100):.1f}")
             if not sc.feasible:
                 bits.append("infeasible (" + ", ".join(k for k, v in sc.constraints.items() if v > 0) + ")")
         else:
-            bits.append(f"{status}: {str(result.get('error') or '')[:80]}")
+            bits.append(f"{status}: {str(result.error or '')[:80]}")
         best = best_trial(self.study)
         if best is not None and self.goal.objective == "throughput":
-            bits.append(f"best #{best.number} {best.user_attrs.get('throughput') or 0:.2f} img/s")
+            bits.append(f"best #{best.number + 1} {best.user_attrs.get('throughput') or 0:.2f} img/s")
         elif best is not None:
-            bits.append(f"best #{best.number} {best.user_attrs.get('latency_s', 0):.2f}s")
+            bits.append(f"best #{best.number + 1} {best.user_attrs.get('latency_s', 0):.2f}s")
         elapsed = time.monotonic() - self.started
         done = max(1, self._finished())
         left = (self.cfg.trials - done) * elapsed / done
@@ -574,9 +518,3 @@ def _block_bytes(facts: Any) -> int | None:
     t = facts.components.get("transformer")
     return int(t.block_params * t.dtype_bytes) if t is not None else None
 
-
-def _cpu_view(hw: HardwareInfo) -> HardwareInfo:
-    """Search on CPU: hide a GPU the user did not ask for, so only CPU knobs are offered."""
-    from dataclasses import replace
-
-    return replace(hw, gpu_index=None, gpu_name=None, total_memory_bytes=None, compute_capability=None)

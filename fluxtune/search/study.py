@@ -20,9 +20,71 @@ FACTS_KEY = "fluxtune_facts"
 IDENTITY = ("model", "budget_bytes", "objective", "workload", "space", "min_psnr", "max_latency", "images")
 
 
+def check_study_name(name: str) -> str:
+    """A study name that maps to a folder inside ``--home`` (not ``..``, not empty, not hidden).
+
+    Raises:
+        ProfileError: naming the value and the allowed form.
+    """
+    folder = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    if not name.strip() or folder.strip(".") == "" or folder.startswith(".") or len(name) > 200:
+        raise ProfileError(f"--study {name!r}: use a name of letters, digits, '_', '-' and '.' that does not start "
+                           "with '.' (at most 200 characters), e.g. --study flux-12gb")
+    return folder
+
+
 def study_dir(name: str, home: Path = HOME) -> Path:
-    """Where a study keeps its reference, images and reports."""
-    return home / re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    """Where a study keeps its reference, images and reports (always a folder inside ``home``)."""
+    return home / check_study_name(name)
+
+
+def normalize_storage_url(url: str) -> str:
+    """Check a ``--storage`` value and return the URL to open.
+
+    ``journal:PATH`` or a ``*.log`` path is a journal file; anything else must be a database URL
+    (``postgresql://user@host/db``, ``sqlite:///file.db``). ``postgresql://`` (and ``postgres://``) is
+    mapped to the psycopg 3 driver the ``postgres`` extra installs (SQLAlchemy 2.1's default too), or to
+    psycopg2 when only that is installed.
+
+    Raises:
+        ProfileError: not a journal path or a database URL (exit 2, before anything is created).
+    """
+    import importlib.util
+
+    text = url.strip()
+    if text.startswith("journal:") or (text.endswith(".log") and "://" not in text):
+        if not text.removeprefix("journal:").strip():
+            raise ProfileError(f"--storage {url!r}: journal: needs a file path, e.g. journal:.fluxtune/journal.log")
+        return text
+    hint = "use e.g. postgresql://user@host/db, sqlite:///file.db or journal:path.log"
+    m = re.fullmatch(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", text)
+    if not m:
+        raise ProfileError(f"--storage {url!r} is not a storage URL; {hint}")
+    scheme, rest = m.group(1).lower(), m.group(2)
+    try:
+        from sqlalchemy.engine import make_url
+
+        make_url(text)
+    except Exception as e:  # sqlalchemy.exc.ArgumentError and friends
+        raise ProfileError(f"--storage {url!r} is not a database URL ({str(e).splitlines()[0]}); {hint}") from None
+    if scheme in ("postgresql", "postgres"):
+        if importlib.util.find_spec("psycopg") is not None:
+            return f"postgresql+psycopg://{rest}"
+        if importlib.util.find_spec("psycopg2") is not None:
+            return f"postgresql+psycopg2://{rest}"
+        from fluxtune.errors import MissingDependencyError
+
+        raise MissingDependencyError(f"--storage {url!r} needs a PostgreSQL driver: pip install 'fluxtune[postgres]' "
+                                     "(psycopg 3)")
+    if scheme == "sqlite" and rest not in ("", "/:memory:") and not rest.startswith("/"):
+        raise ProfileError(f"--storage {url!r}: a SQLite URL has three slashes before a relative path, e.g. "
+                           "sqlite:///study.db")
+    if scheme == "sqlite" and rest.startswith("/") and rest != "/:memory:":
+        folder = Path(rest[1:].split("?", 1)[0]).parent
+        if not folder.is_dir():
+            raise ProfileError(f"--storage {url!r}: the folder {str(folder)!r} does not exist; create it or use "
+                               "e.g. sqlite:///study.db")
+    return text
 
 
 def open_storage(url: str | None, home: Path = HOME) -> Any:
@@ -30,13 +92,12 @@ def open_storage(url: str | None, home: Path = HOME) -> Any:
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
-    if url is None or url.startswith("journal:") or url.endswith(".log"):
+    if url is not None:
+        url = normalize_storage_url(url)
+    if url is None or url.startswith("journal:") or url.endswith(".log") and "://" not in url:
         path = Path(url.removeprefix("journal:")) if url else home / "journal.log"
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    if "://" not in url:
-        raise SearchError(f"--storage {url!r} is not a storage URL; use e.g. postgresql://user@host/db, "
-                          "sqlite:///file.db or journal:path.log")
     import time
 
     for attempt in range(5):
@@ -52,6 +113,28 @@ def open_storage(url: str | None, home: Path = HOME) -> Any:
                 raise SearchError(f"--storage {url}: cannot open: {str(e).splitlines()[0]}") from None
             time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def load_existing(name: str, storage_url: str | None, home: Path = HOME) -> Any:
+    """An existing study, for reading (``fluxtune report``).
+
+    Raises:
+        ProfileError: no study of that name in the storage; names the ones there.
+    """
+    import optuna
+
+    url = normalize_storage_url(storage_url) if storage_url else None
+    journal = Path(url.removeprefix("journal:")) if url and "://" not in url else home / "journal.log"
+    if (url is None or "://" not in url) and not journal.is_file():
+        # Reading must not create: no journal here means no studies here.
+        raise ProfileError(f"study {name!r} not found: there is no journal {journal}; pass the --home "
+                           "(or --storage) the search used")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(url, home)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    if name not in names:
+        raise ProfileError(f"study {name!r} not found; studies here: {', '.join(names) or 'none'}")
+    return optuna.load_study(study_name=name, storage=storage)
 
 
 def directions(objective: str) -> list[Any]:

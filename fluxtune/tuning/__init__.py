@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fluxtune.errors import IncompatibleKnobsError, UnsupportedHardwareError
+from fluxtune.errors import IncompatibleKnobsError, PipelineError, UnsupportedHardwareError
 from fluxtune.hardware import HardwareInfo, detect_hardware
 from fluxtune.profile import COMPONENTS, Profile
 from fluxtune.tuning import (  # noqa: F401  (importing registers the handlers)
@@ -35,8 +35,10 @@ from fluxtune.tuning import (  # noqa: F401  (importing registers the handlers)
 from fluxtune.tuning.base import HANDLERS, IRREVERSIBLE, Context
 from fluxtune.tuning.generation import CallState
 from fluxtune.tuning.report import Action, ApplyReport
+from fluxtune.tuning.state import broken_reason, call_state, is_tuned, mark_broken, reset, set_call_state
 
-__all__ = ["Action", "ApplyReport", "apply", "irreversible_signature", "check_hardware", "is_tuned", "preload", "resolve"]
+__all__ = ["Action", "ApplyReport", "apply", "check_hardware", "irreversible_signature", "is_tuned", "preload",
+           "reset", "resolve"]
 
 
 def _lazy_imports(profile: Profile) -> list[str]:
@@ -86,11 +88,6 @@ def irreversible_signature(profile: Profile) -> dict[str, Any]:
         sig[f"{name}.layerwise_casting"] = c.layerwise_casting.model_dump() if c.layerwise_casting else None
     sig["compile"] = profile.compile.model_dump()
     return sig
-
-
-def is_tuned(pipe: Any) -> bool:
-    """Whether ``apply`` has already run on this pipeline."""
-    return getattr(pipe, "_fluxtune", None) is not None
 
 
 def _device(hardware: HardwareInfo, device: str | None) -> Any:
@@ -180,6 +177,68 @@ def check_hardware(profile: Profile | str | Path | dict[str, Any], hardware: Har
     return prof
 
 
+def _check_pipeline(pipe: Any) -> None:
+    """Refuse anything that is not a diffusers pipeline with a transformer before touching it."""
+    from diffusers import DiffusionPipeline
+
+    if not isinstance(pipe, DiffusionPipeline):
+        raise PipelineError(
+            f"pipe: a {type(pipe).__module__}.{type(pipe).__qualname__} is not a diffusers pipeline; pass what "
+            "fluxtune.pipelines.load() or DiffusionPipeline.from_pretrained() returns"
+        )
+    import torch
+
+    if not isinstance(getattr(pipe, "transformer", None), torch.nn.Module):
+        raise PipelineError(
+            f"pipe: {type(pipe).__name__} has no transformer; fluxtune tunes transformer pipelines (FLUX, DiT)"
+        )
+    # The mark sits on the components whose weights a failed apply changed: replacing them (a reload,
+    # or the search worker's pristine copies) clears it.
+    broken = broken_reason(pipe)
+    if broken:
+        raise IncompatibleKnobsError(
+            f"this pipeline was left changed by a failed apply ({broken}); reload it (fluxtune.pipelines.load) "
+            "and apply again"
+        )
+
+
+def _strict_skips(ctx: Context) -> list[str]:
+    """What the handlers would skip on this pipeline/machine: with ``strict=True`` these fail before
+    anything is changed (a skip found half-way would leave weights quantized and the profile unapplied)."""
+    b = ctx.profile.budget
+    out = []
+    if b.vram is not None and b.enforce and not ctx.on_gpu:
+        out.append("pipeline: budget skipped: no CUDA device: a VRAM cap has nothing to hold (strict=True); "
+                   "run on a GPU or set budget.enforce=false")
+    return out
+
+
+def _warn_travel(profile: Profile, pipe: Any, model: str | None, hardware: HardwareInfo, report: ApplyReport) -> None:
+    """Warn when a profile's measured block comes from another model or GPU: what was not validated."""
+    import warnings
+
+    from fluxtune.errors import FluxtuneWarning
+
+    m = profile.measured
+    if m is None or m.status != "measured":
+        return
+    notes = []
+    name = model or getattr(getattr(pipe, "config", None), "_name_or_path", None) or ""
+    if m.model and name and str(m.model) != str(name) and Path(str(m.model)).name != Path(str(name)).name:
+        notes.append(f"measured on model {m.model!r}, applied to {name!r}: its latency, peak memory and quality "
+                     "figures do not hold for this model")
+    # A measured block with a hardware record but no GPU name was measured on the CPU.
+    measured_gpu = ((m.hardware or {}).get("name") or "cpu") if isinstance(m.hardware, dict) and m.hardware else None
+    here = hardware.gpu_name or "cpu"
+    if measured_gpu and measured_gpu != here:
+        notes.append(f"measured on {measured_gpu}, applied on {here}: the budget fit and the speed were not "
+                     f"validated here (run fluxtune bench or search on this machine)")
+    for note in notes:
+        text = f"profile {profile.name!r}: {note}"
+        report.warnings.append(text)
+        warnings.warn(text, FluxtuneWarning, stacklevel=3)
+
+
 def _check_family(profile: Profile, family: str, pipe: Any) -> None:
     if profile.family != "any" and profile.family != family:
         raise IncompatibleKnobsError(
@@ -197,6 +256,7 @@ def apply(
     device: str | None = None,
     strict: bool = False,
     loras: Sequence[Any] | None = None,
+    model: str | None = None,
 ) -> ApplyReport:
     """Make ``pipe`` obey ``profile``.
 
@@ -208,11 +268,14 @@ def apply(
         device: the execution device (default: the detected GPU, else CPU).
         strict: turn every skipped knob into an error.
         loras: LoRAs (paths, dicts or :class:`fluxtune.knobs.Lora`) replacing the profile's ``loras``.
+        model: the model spec the pipeline was loaded from, to warn when the profile was measured on
+            another (default: the pipeline's ``_name_or_path``).
 
     Returns:
         What was done to each component, in order, with reasons for anything skipped.
 
     Raises:
+        PipelineError: ``pipe`` is not a diffusers transformer pipeline (checked before anything else).
         ProfileError: the profile is malformed.
         IncompatibleKnobsError: a knob does not exist on this pipeline or knobs do not combine.
         UnsupportedHardwareError: the profile needs a GPU or an architecture this machine lacks.
@@ -221,6 +284,7 @@ def apply(
     from fluxtune.pipelines import family as pipeline_family
     from fluxtune.presets import load_profile
 
+    _check_pipeline(pipe)
     hw = hardware if hardware is not None else detect_hardware()
     dev = _device(hw, device)
     # The variant for this GPU first, then the caller's overrides on top of it (the caller's word wins).
@@ -233,7 +297,7 @@ def apply(
     _check_family(prof, fam, pipe)
     _check_machine(prof, hw, dev)
 
-    previous: CallState | None = getattr(pipe, "_fluxtune", None)
+    previous: CallState | None = call_state(pipe)
     if previous is not None:
         if previous.profile.loras != prof.loras:
             raise IncompatibleKnobsError(
@@ -254,6 +318,8 @@ def apply(
     if variant_line is not None:
         ctx.report.add("variant", "pipeline", variant_line)
     problems = [p for h in HANDLERS for p in h.check(ctx)]
+    if strict:
+        problems += _strict_skips(ctx)
     if problems:
         raise IncompatibleKnobsError("; ".join(problems))
 
@@ -265,7 +331,48 @@ def apply(
         kept = [h.name for h in HANDLERS if not h.reversible and h.name in IRREVERSIBLE]
         ctx.report.add("reapply", "pipeline", f"reverted the previous reversible knobs; kept {', '.join(kept)}")
         # undo callbacks of irreversible knobs do not exist, so nothing else carries over.
-    for handler in handlers:
-        handler.apply(ctx)
-    pipe._fluxtune = CallState(ctx)
+    done: list[str] = []
+    try:
+        for handler in handlers:
+            handler.apply(ctx)
+            done.append(handler.name)
+    except BaseException as e:
+        _roll_back(ctx, previous, done, e)
+        raise
+    set_call_state(pipe, CallState(ctx))
+    _warn_travel(prof, pipe, model, hw, ctx.report)
     return ctx.report
+
+
+def _roll_back(ctx: Context, previous: CallState | None, done: list[str], error: BaseException) -> None:
+    """A handler failed half-way: revert the reversible knobs this call installed, then put the previous
+    profile's reversible knobs back (re-apply), so the pipeline's state describes what it runs. A pipeline
+    whose weights this call already changed (cast, quantized, compiled) is marked broken instead."""
+    import contextlib
+
+    for _, undo in reversed(ctx.undo):
+        with contextlib.suppress(Exception):
+            undo()
+    irreversible = [n for n in done if n in IRREVERSIBLE]
+    if previous is None:
+        if irreversible:
+            _mark_broken(ctx, f"{', '.join(irreversible)} ran before {type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''}")
+        return
+    back = Context(pipe=ctx.pipe, profile=previous.profile, hardware=ctx.hardware, device=ctx.device,
+                   family=ctx.family, report=previous.report, strict=False)
+    try:
+        for handler in (h for h in HANDLERS if h.reversible):
+            handler.apply(back)
+        set_call_state(ctx.pipe, CallState(back))
+    except Exception:
+        for _, undo in reversed(back.undo):
+            with contextlib.suppress(Exception):
+                undo()
+        reset(ctx.pipe)  # the pipeline's own class and no fluxtune state: it runs as it is
+        _mark_broken(ctx, f"restoring profile {previous.profile.name!r} after {type(error).__name__} failed")
+
+
+def _mark_broken(ctx: Context, reason: str) -> None:
+    for module in ctx.components().values():
+        mark_broken(module, reason)

@@ -11,8 +11,11 @@ def known_backends() -> list[str]:
     return sorted(b.value for b in AttentionBackendName)
 
 
-def _reset_global() -> None:
-    # reset_attention_backend() leaves the global active backend set (diffusers-knobs.md §5).
+def reset_default_backend() -> None:
+    """Put diffusers' process-wide active attention backend back to native.
+
+    ``set_attention_backend`` also sets it, and ``reset_attention_backend()`` leaves it set
+    (diffusers-knobs.md §5), so a later pipeline in the same process would run on it."""
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
     _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
@@ -57,7 +60,7 @@ class AttentionHandler(Handler):
 
         def undo() -> None:
             t.reset_attention_backend()
-            _reset_global()
+            reset_default_backend()
 
         ctx.undo.append((self.name, undo))
         ctx.report.add(self.name, "transformer", f"backend {backend}")

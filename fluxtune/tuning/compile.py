@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from fluxtune.tuning.base import COMPILE, Context, Handler, register
+from fluxtune.tuning.state import streamer_of
 
 # flux-fast's inductor flags (diffusers-knobs.md §4.2); set by fluxtune, not by torchao's quantize_.
 INDUCTOR_FLAGS: dict[str, Any] = {
@@ -70,7 +71,7 @@ class CompileHandler(Handler):
         t = ctx.components()["transformer"]
         t0 = time.perf_counter()
         kw = _kwargs(ctx)
-        streamed = getattr(t, "_fluxtune_streamer", None) is not None
+        streamed = streamer_of(t) is not None
         if c.mode == "full":
             t.compile(**kw)
             detail = "whole transformer"

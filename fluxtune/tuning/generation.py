@@ -12,6 +12,7 @@ from typing import Any
 
 from fluxtune.errors import BudgetExceededError
 from fluxtune.tuning.base import GENERATION, Context, Handler, register
+from fluxtune.tuning.state import BASE_ATTR, base_class, call_state
 
 _KWARG = {  # profile field -> pipeline __call__ parameter
     "steps": "num_inference_steps",
@@ -24,11 +25,6 @@ _KWARG = {  # profile field -> pipeline __call__ parameter
 _TUNED: dict[type, type] = {}
 
 
-def base_class(pipe: Any) -> type:
-    """The pipeline's own class, under fluxtune's call wrapper if there is one."""
-    return getattr(type(pipe), "_fluxtune_base", type(pipe))
-
-
 def _count(value: Any) -> int:
     if value is None:
         return 1
@@ -36,8 +32,10 @@ def _count(value: Any) -> int:
 
 
 def _tuned_call(self: Any, *args: Any, **kwargs: Any) -> Any:
-    state = self._fluxtune
+    state = call_state(self)
     base = base_class(self)
+    if state is None:  # a failed apply left no profile: run the pipeline as it is
+        return base.__call__(self, *args, **kwargs)
     sig = inspect.signature(base.__call__)
     bound = sig.bind_partial(self, *args, **kwargs).arguments
     bound.pop("self", None)
@@ -55,11 +53,11 @@ def _tuned_call(self: Any, *args: Any, **kwargs: Any) -> Any:
 
 def tuned_class(cls: type) -> type:
     """A subclass of ``cls`` with the same name whose ``__call__`` applies the profile's defaults."""
-    if hasattr(cls, "_fluxtune_base"):
+    if hasattr(cls, BASE_ATTR):
         return cls
     if cls not in _TUNED:
         _TUNED[cls] = type(cls.__name__, (cls,), {
-            "__call__": _tuned_call, "_fluxtune_base": cls, "__module__": cls.__module__,
+            "__call__": _tuned_call, BASE_ATTR: cls, "__module__": cls.__module__,
             "__qualname__": cls.__qualname__, "__doc__": cls.__doc__,
         })
     return _TUNED[cls]
@@ -110,19 +108,26 @@ class CallState:
         self.after_call = list(ctx.after_call)
         self.undo = list(ctx.undo)
         self.report = ctx.report
+        b = ctx.profile.budget
+        # The call size is a limit only where the budget holds a cap (enforced, on a GPU); elsewhere
+        # the profile's size is a default, and a larger call is the caller's choice.
+        self.capped = b.vram is not None and b.enforce and ctx.on_gpu
 
     def guard(self, kwargs: dict[str, Any]) -> None:
         """Refuse a call larger than the one the profile's budget was validated for."""
         p = self.profile
         g = p.generation
-        if p.budget.vram is None:
+        if p.budget.vram is None or not getattr(self, "capped", True):
             return
+        lift = ("; to validate a larger call, apply the profile with the larger generation.{field} (an override, "
+                "e.g. `fluxtune generate PROFILE generation.{field}=N`, or budget.enforce=false) and check its "
+                "peak with fluxtune bench")
         if self.family == "dit":
             images, limit = _count(kwargs.get("class_labels")), g.images_per_prompt
             if images > limit:
                 raise BudgetExceededError(
                     f"this call asks for {images} images; the profile was validated for at most "
-                    f"generation.images_per_prompt={limit} within budget.vram"
+                    f"generation.images_per_prompt={limit} within budget.vram" + lift.format(field="images_per_prompt")
                 )
             return
         prompts = kwargs.get("prompt")
@@ -132,6 +137,7 @@ class CallState:
             raise BudgetExceededError(
                 f"this call asks for {images} images at once; the profile was validated for "
                 f"generation.images_per_prompt={g.images_per_prompt} within budget.vram"
+                + lift.format(field="images_per_prompt")
             )
         if g.height is not None and g.width is not None:
             h, w = kwargs.get("height") or g.height, kwargs.get("width") or g.width
@@ -139,10 +145,11 @@ class CallState:
                 raise BudgetExceededError(
                     f"this call asks for {w}x{h} pixels; the profile was validated for at most "
                     f"{g.width}x{g.height} (generation.width x generation.height) within budget.vram"
+                    + lift.format(field="width/height")
                 )
         seq = kwargs.get("max_sequence_length")
         if seq is not None and seq > g.max_sequence_length:
             raise BudgetExceededError(
                 f"this call asks for max_sequence_length={seq}; the profile was validated for "
-                f"generation.max_sequence_length={g.max_sequence_length}"
+                f"generation.max_sequence_length={g.max_sequence_length}" + lift.format(field="max_sequence_length")
             )

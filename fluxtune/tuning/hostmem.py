@@ -52,7 +52,7 @@ def _page_stride() -> int:
     return _HUGE if "[always]" in mode or "[madvise]" in mode else mmap.PAGESIZE
 
 
-def _fault_in(ptr: int, nbytes: int) -> None:
+def fault_in(ptr: int, nbytes: int) -> None:
     # Measured on the H200 host (4.2 GB, 16 threads): touching one byte per huge page, then
     # registering, took 0.09 s + 0.10 s; letting cudaHostRegister fault the pages itself took 1.1 s.
     # ctypes releases the GIL for each call, so arenas on other threads fault at the same time.
@@ -87,7 +87,7 @@ class HostArena:
         self.pinned = False
         self._finalizer: weakref.finalize | None = None
         if pin and nbytes:
-            _fault_in(self.buffer.data_ptr(), nbytes)
+            fault_in(self.buffer.data_ptr(), nbytes)
             if device is not None and device.type == "cuda":
                 torch.cuda.set_device(device)  # this thread's context is the pipeline's device
             err = torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), nbytes, _REGISTER_PORTABLE)

@@ -15,6 +15,7 @@ from typing import Any
 from fluxtune.errors import IncompatibleKnobsError
 from fluxtune.knobs import Lora
 from fluxtune.tuning.base import LORA, Context, Handler, register
+from fluxtune.tuning.state import set_lora_state
 
 _LORA_KEY_PARTS = ("lora_A", "lora_B", "lora_down", "lora_up", "lora.down", "lora.up")
 
@@ -30,7 +31,7 @@ class LoraFile:
 
 @dataclass
 class LoraState:
-    """Kept on the pipeline (``pipe._fluxtune_lora``) so :func:`fluxtune.set_loras` can switch LoRAs."""
+    """Kept on the pipeline (:func:`fluxtune.tuning.state.lora_state`) so :func:`fluxtune.set_loras` can switch LoRAs."""
 
     mode: str
     loras: tuple[Lora, ...] = ()
@@ -113,7 +114,7 @@ def inspect_lora(lora: Lora, pipe: Any) -> LoraFile:
     return LoraFile(path=path, targets=frozenset(targets), rank=rank)
 
 
-def _load(pipe: Any, lora: Lora, *, hotswap: bool = False) -> None:
+def load_lora(pipe: Any, lora: Lora, *, hotswap: bool = False) -> None:
     try:
         pipe.load_lora_weights(lora.path, adapter_name=lora.adapter_name, hotswap=hotswap)
     except Exception as e:  # peft/diffusers raise ValueError, RuntimeError, KeyError ... on a bad file
@@ -152,7 +153,7 @@ def fuse(pipe: Any, loras: tuple[Lora, ...]) -> None:
     """Load ``loras``, fuse them at their scales into the base weights and drop the adapters."""
     names = [lo.adapter_name for lo in loras]
     for lo in loras:
-        _load(pipe, lo)
+        load_lora(pipe, lo)
     pipe.set_adapters(names, [lo.scale for lo in loras])
     pipe.fuse_lora(components=["transformer"], lora_scale=1.0, adapter_names=names)
     pipe.unload_lora_weights()  # keeps the fused weights, removes the peft layers
@@ -243,7 +244,7 @@ class LoraHandler(Handler):
                 state.hotswap_targets = frozenset().union(*(i.targets for i in infos))
                 pipe.enable_lora_hotswap(target_rank=state.hotswap_rank)
             for lo in loras:
-                _load(pipe, lo)
+                load_lora(pipe, lo)
                 state.loaded[lo.adapter_name] = lo.path
             if mode == "hotswap":
                 record_hotswap_base(t, state, list(state.loaded))
@@ -255,7 +256,7 @@ class LoraHandler(Handler):
                 if mode == "hotswap" else "")
         if ctx.on_gpu:
             torch.cuda.synchronize(ctx.device)
-        ctx.pipe._fluxtune_lora = state
+        set_lora_state(ctx.pipe, state)
         names = ", ".join(f"{lo.adapter_name}@{lo.scale:g}" for lo in loras)
         ctx.report.add(self.name, "transformer", f"{mode} ({why}): {names}: {detail}",
                        seconds=time.perf_counter() - t0)

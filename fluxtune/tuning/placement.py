@@ -15,7 +15,7 @@ from fluxtune.units import format_bytes
 _GROUP_HOOKS = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
 
 
-def _parallel_host_pinning() -> str | None:
+def parallel_host_pinning() -> str | None:
     """Let pinned host allocations fault in and register their pages on several threads.
 
     torch's default pinned allocator (cudaHostAlloc, one thread) managed 1.2 GB/s on the H200's host,
@@ -107,7 +107,7 @@ class PlacementHandler(Handler):
         seq += [n for n in comps if n not in seq]
         model_hooks: list[Any] = []
         if ctx.on_gpu and any(_pins_host_memory(modes[n]) for n in comps):
-            setting = _parallel_host_pinning()
+            setting = parallel_host_pinning()
             if setting is not None:
                 ctx.report.add(self.name, "pipeline", f"host pinning on several threads ({setting})")
         for name in seq:
@@ -134,6 +134,7 @@ class PlacementHandler(Handler):
                 detail = self._group(ctx, name, module, off)
             else:
                 assert isinstance(off, PartialResidency)
+                from fluxtune.tuning.state import set_streamer
                 from fluxtune.tuning.streaming import BlockStreamer
 
                 # Under card emulation the copies are paced to the emulated card's host->device rate.
@@ -141,7 +142,7 @@ class PlacementHandler(Handler):
                                          resident_blocks=off.resident_blocks, prefetch=off.prefetch,
                                          pace_gbs=ctx.hardware.h2d_gbs if ctx.hardware.emulated_on else None)
                 ctx.undo.append((self.name, streamer.remove))
-                module._fluxtune_streamer = streamer
+                set_streamer(module, streamer)
                 detail = f"partial residency: {streamer.describe()}"
             if ctx.hardware.emulated_on and isinstance(off, ModelOffload | SequentialOffload):
                 detail += f" (copies NOT paced to the emulated {ctx.hardware.h2d_gbs:g} GB/s: accelerate's hooks run at this link's rate)"

@@ -1,9 +1,11 @@
-"""quantize: torchao ``quantize_`` on each component's Linear layers. The only torchao importer."""
+"""quantize: torchao ``quantize_`` on each component's Linear layers. The only torchao importer:
+the handler, LoRA switching and the sensitivity scan all go through :func:`quantize_module`."""
 
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fluxtune.errors import MissingDependencyError
@@ -80,6 +82,38 @@ def _linear_filter(q: Quantize, excluded: list[str]) -> Any:
     return keep
 
 
+def quantize_module(module: Any, q: Quantize, *, on_cuda: bool, device: Any = None,
+                    only: Callable[[str], bool] | None = None) -> tuple[list[str], list[str]]:
+    """Quantize ``module``'s Linear layers with torchao as ``q`` says; the one call of ``quantize_``.
+
+    Args:
+        module: the module to quantize in place.
+        q: the profile's quantize section (method, granularity, exclude patterns).
+        on_cuda: whether the kernels will run on a CUDA GPU (int4's packing depends on it).
+        device: quantize layer by layer onto this device (None: where the weights are).
+        only: further restricts the layers to those whose qualified name it accepts.
+
+    Returns:
+        The qualified names of the layers quantized, and of those ``q`` kept in higher precision.
+    """
+    from torchao.quantization import quantize_
+
+    excluded: list[str] = []
+    keep = _linear_filter(q, excluded)
+    done: list[str] = []
+
+    def chosen(mod: Any, fqn: str) -> bool:
+        if only is not None and not only(fqn):
+            return False
+        if keep(mod, fqn):
+            done.append(fqn)
+            return True
+        return False
+
+    quantize_(module, torchao_config(q, on_cuda=on_cuda), filter_fn=chosen, device=device)
+    return done, excluded
+
+
 @register
 class QuantizeHandler(Handler):
     name = "quantize"
@@ -98,21 +132,18 @@ class QuantizeHandler(Handler):
 
     def apply(self, ctx: Context) -> None:
         import torch
-        from torchao.quantization import quantize_
 
         for name, module in ctx.components().items():
             q = ctx.profile.component(name).quantize
             if q is None:
                 continue
             resident = isinstance(ctx.profile.component(name).offload, NoOffload)
-            excluded: list[str] = []
-            keep = _linear_filter(q, excluded)
 
             t0 = time.perf_counter()
             # A resident component is quantized layer by layer straight onto the GPU, so the bf16 copy
             # never has to fit there in one piece; offloaded ones are quantized where they are.
             device = ctx.device if resident and ctx.on_gpu else None
-            quantize_(module, torchao_config(q, on_cuda=ctx.on_gpu), filter_fn=keep, device=device)
+            _, excluded = quantize_module(module, q, on_cuda=ctx.on_gpu, device=device)
             if ctx.on_gpu:
                 torch.cuda.synchronize(ctx.device)
             n_q, n_all = quantized_linear_count(module)

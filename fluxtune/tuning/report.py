@@ -24,6 +24,8 @@ class ApplyReport:
     profile: str
     device: str
     actions: list[Action] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    """What the user should know (e.g. the profile was measured on another model or GPU)."""
 
     def add(self, knob: str, component: str, detail: str, *, skipped: bool = False, seconds: float = 0.0) -> None:
         self.actions.append(Action(knob, component, "skipped" if skipped else "applied", detail, seconds))
@@ -41,7 +43,8 @@ class ApplyReport:
         return sum(a.seconds for a in self.actions if knob is None or a.knob == knob)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"profile": self.profile, "device": self.device, "actions": [asdict(a) for a in self.actions]}
+        return {"profile": self.profile, "device": self.device, "actions": [asdict(a) for a in self.actions],
+                "warnings": list(self.warnings)}
 
     def __str__(self) -> str:
         lines = [f"applied profile {self.profile!r} on {self.device}:"]
@@ -49,4 +52,4 @@ class ApplyReport:
             mark = "+" if a.status == "applied" else "-"
             t = f" ({a.seconds:.2f}s)" if a.seconds >= 0.01 else ""
             lines.append(f"  {mark} {a.knob:<12} {a.component:<15} {a.detail}{t}")
-        return "\n".join(lines)
+        return "\n".join(lines)  # warnings go through the warnings module (the CLI prints each once)
