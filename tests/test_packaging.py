@@ -25,6 +25,7 @@ def test_wheel_ships_the_presets_and_reads_them_installed(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     sources = sorted(p.name for p in (ROOT / "profiles").glob("*.yaml"))
     assert sources and all(f"fluxtune/profiles/{n}" in names for n in sources), sorted(names)[:20]
+    assert "fluxtune/data/gpus.yaml" in names  # the GPU table: env, predict, --emulate and the presets need it
     # Installed (unpacked) away from the repository, list_presets finds them in the package.
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
