@@ -115,7 +115,7 @@ def test_a_variant_is_chosen_by_class_and_overrides_go_on_top() -> None:
     assert p.for_class("hopper").transformer.quantize.granularity == "row"
     ada = p.for_class("ada")
     assert (ada.variant, ada.transformer.quantize.granularity) == ("ada", "tensor")
-    assert p.for_class("ampere").transformer.quantize.method == "int8_dynamic"
+    assert p.for_class("ampere").transformer.quantize.method == "int8_weight"
     # The caller's override wins over the variant's.
     resolved = check_hardware(load_profile(p.for_class("ada"), ["transformer.quantize=int8_weight"]), card("RTX 4070"))
     assert resolved.transformer.quantize.method == "int8_weight"
