@@ -347,6 +347,7 @@ def test_calibrated_predictions_within_10_percent_on_the_h200_search() -> None:
     space = SearchSpace.create(hw, "flux", base, {}, transformer_bytes=int(t.block_params * t.dtype_bytes))
     preset = load_profile(Path(__file__).parents[1] / "profiles" / "flux-dev-12gb.yaml").to_dict()
     preset["generation"].update(height=1024, width=1024)
+    preset["transformer"]["offload"]["resident"] = "7.7GB"  # as measured in that search (the preset now keeps 6.9GB)
     cal, errors = Calibration(), []
     for params, measured in H200_S3B:
         if params == "preset":

@@ -61,7 +61,8 @@ def test_shipped_presets_validate():
     for name, path in presets.items():
         p = load_profile(path)
         assert p.name == name
-        assert p.measured is not None
+        # Measured for at least one GPU class (the tier presets for the cards of their tier, under emulation).
+        assert any(r.measured is not None for _, _, r in p.variant_table()), name
         budgets[name] = p.budget.vram if p.budget.enforce else None
         assert to_yaml(p)
     # Every tier carries (and enforces) its card's budget; the fast preset is for 32 GB and larger cards.
