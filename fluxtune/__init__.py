@@ -42,7 +42,9 @@ __all__ = [
     "UnsupportedHardwareError",
     "apply",
     "list_presets",
+    "load",
     "load_profile",
+    "report",
     "save_profile",
     "set_loras",
 ]
@@ -53,6 +55,22 @@ def apply(profile: Any, pipe: Any, **kwargs: Any) -> ApplyReport:
     from fluxtune.tuning import apply as _apply
 
     return _apply(profile, pipe, **kwargs)
+
+
+def load(model: str, profile: Any, **kwargs: Any) -> Any:
+    """Load ``model`` (a save_pretrained directory or hub id) straight into the form and place ``profile``
+    gives it, with no full host copy of the weights; see :func:`fluxtune.loading.load`."""
+    from fluxtune.loading import load as _load
+
+    return _load(model, profile, **kwargs)
+
+
+def report(pipe: Any) -> ApplyReport | None:
+    """What the last ``apply``/``load`` did to ``pipe`` (None: not tuned)."""
+    from fluxtune.tuning.state import call_state
+
+    state = call_state(pipe)
+    return state.report if state is not None else None
 
 
 def set_loras(pipe: Any, loras: Any) -> ApplyReport:

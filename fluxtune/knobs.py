@@ -63,8 +63,9 @@ class Budget(Knob):
         default=None, description="memory left to a display on the same GPU (e.g. 1GB on a desktop card)")
     host_ram: ByteSize | None = Field(
         default=None,
-        description="host memory the offload modes may pin (streamed offload keeps a host copy of every "
-        "offloaded weight); None = what the machine has",
+        description="host memory the process may use: itself (about 3 GB) plus the host copies of streamed "
+        "and offloaded weights; checked before fluxtune.load reads anything; None = the machine's memory less "
+        "max(4 GiB, 1/8)",
     )
 
 

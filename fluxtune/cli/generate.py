@@ -58,7 +58,13 @@ def run(args: argparse.Namespace) -> int:
         print(emulation_note(activate_emulation(args.emulate)))
     spec = pipelines.builtin(args.model)
     dtype = args.dtype or (spec.dtype if spec is not None and spec.dtype else "bfloat16")
-    pipe: Any = pipelines.load(args.model, dtype=dtype)
+    if spec is None:
+        from fluxtune.loading import skeleton
+
+        # A directory or hub id: apply reads each block from the checkpoint to where the profile puts it.
+        pipe: Any = skeleton(args.model, dtype=dtype)
+    else:
+        pipe = pipelines.load(args.model, dtype=dtype)
     family = pipelines.family(pipe)
     calls: list[dict[str, Any]] = []
     if family == "dit":

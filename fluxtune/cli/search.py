@@ -38,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=int, default=None, help="amortise compile time over this many images")
     p.add_argument("--floor-compiled", action="store_true",
                    help="also measure the reference compiled, and judge quality against that floor too")
-    p.add_argument("--ram-budget", default=None, help="host RAM the offload modes may use (default: all of it)")
+    p.add_argument("--ram-budget", default=None, help="host RAM the process may use: its own memory and the host copies of offloaded weights "
+                   "(default: the machine's memory less max(4 GiB, 1/8))")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: journal file in .fluxtune/)")
     p.add_argument("--study", default=None, help="study name (default derived from model, budget, objective)")
     p.add_argument("--gpus", default=None, help="GPU indices to run one worker each on, e.g. 0,1 (default 0)")

@@ -1,4 +1,4 @@
-"""A background thread that samples the process's GPU memory (NVML) and host RSS during a measurement."""
+"""A background thread that samples the process's GPU memory (NVML) and host RSS (with its children) during a measurement."""
 
 from __future__ import annotations
 
@@ -33,11 +33,26 @@ class Sampler:
             except ImportError:  # pragma: no cover - hardware is part of the package
                 self._hw = None
 
-    def sample(self) -> None:
+    def host_rss(self) -> int:
+        """RSS of this process and its children (inductor's compile workers, a bench's worker): what the
+        host must hold at this moment."""
         try:
-            rss = int(self.process.memory_info().rss)
+            total = int(self.process.memory_info().rss)
         except psutil.Error:
-            rss = 0
+            return 0
+        try:
+            children = self.process.children(recursive=True)
+        except psutil.Error:
+            children = []
+        for child in children:
+            try:
+                total += int(child.memory_info().rss)
+            except psutil.Error:  # it exited between the listing and the read
+                continue
+        return total
+
+    def sample(self) -> None:
+        rss = self.host_rss()
         nvml = device = None
         if self._hw is not None and self.gpu_index is not None:
             nvml = self._hw.process_memory_used(self.gpu_index)

@@ -57,6 +57,11 @@ DEFAULT_OVERHEAD = 800 * 10**6
 """CUDA context + cuBLAS/cuDNN workspaces outside the caching allocator, charged to the budget (the budget is
 the whole process). H200 FLUX preset runs: NVML process peak - allocator reserved peak = 0.79-0.83 GB."""
 
+HOST_PROCESS = 3 * 10**9
+"""Host memory of the process itself (interpreter, torch, the CUDA libraries, diffusers), charged to
+budget.host_ram besides the weights it keeps on the host; set from the H200 host's peak RSS of a loaded
+pipeline less its host weights (see docs/results/2026-12-03)."""
+
 
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 _PHASE_ORDER = ("text_encoder", "text_encoder_2", "transformer", "vae")
@@ -80,12 +85,17 @@ def _lc_skipped(name: str, patterns: tuple[re.Pattern[str], ...]) -> bool:
     return any(p.search(".".join(parts[:i])) for i in range(1, len(parts) + 1) for p in patterns)
 
 
-def _quant_weight_bytes(leaf: Leaf, q: Quantize) -> float:
+def quantized_bytes(weight_numel: int, rows: int, q: Quantize) -> float:
+    """Bytes of one Linear weight of ``weight_numel`` elements and ``rows`` outputs once ``q`` quantized it."""
     if q.method == "int4_weight":
         # 4-bit values plus a bf16 scale and zero point per group of group_size inputs.
-        return leaf.weight * 0.5 + leaf.weight / q.group_size * 4
-    scales = 4 if q.method.endswith("dynamic") and q.granularity == "tensor" else leaf.rows * 4
-    return leaf.weight * 1.0 + scales
+        return weight_numel * 0.5 + weight_numel / q.group_size * 4
+    scales = 4 if q.method.endswith("dynamic") and q.granularity == "tensor" else rows * 4
+    return weight_numel * 1.0 + scales
+
+
+def _quant_weight_bytes(leaf: Leaf, q: Quantize) -> float:
+    return quantized_bytes(leaf.weight, leaf.rows, q)
 
 
 def _leaf_bytes(comp: Component, facts: ComponentFacts) -> dict[str, float]:
@@ -344,7 +354,7 @@ def predict(
 
     allocated = raw_peak * ratio
     reserved = allocated * fragmentation
-    host = sum(_host_bytes(profile.component(n).offload, weights[n]) for n in present)
+    host = HOST_PROCESS + sum(_host_bytes(profile.component(n).offload, weights[n]) for n in present)
     peak_terms = terms.get(peak_phase, {})
     return Prediction(
         peak_vram=int(reserved + overhead),
@@ -396,14 +406,21 @@ def smallest_feasible_budget(
     return peak, profiles[i]
 
 
+def default_host_budget(total: int) -> int:
+    """``budget.host_ram`` when a profile sets none: the machine's memory less max(4 GiB, 1/8) for the
+    OS, the desktop and the page cache (a 32 GiB machine: 28 GiB)."""
+    return int(total - max(4 * 2**30, total / 8))
+
+
 def check_host_ram(prediction: Prediction, host_ram_budget: int | None) -> str | None:
     """A one-line message when the offload modes need more host memory than allowed, else None."""
     if host_ram_budget is None or prediction.host_ram <= host_ram_budget:
         return None
     return (
-        f"the offloaded weights need about {format_bytes(prediction.host_ram)} of host memory (pinned copies for "
-        f"streamed offload) but budget.host_ram={format_bytes(host_ram_budget)}: quantize the offloaded "
-        f"components, keep more resident, use group offload with disk_path, or raise budget.host_ram"
+        f"needs about {format_bytes(prediction.host_ram)} of host memory (the process, {format_bytes(HOST_PROCESS)}, "
+        f"and the host copies of streamed and offloaded weights) but budget.host_ram={format_bytes(host_ram_budget)}: "
+        "quantize the offloaded components, keep more resident, use group offload with disk_path, or raise "
+        "budget.host_ram"
     )
 
 

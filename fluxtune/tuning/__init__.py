@@ -37,7 +37,7 @@ from fluxtune.tuning.generation import CallState
 from fluxtune.tuning.report import Action, ApplyReport
 from fluxtune.tuning.state import broken_reason, call_state, is_tuned, mark_broken, reset, set_call_state
 
-__all__ = ["Action", "ApplyReport", "apply", "check_hardware", "irreversible_signature", "is_tuned", "preload",
+__all__ = ["Action", "ApplyReport", "apply", "check_hardware", "execution_device", "irreversible_signature", "is_tuned", "preload",
            "reset", "resolve"]
 
 
@@ -90,7 +90,8 @@ def irreversible_signature(profile: Profile) -> dict[str, Any]:
     return sig
 
 
-def _device(hardware: HardwareInfo, device: str | None) -> Any:
+def execution_device(hardware: HardwareInfo, device: str | None) -> Any:
+    """The device a profile runs on: ``device`` if given, else the detected GPU, else the CPU."""
     import torch
 
     if device is not None:
@@ -286,7 +287,7 @@ def apply(
 
     _check_pipeline(pipe)
     hw = hardware if hardware is not None else detect_hardware()
-    dev = _device(hw, device)
+    dev = execution_device(hw, device)
     # The variant for this GPU first, then the caller's overrides on top of it (the caller's word wins).
     prof, variant_line = resolve(load_profile(profile), hw, dev)
     if overrides:

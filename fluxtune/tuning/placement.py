@@ -6,11 +6,15 @@ import contextlib
 import os
 import time
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fluxtune.knobs import GroupOffload, ModelOffload, NoOffload, PartialResidency, SequentialOffload
 from fluxtune.tuning.base import PLACEMENT, Context, Handler, register
+from fluxtune.tuning.state import set_weight_plan, weight_plan
 from fluxtune.units import format_bytes
+
+if TYPE_CHECKING:
+    from fluxtune.tuning.materialize import Materializer
 
 _GROUP_HOOKS = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
 
@@ -90,7 +94,10 @@ class PlacementHandler(Handler):
                 problems.append(f"compile.inductor_mode={ctx.profile.compile.inductor_mode} uses CUDA graphs, "
                                 f"which need fixed weight addresses; with {name}.offload.mode={off.mode} use "
                                 "max-autotune-no-cudagraphs or default")
-        host = ctx.profile.budget.host_ram or ctx.hardware.host_ram_bytes
+        from fluxtune.memory import default_host_budget
+
+        host = ctx.profile.budget.host_ram or (default_host_budget(ctx.hardware.host_ram_bytes)
+                                               if ctx.hardware.host_ram_bytes else None)
         if offloaded and host and offloaded > host:
             problems.append(f"budget.host_ram={format_bytes(host)}: the offloaded components need "
                             f"{format_bytes(offloaded)} of host memory; quantize them or raise the host budget")
@@ -113,39 +120,18 @@ class PlacementHandler(Handler):
         for name in seq:
             off, module = modes[name], comps[name]
             t0 = time.perf_counter()
-            if isinstance(off, NoOffload):
-                module.to(ctx.device)
-                ctx.report.add(self.name, name, f"resident on {ctx.device}", seconds=time.perf_counter() - t0)
-                continue
-            if isinstance(off, ModelOffload):
-                from accelerate import cpu_offload_with_hook
+            plan = weight_plan(module)
+            from fluxtune.tuning.materialize import Materializer
 
-                _, hook = cpu_offload_with_hook(module, ctx.device, prev_module_hook=model_hooks[-1] if model_hooks else None)
-                model_hooks.append(hook)
-                ctx.undo.append((self.name, partial(_remove_accelerate, module)))
-                detail = "model offload (on the GPU only while it runs)"
-            elif isinstance(off, SequentialOffload):
-                from accelerate import cpu_offload
-
-                cpu_offload(module, execution_device=ctx.device, offload_buffers=len(module._parameters) > 0)
-                ctx.undo.append((self.name, partial(_remove_accelerate, module)))
-                detail = "sequential offload (each layer on the GPU only for its forward)"
-            elif isinstance(off, GroupOffload):
-                detail = self._group(ctx, name, module, off)
-            else:
-                assert isinstance(off, PartialResidency)
-                from fluxtune.tuning.state import set_streamer
-                from fluxtune.tuning.streaming import BlockStreamer
-
-                # Under card emulation the copies are paced to the emulated card's host->device rate.
-                streamer = BlockStreamer(module, ctx.device, resident_bytes=off.resident,
-                                         resident_blocks=off.resident_blocks, prefetch=off.prefetch,
-                                         pace_gbs=ctx.hardware.h2d_gbs if ctx.hardware.emulated_on else None)
-                ctx.undo.append((self.name, streamer.remove))
-                set_streamer(module, streamer)
-                detail = f"partial residency: {streamer.describe()}"
-            if ctx.hardware.emulated_on and isinstance(off, ModelOffload | SequentialOffload):
-                detail += f" (copies NOT paced to the emulated {ctx.hardware.h2d_gbs:g} GB/s: accelerate's hooks run at this link's rate)"
+            mat = Materializer(module, plan, ctx.device, on_cuda=ctx.on_gpu) if plan is not None else None
+            try:
+                detail = self._place(ctx, name, module, off, mat, model_hooks)
+            finally:
+                if mat is not None:
+                    mat.close()
+                    set_weight_plan(module, None)
+            if mat is not None and mat.describe():
+                detail += f"; {mat.describe()}"
             if ctx.on_gpu:
                 torch.cuda.synchronize(ctx.device)
             ctx.report.add(self.name, name, detail, seconds=time.perf_counter() - t0)
@@ -156,6 +142,52 @@ class PlacementHandler(Handler):
         if model_hooks:
             # The last hooked component stays on the GPU after a call unless somebody offloads it.
             ctx.after_call.append(partial(_offload_all, model_hooks))
+
+    def _place(self, ctx: Context, name: str, module: Any, off: Any, mat: Materializer | None,
+               model_hooks: list[Any]) -> str:
+        """Put one component where ``off`` says; weights still to be read or quantized go unit by unit."""
+        import torch
+
+        host = torch.device("cpu")
+        if isinstance(off, NoOffload):
+            if mat is not None:
+                mat.bring_all(mat.units)
+            module.to(ctx.device)
+            return f"resident on {ctx.device}"
+        if mat is not None and not isinstance(off, PartialResidency):
+            # Offloaded components live on the host: each unit is read/quantized on the device, then moved.
+            mat.bring_all(mat.units, lambda unit: mat.move_unit(unit, host))
+        if isinstance(off, ModelOffload):
+            from accelerate import cpu_offload_with_hook
+
+            _, hook = cpu_offload_with_hook(module, ctx.device, prev_module_hook=model_hooks[-1] if model_hooks else None)
+            model_hooks.append(hook)
+            ctx.undo.append((self.name, partial(_remove_accelerate, module)))
+            detail = "model offload (on the GPU only while it runs)"
+        elif isinstance(off, SequentialOffload):
+            from accelerate import cpu_offload
+
+            cpu_offload(module, execution_device=ctx.device, offload_buffers=len(module._parameters) > 0)
+            ctx.undo.append((self.name, partial(_remove_accelerate, module)))
+            detail = "sequential offload (each layer on the GPU only for its forward)"
+        elif isinstance(off, GroupOffload):
+            detail = self._group(ctx, name, module, off)
+        else:
+            assert isinstance(off, PartialResidency)
+            from fluxtune.tuning.state import set_streamer
+            from fluxtune.tuning.streaming import BlockStreamer
+
+            # Under card emulation the copies are paced to the emulated card's host->device rate.
+            streamer = BlockStreamer(module, ctx.device, resident_bytes=off.resident,
+                                     resident_blocks=off.resident_blocks, prefetch=off.prefetch,
+                                     pace_gbs=ctx.hardware.h2d_gbs if ctx.hardware.emulated_on else None,
+                                     materializer=mat)
+            ctx.undo.append((self.name, streamer.remove))
+            set_streamer(module, streamer)
+            detail = f"partial residency: {streamer.describe()}"
+        if ctx.hardware.emulated_on and isinstance(off, ModelOffload | SequentialOffload):
+            detail += f" (copies NOT paced to the emulated {ctx.hardware.h2d_gbs:g} GB/s: accelerate's hooks run at this link's rate)"
+        return detail
 
     def _group(self, ctx: Context, name: str, module: Any, off: GroupOffload) -> str:
         import torch

@@ -11,6 +11,7 @@ from typing import Any
 from fluxtune.errors import MissingDependencyError
 from fluxtune.knobs import NoOffload, Quantize
 from fluxtune.tuning.base import QUANTIZE, Context, Handler, register
+from fluxtune.tuning.state import set_weight_plan, weight_plan
 
 
 def torchao_config(q: Quantize, *, on_cuda: bool) -> Any:
@@ -60,7 +61,7 @@ def _is_subclass_weight(weight: Any) -> bool:
     return type(data) is not torch.Tensor
 
 
-def _linear_filter(q: Quantize, excluded: list[str]) -> Any:
+def linear_filter(q: Quantize, excluded: list[str]) -> Any:
     """quantize_'s filter: Linear layers not matching ``exclude`` (skipped names go to ``excluded``)."""
     import torch
 
@@ -99,7 +100,7 @@ def quantize_module(module: Any, q: Quantize, *, on_cuda: bool, device: Any = No
     from torchao.quantization import quantize_
 
     excluded: list[str] = []
-    keep = _linear_filter(q, excluded)
+    keep = linear_filter(q, excluded)
     done: list[str] = []
 
     def chosen(mod: Any, fqn: str) -> bool:
@@ -133,11 +134,21 @@ class QuantizeHandler(Handler):
     def apply(self, ctx: Context) -> None:
         import torch
 
+        from fluxtune.tuning.materialize import WeightPlan
+
         for name, module in ctx.components().items():
             q = ctx.profile.component(name).quantize
             if q is None:
                 continue
             resident = isinstance(ctx.profile.component(name).offload, NoOffload)
+            plan = weight_plan(module)
+            if (plan is not None and plan.source is not None) or (ctx.on_gpu and not resident):
+                # Weights still in the checkpoint, or bound for the host: placement quantizes each block on
+                # the device as it places it (no full-precision copy of the whole component anywhere).
+                set_weight_plan(module, WeightPlan(source=plan.source if plan else None, quantize=q))
+                where = "the GPU" if ctx.on_gpu else str(ctx.device)
+                ctx.report.add(self.name, name, f"{q.method}: done on {where} block by block while placing")
+                continue
 
             t0 = time.perf_counter()
             # A resident component is quantized layer by layer straight onto the GPU, so the bf16 copy

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fluxtune.tuning.generation import CallState
     from fluxtune.tuning.lora import LoraState
+    from fluxtune.tuning.materialize import WeightPlan
     from fluxtune.tuning.streaming import BlockStreamer
 
 CALL_ATTR = "_fluxtune"
@@ -21,11 +22,14 @@ LORA_ATTR = "_fluxtune_lora"
 STREAMER_ATTR = "_fluxtune_streamer"
 BASE_ATTR = "_fluxtune_base"
 """Set on the tuned subclass (a class attribute): the pipeline's own class."""
+WEIGHTS_ATTR = "_fluxtune_weights"
+"""Set on a component whose weights placement must still read or quantize (a WeightPlan)."""
 BROKEN_ATTR = "_fluxtune_broken"
 """Set on a component whose weights a failed ``apply`` changed (the reason); fresh components clear it."""
 
 __all__ = ["BASE_ATTR", "BROKEN_ATTR", "base_class", "broken_reason", "call_state", "is_tuned", "lora_state",
-           "mark_broken", "reset", "set_call_state", "set_lora_state", "set_streamer", "streamer_of"]
+           "mark_broken", "reset", "set_call_state", "set_lora_state", "set_streamer", "set_weight_plan", "streamer_of",
+           "weight_plan"]
 
 
 def call_state(pipe: Any) -> CallState | None:
@@ -68,6 +72,18 @@ def streamer_of(module: Any) -> BlockStreamer | None:
 
 def set_streamer(module: Any, streamer: BlockStreamer) -> None:
     setattr(module, STREAMER_ATTR, streamer)
+
+
+def weight_plan(module: Any) -> WeightPlan | None:
+    """What placement must still do to ``module``'s weights (read them, quantize them), or None."""
+    return getattr(module, WEIGHTS_ATTR, None)
+
+
+def set_weight_plan(module: Any, plan: WeightPlan | None) -> None:
+    if plan is None:
+        module.__dict__.pop(WEIGHTS_ATTR, None)
+    else:
+        setattr(module, WEIGHTS_ATTR, plan)
 
 
 def base_class(pipe: Any) -> type:

@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import functools
 import os
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fluxtune.knobs import choose_streamed
 from fluxtune.tuning.hostmem import HostArena, aligned
+
+if TYPE_CHECKING:
+    from fluxtune.tuning.materialize import Materializer
 
 
 def _inner(t: torch.Tensor) -> list[torch.Tensor] | None:
@@ -222,12 +226,14 @@ class BlockStreamer:
         resident_blocks: int | None = None,
         prefetch: int = 1,
         pace_gbs: float | None = None,
+        materializer: Materializer | None = None,
     ) -> None:
         self.transformer, self.device, self.prefetch = transformer, device, prefetch
         blocks = repeated_blocks(transformer)
         if not blocks:
             raise ValueError(f"{type(transformer).__name__} has no repeated blocks to stream")
-        sizes = [module_bytes(b) for _, b in blocks]
+        # Weights still to be read or quantized count at the size they will have once placed.
+        sizes = [materializer.expected_bytes(n) if materializer else module_bytes(b) for n, b in blocks]
         streamed = set(choose_streamed(sizes, resident_bytes, resident_blocks))
         self.names = [blocks[i][0] for i in sorted(streamed)]
         self.resident_bytes = sum(s for i, s in enumerate(sizes) if i not in streamed)
@@ -238,44 +244,85 @@ class BlockStreamer:
         self._handles: list[Any] = []
         self._origin: dict[int, torch.device] = {}
 
-        # Everything but the streamed blocks moves to the device for good, and so do the parts of
-        # streamed blocks that the model also calls from outside them.
         keep = _outside_calls(transformer)
-        streamed_ids = {id(m) for i in streamed for m in blocks[i][1].modules()} - keep
-        for module in transformer.modules():
-            if id(module) in streamed_ids:
-                continue
-            for p in module.parameters(recurse=False):
-                _assign(p, _moved(p, device))
-            for name, b in list(module.named_buffers(recurse=False)):
-                if b is not None:
-                    module._buffers[name] = b.to(device)
-        # Streamed blocks keep a host copy as their home, one page-locked arena per block, built on
-        # a thread pool: faulting in and locking host pages is the slow part of apply.
         chosen = [blocks[i][1] for i in sorted(streamed)]
-        workers = max(1, min(16, os.cpu_count() or 1, len(chosen)))
-        with ThreadPoolExecutor(workers, thread_name_prefix="fluxtune-pin") as pool:
-            built = list(pool.map(lambda b: _host_homes(b, device, keep), chosen))
         self.items: list[_Streamed] = []
         self.arenas: list[HostArena] = []
-        for block, (arena, homes) in zip(chosen, built, strict=True):
-            item = _Streamed(block, nbytes=sum(tensor_bytes(h) for _, _, h in homes))
-            for module, name, home in homes:
-                param = module._parameters[name]
-                assert param is not None
-                self._origin[id(param)] = param.device  # the wrapper's device, restored by remove()
-                _assign(param, home)
-                item.homes.append((module, name, home))
-            self.items.append(item)
-            self.arenas.append(arena)
-            for module in block.modules():  # buffers are small: keep them on the device
+        workers = max(1, min(16, os.cpu_count() or 1, len(chosen)))
+        if materializer is None:
+            # Everything but the streamed blocks moves to the device for good, and so do the parts of
+            # streamed blocks that the model also calls from outside them.
+            streamed_ids = {id(m) for i in streamed for m in blocks[i][1].modules()} - keep
+            for module in transformer.modules():
+                if id(module) in streamed_ids:
+                    continue
+                for p in module.parameters(recurse=False):
+                    _assign(p, _moved(p, device))
                 for name, b in list(module.named_buffers(recurse=False)):
                     if b is not None:
                         module._buffers[name] = b.to(device)
+            # Streamed blocks keep a host copy as their home, one page-locked arena per block, built on
+            # a thread pool: faulting in and locking host pages is the slow part of apply.
+            with ThreadPoolExecutor(workers, thread_name_prefix="fluxtune-pin") as pool:
+                built = list(pool.map(lambda b: _host_homes(b, device, keep), chosen))
+            for block, (arena, homes) in zip(chosen, built, strict=True):
+                self._adopt(block, arena, homes, None)
+        else:
+            self._materialize(materializer, blocks, streamed, keep, workers)
+        for module in transformer.modules():  # buffers are small: keep them on the device
+            for name, b in list(module.named_buffers(recurse=False)):
+                if b is not None and b.device != device:
+                    module._buffers[name] = b.to(device)
+        if materializer is not None:  # what was placed, not what was expected
+            self.resident_bytes = sum(module_bytes(b) for i, (_, b) in enumerate(blocks) if i not in streamed)
+            self.streamed_bytes = sum(item.nbytes for item in self.items)
         for j, item in enumerate(self.items):
             self._handles.append(item.block.register_forward_pre_hook(self._pre_hook(j)))
             self._handles.append(item.block.register_forward_hook(self._post_hook(j)))
         self._handles.append(transformer.register_forward_pre_hook(self._root_pre_hook))
+
+    def _adopt(self, block: torch.nn.Module, arena: HostArena, homes: list[_Home], origin: torch.device | None) -> None:
+        """Point a streamed block's parameters at their host homes in ``arena``."""
+        item = _Streamed(block, nbytes=sum(tensor_bytes(h) for _, _, h in homes))
+        for module, name, home in homes:
+            param = module._parameters[name]
+            assert param is not None
+            # The wrapper's device, restored by remove() (the host for weights read from a checkpoint).
+            self._origin[id(param)] = origin or param.device
+            _assign(param, home)
+            item.homes.append((module, name, home))
+        self.items.append(item)
+        self.arenas.append(arena)
+
+    def _materialize(self, mat: Materializer, blocks: list[tuple[str, torch.nn.Module]], streamed: set[int],
+                     keep: set[int], workers: int) -> None:
+        """Resident units first, then each streamed block: read (or moved) onto the device, quantized
+        there if the plan says, then copied into its arena on a thread while the next block is read;
+        at most a few streamed blocks are on the device at once."""
+        from fluxtune.tuning.materialize import REST
+
+        names = [blocks[i][0] for i in sorted(streamed)]
+        order = [n for i, (n, _) in enumerate(blocks) if i not in streamed] + [REST] + names
+        pending: deque[tuple[torch.nn.Module, Future[tuple[HostArena, list[_Home]]]]] = deque()
+        host = torch.device("cpu")
+
+        def finish() -> None:
+            block, fut = pending.popleft()
+            arena, homes = fut.result()
+            self._adopt(block, arena, homes, host)
+
+        with ThreadPoolExecutor(workers, thread_name_prefix="fluxtune-pin") as pool:
+            def after(unit: str) -> None:
+                block = mat.block(unit)
+                if unit not in names or block is None:
+                    return
+                pending.append((block, pool.submit(_host_homes, block, self.device, keep)))
+                while len(pending) > 3:
+                    finish()
+
+            mat.bring_all(order, after)
+            while pending:
+                finish()
 
     # -- moving one block -----------------------------------------------------------------------
     def _load(self, j: int) -> None:

@@ -5,12 +5,12 @@ pipe and gets :class:`~fluxtune.worker.protocol.RunOutcome` messages back; a wor
 killed takes only its current run with it (the parent records it and starts a new worker).
 Inside, trials reuse the loaded pipeline: reversible knobs are re-applied in place, and a trial that
 needs different irreversible knobs (quantization, casting, fused QKV, compile) starts from pristine
-weights kept in host memory (or rebuilt, for the deterministic built-in models), never from disk.
+weights: a loaded model is a skeleton (:func:`fluxtune.loading.skeleton`) whose weights each apply reads
+from the checkpoint, so no host copy of the model is kept between trials; built-ins are rebuilt.
 """
 
 from __future__ import annotations
 
-import copy
 import gc
 import importlib
 import os
@@ -60,10 +60,6 @@ class TrialSession:
         t0 = time.perf_counter()
         self.pipe = self._fresh()
         self.load_s = time.perf_counter() - t0
-        self.pristine: dict[str, Any] | None = None
-        if not self.builtin:
-            # Host copies of the untouched weights: restoring them beats re-reading the checkpoint.
-            self.pristine = {n: copy.deepcopy(m).to("cpu") for n, m in pipelines.module_components(self.pipe).items()}
         self.dirty = False
         self.reference: Any = None
 
@@ -71,8 +67,13 @@ class TrialSession:
         from fluxtune import pipelines
 
         spec = pipelines.builtin(self.spec.model)
-        device = self.spec.device if spec is not None and spec.needs_gpu else None
-        pipe: Any = pipelines.load(self.spec.model, device=device, dtype=self.spec.dtype)
+        if spec is None:
+            from fluxtune.loading import skeleton
+
+            pipe: Any = skeleton(self.spec.model, dtype=self.spec.dtype)
+            return pipe
+        device = self.spec.device if spec.needs_gpu else None
+        pipe = pipelines.load(self.spec.model, device=device, dtype=self.spec.dtype)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -93,19 +94,11 @@ class TrialSession:
         pipe, self.pipe = self.pipe, None
         reset(pipe)  # hooks, caches, the process-wide attention backend; then the modules are replaced
         torch.compiler.reset()  # compiled code refers to the old modules
-        if self.pristine is None:
-            del pipe
-            gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            self.pipe = self._fresh()
-        else:
-            pipe.register_modules(**{name: None for name in self.pristine})
-            gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            pipe.register_modules(**{name: copy.deepcopy(m) for name, m in self.pristine.items()})
-            self.pipe = pipe
+        del pipe
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.pipe = self._fresh()
         self.dirty = False
 
     def _pipeline_for(self, profile: Profile) -> Any:
@@ -243,7 +236,9 @@ class TrialSession:
             if self.dirty or is_tuned(self.pipe):
                 self._restore()
             self.dirty = True  # the scan moves the pipeline; the next trial starts from pristine
-            self.pipe.to(self.device)
+            from fluxtune.loading import materialize_pipeline
+
+            materialize_pipeline(self.pipe, self.device)
             labels = list(self.workload.class_labels) or [0, 1]
             res = scan(self.pipe, req.method, class_labels=labels, seeds=[0], steps=req.steps, per_block=True,
                        model=self.spec.model)
