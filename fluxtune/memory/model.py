@@ -57,10 +57,25 @@ DEFAULT_OVERHEAD = 800 * 10**6
 """CUDA context + cuBLAS/cuDNN workspaces outside the caching allocator, charged to the budget (the budget is
 the whole process). H200 FLUX preset runs: NVML process peak - allocator reserved peak = 0.79-0.83 GB."""
 
-HOST_PROCESS = 3 * 10**9
+HOST_PROCESS = 1_400 * 10**6
 """Host memory of the process itself (interpreter, torch, the CUDA libraries, diffusers), charged to
-budget.host_ram besides the weights it keeps on the host; set from the H200 host's peak RSS of a loaded
-pipeline less its host weights (see docs/results/2026-12-03)."""
+budget.host_ram besides the weights it keeps on the host. H200 host, FLUX.1-dev from a saved directory:
+RSS after ``fluxtune.load`` less the host copies of the weights = 1.38 GB (flux-dev-12gb), 1.20 GB
+(flux-dev-fast, nothing on the host); docs/results/2026-12-03."""
+
+COMPILE_WORKER = 550 * 10**6
+"""Host memory of one of TorchInductor's compile workers (a Python process with torch imported) while the
+first call compiles: the RSS of the process and its children rose by 8.4-9.2 GB during the first call
+with 16 workers (the H200 host's 16 cores; docs/results/2026-12-03)."""
+
+
+def compile_workers() -> int:
+    """How many compile workers TorchInductor starts here (its default: one per core, at most 32)."""
+    import os
+
+    env = os.environ.get("TORCHINDUCTOR_COMPILE_THREADS")
+    n = int(env) if env and env.isdigit() else min(32, os.cpu_count() or 1)
+    return n if n > 1 else 0  # one thread compiles in the process itself
 
 
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -355,6 +370,8 @@ def predict(
     allocated = raw_peak * ratio
     reserved = allocated * fragmentation
     host = HOST_PROCESS + sum(_host_bytes(profile.component(n).offload, weights[n]) for n in present)
+    if profile.compile.enabled:
+        host += COMPILE_WORKER * compile_workers()
     peak_terms = terms.get(peak_phase, {})
     return Prediction(
         peak_vram=int(reserved + overhead),
@@ -417,10 +434,10 @@ def check_host_ram(prediction: Prediction, host_ram_budget: int | None) -> str |
     if host_ram_budget is None or prediction.host_ram <= host_ram_budget:
         return None
     return (
-        f"needs about {format_bytes(prediction.host_ram)} of host memory (the process, {format_bytes(HOST_PROCESS)}, "
-        f"and the host copies of streamed and offloaded weights) but budget.host_ram={format_bytes(host_ram_budget)}: "
-        "quantize the offloaded components, keep more resident, use group offload with disk_path, or raise "
-        "budget.host_ram"
+        f"needs about {format_bytes(prediction.host_ram)} of host memory (the process, the host copies of streamed "
+        f"and offloaded weights, and compile workers on the first call) but budget.host_ram="
+        f"{format_bytes(host_ram_budget)}: quantize the offloaded components, keep more resident, set "
+        "TORCHINDUCTOR_COMPILE_THREADS=1, or raise budget.host_ram"
     )
 
 

@@ -150,6 +150,10 @@ class TrialSession:
             return failed(Status.ERROR, _one_line(e), traceback.format_exc(limit=8))
         index = self.device.index or 0 if self.device.type == "cuda" else 0
         workload = self._trial_workload(profile)
+        if req.role == "reference" and not self.spec.fixed_workload:
+            # A search's reference is there for its images (the quality every trial is judged by), not
+            # its speed: one timed call, not the trials' repeats (a streamed bf16 FLUX call is 15 s).
+            workload = replace(workload, runs=1)
         m = measure(pipe, workload, budget_bytes=self.spec.budget_bytes, device_index=index, time_box_s=req.time_box_s)
         if m.status in (Status.OOM, Status.ERROR):
             self.dirty = True
