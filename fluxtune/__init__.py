@@ -41,10 +41,10 @@ __all__ = [
     "ProfileError",
     "UnsupportedHardwareError",
     "apply",
+    "last_report",
     "list_presets",
     "load",
     "load_profile",
-    "report",
     "save_profile",
     "set_loras",
 ]
@@ -65,8 +65,9 @@ def load(model: str, profile: Any, **kwargs: Any) -> Any:
     return _load(model, profile, **kwargs)
 
 
-def report(pipe: Any) -> ApplyReport | None:
-    """What the last ``apply``/``load`` did to ``pipe`` (None: not tuned)."""
+def last_report(pipe: Any) -> ApplyReport | None:
+    """What the last ``apply``/``load`` did to ``pipe`` (None: not tuned). (Not ``report``: that name
+    is the ``fluxtune.report`` module.)"""
     from fluxtune.tuning.state import call_state
 
     state = call_state(pipe)

@@ -62,7 +62,7 @@ def _case(kind: str, preset: str, directory: str, n: int, out: str, cold: bool) 
     if kind == "load":
         pipe = fluxtune.load(directory, preset)
         row["load_apply_s"] = round(time.time() - t0, 2)
-        rep = fluxtune.report(pipe)
+        rep = fluxtune.last_report(pipe)
     else:
         pipe = pipelines.load(directory)
         row["from_pretrained_s"] = round(time.time() - t0, 2)

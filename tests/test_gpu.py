@@ -111,3 +111,28 @@ def test_a_12gb_cap_holds(replica):
 def test_weights_over_the_cap_are_refused(replica):
     with pytest.raises(BudgetExceededError, match="budget.vram=12GB"):
         fluxtune.apply({"budget": {"vram": "12GB"}}, replica)
+
+
+def test_load_from_a_saved_directory_matches_the_plain_path(tmp_path):
+    """The user path on the GPU: fluxtune.load streams blocks from the checkpoint into the profile's
+    placement (fp8 on the GPU, the streamed blocks into page-locked arenas) and draws what
+    from_pretrained + apply draws. tiny-flux keeps it short; scripts/user_path.sh measures full size."""
+    from fluxtune.pipelines import load
+
+    load("tiny-flux", dtype="bfloat16").save_pretrained(tmp_path / "m")
+    profile = {"name": "p", "family": "flux", "budget": {"vram": "8GB"},
+               "transformer": {"offload": {"mode": "partial", "resident_blocks": 1},
+                               "quantize": {"method": "fp8_dynamic", "granularity": "tensor"}},
+               "text_encoder_2": {"offload": {"mode": "partial", "resident_blocks": 0},
+                                  "quantize": {"method": "int8_weight"}},
+               "generation": {"height": 64, "width": 64, "steps": 2}}
+    plain = load(str(tmp_path / "m"), dtype="bfloat16")
+    fluxtune.apply(profile, plain)
+    a = plain("a red fox", generator=torch.Generator().manual_seed(0), output_type="pt").images
+    del plain
+    gc.collect()
+    loaded = fluxtune.load(str(tmp_path / "m"), profile)
+    text = str(fluxtune.last_report(loaded))
+    assert "done on the GPU block by block while placing" in text and "page-locked host arenas" in text
+    b = loaded("a red fox", generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert (a.float() - b.float()).abs().max() < 1e-2

@@ -806,3 +806,21 @@ def test_plots_cpu_bench_points_quality_plot_and_chosen_tile(tmp_path, monkeypat
     grid = rep.image_grid([("reference", img), ("chosen: #1", img, True)], tmp_path / "g.png")
     assert grid is not None and grid.stat().st_size > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.png", "m.png", "q.png"]  # no temporary files left
+
+
+def test_a_search_on_a_saved_directory_reads_each_trial_from_the_checkpoint(home, tmp_path, monkeypatch):
+    """The user path: a save_pretrained directory. The worker keeps a meta-device skeleton, not a host copy
+    of the model; each trial's apply reads the weights it needs from the checkpoint, and a trial with other
+    quantization starts from a fresh skeleton."""
+    from fluxtune.pipelines import load as load_pipeline
+
+    load_pipeline("tiny-flux", dtype="float32").save_pretrained(tmp_path / "m")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    res = cli("search", "--model", tmp_path / "m", "--size", "64x64", "--steps", "2", "--budget", "12GB",
+              "--trials", "3", "--seed", "1", "--pin", "transformer.quantize=[none,int8_weight]", "--home", home)
+    assert res.code == 0, res.out[-3000:] + res.err[-3000:]
+    trials = [t for t in load(home, "m-12GB-latency").get_trials() if t.state == TrialState.COMPLETE]
+    assert len(trials) == 3 and all(t.user_attrs["status"] == "ok" for t in trials)
+    # Both quantizations ran: one trial had to start again from the checkpoint.
+    assert {load_profile(t.user_attrs["profile"]).transformer.quantize is None for t in trials} == {True, False}
+    assert "best: trial" in res.out

@@ -181,7 +181,7 @@ def load(
         variant: the checkpoint variant (``fp16`` files), as for ``from_pretrained``.
 
     Returns:
-        The tuned pipeline; ``fluxtune.report(pipe)`` says what was done.
+        The tuned pipeline; ``fluxtune.last_report(pipe)`` says what was done.
 
     Raises:
         PipelineError, ProfileError, IncompatibleKnobsError, UnsupportedHardwareError: as ``apply``.
