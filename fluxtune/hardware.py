@@ -102,6 +102,16 @@ class HardwareInfo:
 
         return match_gpu(self.gpu_name, self.total_memory_bytes) if self.has_cuda else None
 
+    @classmethod
+    def of_card(cls, spec: Any, *, memory_fraction: float = 1.0, host_ram_bytes: int = 0,
+                cpu_count: int = 0) -> HardwareInfo:
+        """A machine with the GPU table's card ``spec`` (:class:`fluxtune.gpus.GpuSpec`), as detect_hardware
+        would describe it there (``memory_fraction``: NVML reports a little less than the card's size)."""
+        return cls(gpu_index=0, gpu_name=spec.nvml_names[0] if spec.nvml_names else spec.name,
+                   total_memory_bytes=int(spec.memory_bytes * memory_fraction), compute_capability=spec.sm,
+                   driver=None, cuda_version=None, torch_version="", host_ram_bytes=host_ram_bytes,
+                   cpu_count=cpu_count)
+
     def without_gpu(self) -> HardwareInfo:
         """This machine as a CPU-only run sees it: a GPU nobody asked for is hidden, so only CPU knobs
         are offered (a search on CPU)."""

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fluxtune.errors import PipelineError, ProfileError
@@ -390,8 +390,21 @@ def count_work(model: str, *, height: int, width: int, batch: int = 1, max_seque
         raise PipelineError(f"predict: {model!r} is not a built-in; use one of {', '.join(sorted(BUILTINS))}")
     # One cache entry per distinct workload: FLUX has no CFG batch, DiT's size is the model's.
     if spec.family == "dit":
-        return _count_work(model, 0, 0, batch, 0, cfg is not False)
-    return _count_work(model, height, width, batch, max_sequence_length, False)
+        return _cached_work(model, 0, 0, batch, 0, cfg is not False)
+    return _cached_work(model, height, width, batch, max_sequence_length, False)
+
+
+def _cached_work(model: str, height: int, width: int, batch: int, max_sequence_length: int, cfg: bool) -> Work:
+    """:func:`_count_work`, remembered on disk (:mod:`fluxtune.diskcache`): ``fluxtune presets --gpu``
+    asks for every preset's workload."""
+    from fluxtune.diskcache import remembered
+
+    def decode(data: dict[str, Any]) -> Work:
+        comps = {n: ComponentWork(**c) for n, c in data.pop("components").items()}
+        return Work(**{**data, "notes": tuple(data.get("notes", ())), "components": comps})
+
+    return remembered("work", f"{model}-{height}x{width}-b{batch}-t{max_sequence_length}-cfg{int(cfg)}",
+                      lambda: _count_work(model, height, width, batch, max_sequence_length, cfg), asdict, decode)
 
 
 @functools.lru_cache(maxsize=64)

@@ -8,6 +8,7 @@ interpolations (``${...}``), which could read the environment or call resolvers,
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import tempfile
@@ -272,12 +273,20 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
 
 def tier_presets(family: str = "flux") -> list[tuple[int, str]]:
     """The shipped presets of a family that carry a budget, as (budget bytes, name), smallest budget first."""
+    files = tuple((name, str(path), Path(path).stat().st_mtime_ns) for name, path in list_presets().items())
+    return list(_tiers(files, family))
+
+
+@functools.lru_cache(maxsize=8)
+def _tiers(files: tuple[tuple[str, str, int], ...], family: str) -> tuple[tuple[int, str], ...]:
+    # Keyed on the files' modification times: `fluxtune presets` asks once per card, and a preset
+    # rewritten by --write-measured is read again.
     out = []
-    for name, path in list_presets().items():
+    for name, path, _ in files:
         p = load_profile(path)
         if p.family == family and p.budget.vram is not None:
             out.append((p.budget.vram, name))
-    return sorted(out)
+    return tuple(sorted(out))
 
 
 def preset_for_card(memory_gib: float, family: str = "flux") -> str | None:
@@ -285,6 +294,8 @@ def preset_for_card(memory_gib: float, family: str = "flux") -> str | None:
     N GB has N GiB and its owner passes NGB; see :class:`fluxtune.knobs.Budget`), None below the smallest."""
     fitting = [name for vram, name in tier_presets(family) if vram <= memory_gib * 1e9 + 1]
     return fitting[-1] if fitting else None
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

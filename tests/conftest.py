@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# fluxtune.diskcache writes under $XDG_CACHE_HOME: one fresh folder per test session, not the user's.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="fluxtune-test-cache-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -28,10 +28,8 @@ REQUIRED = ["RTX 3060", "RTX 3090", "RTX 4060", "RTX 4060 Ti 16GB", "RTX 4070", 
 
 def card(name: str, *, nvml_total_fraction: float = 0.995) -> HardwareInfo:
     """A machine with the named card, as detect_hardware would describe it (NVML reports a little less memory)."""
-    spec = find_gpu(name)
-    return HardwareInfo(gpu_index=0, gpu_name=spec.nvml_names[0] if spec.nvml_names else spec.name,
-                        total_memory_bytes=int(spec.memory_bytes * nvml_total_fraction), compute_capability=spec.sm,
-                        driver="580", cuda_version="13.0", torch_version="2.11", host_ram_bytes=32 * 2**30, cpu_count=8)
+    return HardwareInfo.of_card(find_gpu(name), memory_fraction=nvml_total_fraction, host_ram_bytes=32 * 2**30,
+                                cpu_count=8)
 
 
 def test_table_has_the_cards_people_own_with_sane_figures() -> None:

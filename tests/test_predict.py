@@ -140,3 +140,21 @@ def test_cli_prints_a_predicted_breakdown():
     assert r.code == 0, r.err
     assert "predicted" in r.out and "compute floor" in r.out and "RTX 4060" in r.out
     assert cli("predict", "flux-dev-8gb", "--gpu", "RTX 4060", "--size", "100x7").code == 2
+
+
+def test_counts_are_remembered_on_disk_and_recounted_when_unreadable(tmp_path, monkeypatch) -> None:
+    from fluxtune import diskcache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+
+    def compute() -> dict:
+        calls.append(1)
+        return {"flops": 1.5}
+
+    first = diskcache.remembered("work", "m-64x64", compute, dict, dict)
+    again = diskcache.remembered("work", "m-64x64", compute, dict, dict)
+    assert first == again == {"flops": 1.5} and len(calls) == 1
+    (entry,) = (tmp_path / "fluxtune" / "work").glob("m-64x64-*.json")
+    entry.write_text("{not json")
+    assert diskcache.remembered("work", "m-64x64", compute, dict, dict) == {"flops": 1.5} and len(calls) == 2

@@ -24,10 +24,7 @@ def run(args: argparse.Namespace) -> int:
         from fluxtune.tuning import check_hardware
 
         card = find_gpu(args.gpu)
-        hw = HardwareInfo(gpu_index=0, gpu_name=card.nvml_names[0] if card.nvml_names else card.name,
-                          total_memory_bytes=card.memory_bytes, compute_capability=card.sm, driver=None,
-                          cuda_version=None, torch_version="", host_ram_bytes=0, cpu_count=0)
-        profile = check_hardware(profile, hw)  # the variant that card runs, checked against it
+        profile = check_hardware(profile, HardwareInfo.of_card(card))  # the variant that card runs, checked against it
     print(to_yaml(profile, full=not args.minimal), end="")
     gpu = profile.needs_gpu()
     notes = []

@@ -233,6 +233,15 @@ class ModelFacts:
 
 @functools.cache
 def _builtin_facts(name: str) -> ModelFacts:
+    from fluxtune.diskcache import remembered
+    from fluxtune.pipelines import BUILTINS
+
+    if name in BUILTINS and BUILTINS[name].needs_gpu:  # the replicas: seconds to build, remembered on disk
+        return remembered("facts", name, lambda: _count_facts(name), ModelFacts.to_dict, ModelFacts.from_dict)
+    return _count_facts(name)
+
+
+def _count_facts(name: str) -> ModelFacts:
     from fluxtune.pipelines import BUILTINS, list_builtins, load
 
     names = [spec.name for spec in list_builtins()]
