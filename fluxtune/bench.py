@@ -499,6 +499,7 @@ def write_measured(source: str, profile: Profile, rows: list[BenchRow], *, model
                      "steps": profile.generation.steps},
         "latency_s": round(row.latency_s or 0.0, 3), "first_call_s": round(row.first_call_s or 0.0, 2),
         "peak_allocated": row.peak_allocated, "peak_reserved": row.peak_reserved, "peak_nvml": row.peak_nvml,
+        "peak_host_rss": row.extra.get("host_ram_peak"),
         "quality": {k: round(v, 2) for k, v in (("psnr", row.psnr), ("ssim", row.ssim)) if v is not None},
         "notes": notes,
     }

@@ -354,6 +354,9 @@ class Measured(Knob):
     peak_allocated: ByteSize | None = None
     peak_reserved: ByteSize | None = None
     peak_nvml: ByteSize | None = None
+    peak_host_rss: ByteSize | None = Field(
+        default=None, description="peak host RSS of the measuring process and its children (bench: over load, "
+        "apply and the runs)")
     quality: dict[str, float] = Field(default_factory=dict)
     study: str | None = None
     trial: int | None = None

@@ -75,6 +75,8 @@ def test_bench_several_budgets_climbs_caps_skips_certain_misfits_and_resumes(tmp
     measured = load_profile(prof).measured
     assert measured is not None and measured.source == "fluxtune bench" and measured.model == "tiny-flux"
     assert measured.latency_s == round(s["latency_s"], 3) and "bf16 at" in (measured.notes or "")
+    # The host peak of the candidate's own worker: at least the model it loaded and the interpreter.
+    assert measured.peak_host_rss is not None and measured.peak_host_rss > 100e6
     assert load_profile(prof).transformer.quantize is not None  # the rest of the file is kept
     # Re-running the same command measures nothing again; a changed workload starts over.
     out = io.StringIO()

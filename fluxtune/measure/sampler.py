@@ -83,3 +83,16 @@ class Sampler:
         self._stop.set()
         self._thread.join(timeout=2.0)
         self.sample()
+
+
+def lifetime_peak_rss() -> int | None:
+    """This process's peak RSS since it started (Linux ``VmHWM``; None elsewhere): what a one-candidate
+    worker needed over loading, applying and running, not only during the timed runs."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

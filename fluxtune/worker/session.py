@@ -155,6 +155,12 @@ class TrialSession:
             # its speed: one timed call, not the trials' repeats (a streamed bf16 FLUX call is 15 s).
             workload = replace(workload, runs=1)
         m = measure(pipe, workload, budget_bytes=self.spec.budget_bytes, device_index=index, time_box_s=req.time_box_s)
+        if self.spec.fixed_workload:
+            # A bench worker runs one candidate in its own process: its host peak covers the load and
+            # the apply too (a search's workers run many trials, so their process peak would not be one trial's).
+            from fluxtune.measure.sampler import lifetime_peak_rss
+
+            m = replace(m, host_ram_peak=max(m.host_ram_peak or 0, lifetime_peak_rss() or 0) or None)
         if m.status in (Status.OOM, Status.ERROR):
             self.dirty = True
         extra: dict[str, Any] = {}
