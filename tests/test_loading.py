@@ -232,3 +232,36 @@ def test_sampler_counts_children() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_loras_go_through_load(saved: Path, tmp_path: Path) -> None:
+    """LoRAs need the plain weights (peft attaches to them, fuse mode edits them): load reads those
+    components onto the host first, then applies as from_pretrained + apply would."""
+    from tests.test_lora import make_lora
+
+    lora = make_lora(pipelines.load(str(saved), dtype="float32"), tmp_path / "l", 1)
+    profile = {**QUANT, "loras": [{"path": lora, "mode": "fuse"}]}
+    plain = pipelines.load(str(saved), dtype="float32")
+    fluxtune.apply(profile, plain)
+    loaded = fluxtune.load(str(saved), profile, dtype="float32")
+    assert "fuse" in str(fluxtune.last_report(loaded))
+    assert (_image(plain) - _image(loaded)).abs().max() <= 1e-5
+
+
+def test_an_uncached_hub_id_offline_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PipelineError) as err:
+        fluxtune.load("nobody-here/no-such-model", QUANT)
+    assert "\n" not in str(err.value) and "no-such-model" in str(err.value)
+
+
+def test_generate_reads_a_saved_directory(saved: Path, tmp_path: Path) -> None:
+    import yaml
+
+    from fluxtune.cli import main
+
+    profile = tmp_path / "p.yaml"
+    profile.write_text(yaml.safe_dump(QUANT))
+    out = tmp_path / "x.png"
+    assert main(["generate", str(profile), "--model", str(saved), "--out", str(out), "--dtype", "float32"]) == 0
+    assert out.stat().st_size > 0
