@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import signal
 import socket
@@ -824,3 +825,68 @@ def test_a_search_on_a_saved_directory_reads_each_trial_from_the_checkpoint(home
     # Both quantizations ran: one trial had to start again from the checkpoint.
     assert {load_profile(t.user_attrs["profile"]).transformer.quantize is None for t in trials} == {True, False}
     assert "best: trial" in res.out
+
+
+def test_a_configuration_is_measured_once_per_study(home, monkeypatch):
+    """Two configurations in the space and four trials: the sampler proposes repeats, which take the
+    stored result instead of running again (issue 17: the README's search ran one configuration 3 times)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    pins = ["transformer.quantize=[none,int8_weight]", "transformer.layerwise_fp8=false", "text_encoder_2.quantize=none",
+            "vae.tiling=false", "cache=none", "compile.fuse_qkv=false", "transformer.keep_sensitive=0"]
+    args = ["search", *TINY, "--budget", "12GB", "--trials", "4", "--seed", "3", "--home", home]
+    for pin in pins:
+        args += ["--pin", pin]
+    res = cli(*args)
+    assert res.code == 0, res.out[-3000:] + res.err[-3000:]
+    trials = [t for t in load(home).get_trials() if t.state == TrialState.COMPLETE]
+    originals = [t for t in trials if t.user_attrs.get("duplicate_of") is None]
+    repeats = [t for t in trials if t.user_attrs.get("duplicate_of") is not None]
+    assert len(trials) == 4 and len(originals) <= 2 and repeats
+    configs = [json.dumps(t.user_attrs["profile"], sort_keys=True) for t in originals]
+    assert len(configs) == len(set(configs))  # nothing measured twice
+    for t in repeats:
+        first = next(o for o in originals if o.number == t.user_attrs["duplicate_of"])
+        assert t.values == first.values and t.user_attrs["latency_s"] == first.user_attrs["latency_s"]
+    assert "not run again" in res.out
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_a_rerun_completes_the_budget(home, tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the whole process group) while a trial runs: no unstarted trial is
+    recorded, the finished ones are kept and printed, no traceback; the same command then runs the rest."""
+    args = ["search", *TINY, "--budget", "12GB", "--home", str(home), "--trials", "6", "--patience", "0"]
+    log_path = tmp_path / "interrupted.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "fluxtune", *args], stdout=log, stderr=subprocess.STDOUT,
+                                cwd=tmp_path, start_new_session=True)
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.1)
+                try:
+                    trials = load(home).get_trials()
+                except (KeyError, ValueError, OSError):  # not created yet
+                    continue
+                if any(t.state == TrialState.COMPLETE for t in trials) and any(
+                        t.state == TrialState.RUNNING and t.user_attrs.get("host_pid") for t in trials):
+                    os.killpg(proc.pid, signal.SIGINT)
+                    proc.wait(60)
+                    break
+            else:
+                pytest.fail("never a finished and a running trial: " + log_path.read_text()[-3000:])
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    out = log_path.read_text()
+    assert proc.returncode != 0 and "Traceback" not in out, out[-3000:]
+    assert "run the same command again" in out
+    trials = load(home).get_trials()
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert all(t.user_attrs.get("status") == "interrupted" for t in failed) and len(failed) <= 1
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    kept = {t.number: t.values for t in trials if t.state == TrialState.COMPLETE}
+    res = cli(*args)
+    assert res.code == 0, res.out[-3000:] + res.err[-3000:]
+    after = load(home).get_trials()
+    assert len([t for t in after if t.state.is_finished()]) == 6
+    assert all(after[n].values == v for n, v in kept.items())  # nothing measured is lost

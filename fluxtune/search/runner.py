@@ -130,6 +130,7 @@ class Search:
         self.ran = 0
         self.durations: list[float] = []
         self.stop_reason = ""
+        self.interrupted = False
 
     # -- set-up ----------------------------------------------------------------------------------
     def _workers(self) -> list[Worker]:
@@ -183,7 +184,11 @@ class Search:
             storage = open_storage(self.cfg.storage, self.cfg.home)
             with warnings.catch_warnings():  # multivariate/group are "experimental": not the user's concern
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                sampler = optuna.samplers.TPESampler(seed=self.cfg.seed, multivariate=True, group=True,
+                # Another seed on every resume: the same seed would propose the configurations of the
+                # first run again (the study's history differs, but TPE's start-up draws would not).
+                done_before = _finished_in(storage, self.cfg.study)
+                seed = None if self.cfg.seed is None else self.cfg.seed + 7919 * done_before
+                sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
                                                      constant_liar=len(self.cfg.devices) > 1, n_startup_trials=8)
             config = {**self.cfg.identity(), "hardware": self.hardware.fingerprint(), "versions": library_versions(),
                       "devices": self.cfg.devices, "base": self.cfg.base.to_dict(exclude_defaults=True),
@@ -214,9 +219,13 @@ class Search:
             threads = [threading.Thread(target=self._loop, args=(w,), daemon=True) for w in workers]
             for th in threads:
                 th.start()
-            for th in threads:
-                while th.is_alive():
-                    th.join(0.5)
+            try:
+                for th in threads:
+                    while th.is_alive():
+                        th.join(0.5)
+            except KeyboardInterrupt:
+                self._interrupt(workers, threads)
+                raise
         finally:
             for w in workers:
                 w.stop()
@@ -390,6 +399,20 @@ class Search:
         first_at = next(n for n, v in curve if v == last)
         return curve[-1][0] - first_at
 
+    def _interrupt(self, workers: list[Worker], threads: list[threading.Thread]) -> None:
+        """Ctrl-C: no trial starts after it; the ones in flight are abandoned (their workers stopped,
+        each recorded once as FAIL with status interrupted), and every loop has ended when this returns,
+        so the study the caller reports on no longer changes. Re-running continues the budget."""
+        with self.lock:
+            self.interrupted = True
+            self.stop_reason = "interrupted (Ctrl-C)"
+        self.say("interrupted: abandoning the trial(s) in flight; the finished ones are kept")
+        for w in workers:
+            with contextlib.suppress(Exception):
+                w.abandon()
+        for th in threads:
+            th.join(30)
+
     def _loop(self, worker: Worker) -> None:
         from optuna.storages._heartbeat import get_heartbeat_thread
         from optuna.trial import TrialState
@@ -406,6 +429,10 @@ class Search:
                 with get_heartbeat_thread(trial._trial_id, self.study._storage):
                     self._one(worker, trial)
             except WorkerDied as e:
+                if self.interrupted:  # stopped by _interrupt: not a crash, and no new worker
+                    trial.set_user_attr("status", "interrupted")
+                    self.study.tell(trial, state=TrialState.FAIL)
+                    return
                 trial.set_user_attr("status", Status.CRASHED.value)
                 trial.set_user_attr("error", str(e))
                 self.study.tell(trial, state=TrialState.FAIL)
@@ -426,6 +453,8 @@ class Search:
         desc = self.space.describe(trial.params)
         trial.set_user_attr("profile", profile.to_dict(exclude_defaults=True))
         trial.set_user_attr("config", desc)
+        if self._repeat(trial, desc):
+            return
         pred = self._prediction(profile)
         predicted = None if pred is None else int(pred.peak_vram)
         trial.set_user_attr("predicted_peak", predicted)
@@ -463,6 +492,30 @@ class Search:
                 self.calibration.add(raw, m.peak_allocated, kind="allocated")
         self._tell(trial, sc, result)
         self.say(self._line(n, desc, sc, result))
+
+    def _repeat(self, trial: Any, desc: str) -> bool:
+        """A configuration this study already measured (same profile; a study has one workload) gets that
+        result again instead of another run: the sampler may propose it twice, a resume or a second
+        process may too. Returns whether it was one."""
+        from optuna.trial import TrialState
+
+        mine = json.dumps(trial.user_attrs["profile"], sort_keys=True, default=str)
+        for prev in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if prev.number == trial.number or prev.user_attrs.get("duplicate_of") is not None:
+                continue
+            if json.dumps(prev.user_attrs.get("profile"), sort_keys=True, default=str) != mine:
+                continue
+            for key, value in (prev.user_attrs.get("constraints") or {}).items():
+                trial.set_constraint(key, value)
+            for key, value in prev.user_attrs.items():
+                if key not in ("profile", "config", "host_pid", "source"):
+                    trial.set_user_attr(key, value)
+            trial.set_user_attr("duplicate_of", prev.number)
+            self.study.tell(trial, prev.values)
+            self.say(f"[{trial.number + 1}/{self.cfg.trials}] {desc} | the configuration of trial {prev.number + 1}: "
+                     "its result, not run again")
+            return True
+        return False
 
     def _tell(self, trial: Any, sc: obj.Score, result: RunOutcome) -> None:
         for key, value in sc.constraints.items():
@@ -507,6 +560,17 @@ class Search:
             left = min(left, self.cfg.timeout_s - elapsed)
         bits.append(f"{elapsed / 60:.1f}m elapsed, ~{max(0.0, left) / 60:.1f}m left")
         return " | ".join(bits)
+
+
+def _finished_in(storage: Any, name: str) -> int:
+    """Finished trials of study ``name`` in ``storage`` (0 when it does not exist yet)."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return 0
+    return sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
 
 
 def _family(facts: Any) -> str:

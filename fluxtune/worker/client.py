@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
+import threading
 import time
 from typing import Any
 
@@ -54,7 +56,17 @@ class Worker:
         ctx = mp.get_context("spawn")  # a fresh CUDA context and allocator per worker
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=worker_main, args=(child, self.spec), daemon=True)
-        self.proc.start()
+        # A terminal's Ctrl-C reaches the whole process group: the worker must not die of it (the parent
+        # decides what an interrupt means). A child started with SIGINT ignored keeps it ignored from its
+        # first line; signal handlers can only be changed from the main thread.
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                self.proc.start()
+            finally:
+                signal.signal(signal.SIGINT, previous)
+        else:
+            self.proc.start()
         child.close()
         msg = self._recv(timeout=START_TIMEOUT_S)
         if isinstance(msg, Fatal):
@@ -98,6 +110,13 @@ class Worker:
     def restart(self) -> None:
         self.stop()
         self._start()
+
+    def abandon(self) -> None:
+        """Kill the worker now, whatever it is running (an interrupted search); a run in flight in
+        another thread ends with :class:`WorkerDied`."""
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
 
     def stop(self) -> None:
         try:

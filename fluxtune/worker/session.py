@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import importlib
 import os
+import signal
 import time
 import traceback
 from dataclasses import replace
@@ -294,6 +295,7 @@ def worker_main(conn: Any, spec: WorkerSpec) -> None:
     is the signal to exit, not an error to print.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the parent's to handle (it stops us)
     try:
         _serve(conn, spec)
     except (BrokenPipeError, ConnectionResetError, EOFError, KeyboardInterrupt):
