@@ -890,3 +890,26 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_completes_the_budget(home, tmp_path):
     after = load(home).get_trials()
     assert len([t for t in after if t.state.is_finished()]) == 6
     assert all(after[n].values == v for n, v in kept.items())  # nothing measured is lost
+
+
+def test_a_best_within_noise_of_the_baseline_is_not_called_faster(capsys):
+    """Issue 17: a search printed a 'best' 1.16x faster next to a reference it had not beaten."""
+    import optuna
+
+    from fluxtune.cli.search import _print_summary
+
+    def trial(source: str, latency: float, runs: list[float]) -> optuna.trial.FrozenTrial:
+        return optuna.trial.create_trial(
+            value=latency, user_attrs={"source": source, "latency_s": latency, "status": "ok",
+                                       "constraints": {"budget": -1.0}, "measurement": {"latency_runs": runs}})
+
+    noisy = optuna.create_study()
+    noisy.add_trial(trial("recipe:bf16", 3.0, [2.6, 3.0, 3.5]))
+    noisy.add_trial(trial("sampler", 2.6, [2.3, 2.6, 3.1]))
+    _print_summary(noisy, 2.6)
+    assert "nothing beat the baseline beyond noise" in capsys.readouterr().out
+    clear = optuna.create_study()
+    clear.add_trial(trial("recipe:bf16", 3.0, [2.95, 3.0, 3.05]))
+    clear.add_trial(trial("sampler", 1.5, [1.45, 1.5, 1.55]))
+    _print_summary(clear, 1.5)
+    assert "the best is 2.00x faster (runs' spread up to 0.10s)" in capsys.readouterr().out

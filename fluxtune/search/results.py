@@ -27,6 +27,7 @@ def rows(study: Any) -> list[dict[str, Any]]:
             "config": a.get("config", ""),
             "feasible": bool(cons) and all(v <= 0 for v in cons.values()) if t.state.name == "COMPLETE" else False,
             "latency_s": a.get("latency_s"),
+            "latency_spread": _spread(m.get("latency_runs")),
             "images_per_call": m.get("images_per_call"),
             "throughput": a.get("throughput"),
             "first_call_s": m.get("first_call_s"),
@@ -50,6 +51,13 @@ def rows(study: Any) -> list[dict[str, Any]]:
             if t.datetime_complete and t.datetime_start else None,
         })
     return out
+
+
+def _spread(runs: Any) -> float | None:
+    """Slowest minus fastest timed run: the noise a difference between two trials must exceed."""
+    if not isinstance(runs, list) or len(runs) < 2:
+        return None
+    return float(max(runs) - min(runs))
 
 
 def feasible_trials(study: Any) -> list[Any]:
