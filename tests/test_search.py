@@ -913,3 +913,11 @@ def test_a_best_within_noise_of_the_baseline_is_not_called_faster(capsys):
     clear.add_trial(trial("sampler", 1.5, [1.45, 1.5, 1.55]))
     _print_summary(clear, 1.5)
     assert "the best is 2.00x faster (runs' spread up to 0.10s)" in capsys.readouterr().out
+
+
+def test_no_warm_start_leaves_every_trial_to_the_sampler(home, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    res = cli("search", *TINY, "--budget", "12GB", "--trials", "2", "--no-warm-start", "--home", home)
+    assert res.code == 0, res.out[-3000:] + res.err[-3000:]
+    trials = load(home).get_trials()
+    assert len(trials) == 2 and all(t.user_attrs.get("source") is None for t in trials)

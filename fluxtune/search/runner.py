@@ -68,6 +68,8 @@ class SearchConfig:
     ram_budget_bytes: int | None = None
     floor_compiled: bool = False
     """Also measure the lossless profile compiled, so quality drops count against compile's own drift."""
+    warm_start: bool = True
+    """Enqueue the shipped presets' configurations first (off: the sampler alone, for an ablation)."""
     sensitivity: dict[str, list[str]] | str | None = None
     """Method -> ranked exclude patterns, ``"auto"`` (scan each int8/fp8 method in the first worker), or None."""
     session: str = DEFAULT_SESSION
@@ -203,7 +205,7 @@ class Search:
                 self.space = SearchSpace.create(hw, _family(self.facts), self.cfg.base, self.cfg.narrow,
                                                 transformer_bytes=_block_bytes(self.facts), sensitivity=sensitivity)
             reference = self._reference(workers[0])
-            if not study.get_trials(deepcopy=False):  # new, or its first run stopped before this point
+            if self.cfg.warm_start and not study.get_trials(deepcopy=False):  # new, or stopped before this point
                 from fluxtune.presets import list_presets, load_profile
 
                 presets = []
