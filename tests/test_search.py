@@ -917,7 +917,25 @@ def test_a_best_within_noise_of_the_baseline_is_not_called_faster(capsys):
 
 def test_no_warm_start_leaves_every_trial_to_the_sampler(home, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    res = cli("search", *TINY, "--budget", "12GB", "--trials", "2", "--no-warm-start", "--home", home)
+    res = cli("search", *TINY, "--budget", "12GB", "--trials", "2", "--no-warm-start", "--no-descent", "--home", home)
     assert res.code == 0, res.out[-3000:] + res.err[-3000:]
     trials = load(home).get_trials()
     assert len(trials) == 2 and all(t.user_attrs.get("source") is None for t in trials)
+
+
+def test_descent_tries_the_incumbents_one_knob_moves(home, monkeypatch):
+    """Structure before sampling (issue 17): after the first trial, the next ones are the best trial's
+    neighbours, one categorical knob changed each, cheapest knobs first."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    res = cli("search", *TINY, "--budget", "12GB", "--trials", "4", "--no-warm-start", "--seed", "2", "--home", home)
+    assert res.code == 0, res.out[-3000:] + res.err[-3000:]
+    trials = load(home).get_trials()
+    moves = [t for t in trials if str(t.user_attrs.get("source", "")).startswith("descent from trial")]
+    assert len(moves) >= 2, [t.user_attrs.get("source") for t in trials]
+    for t in moves:
+        origin = int(t.user_attrs["source"].split("trial ")[1].split(":")[0]) - 1
+        dim, value = t.user_attrs["source"].split(": ", 1)[1].split("=", 1)
+        assert str(t.params[dim]) == value and str(trials[origin].params[dim]) != value
+        # everything else the incumbent had, and the move keeps active, is the incumbent's
+        same = [k for k in t.params if k != dim and k in trials[origin].params]
+        assert all(t.params[k] == trials[origin].params[k] for k in same), (t.params, trials[origin].params)

@@ -37,7 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patience", type=int, default=15, help="stop after this many trials without improvement (0: never)")
     p.add_argument("--images", type=int, default=None, help="amortise compile time over this many images")
     p.add_argument("--no-warm-start", dest="warm_start", action="store_false",
-                   help="do not start from the shipped presets' configurations (the sampler alone)")
+                   help="do not start from the shipped presets' and recipes' configurations")
+    p.add_argument("--no-descent", dest="descent", action="store_false",
+                   help="do not try the best trial's one-knob moves before sampling (the sampler alone)")
     p.add_argument("--floor-compiled", action="store_true",
                    help="also measure the reference compiled, and judge quality against that floor too")
     p.add_argument("--ram-budget", default=None, help="host RAM the process may use: its own memory and the host copies of offloaded weights "
@@ -290,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype or (spec.dtype if spec and spec.dtype else "bfloat16" if on_gpu else "float32"),
         narrow=narrow, seed=args.seed,
         home=Path(args.home), ram_budget_bytes=ram_budget, floor_compiled=args.floor_compiled,
-        warm_start=args.warm_start,
+        warm_start=args.warm_start, descent=args.descent,
         sensitivity=sensitivity,
     )
     from fluxtune.search.study import study_dir

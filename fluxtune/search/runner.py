@@ -70,6 +70,8 @@ class SearchConfig:
     """Also measure the lossless profile compiled, so quality drops count against compile's own drift."""
     warm_start: bool = True
     """Enqueue the shipped presets' configurations first (off: the sampler alone, for an ablation)."""
+    descent: bool = True
+    """Try the incumbent's one-knob moves before sampling (:mod:`fluxtune.search.descent`)."""
     sensitivity: dict[str, list[str]] | str | None = None
     """Method -> ranked exclude patterns, ``"auto"`` (scan each int8/fp8 method in the first worker), or None."""
     session: str = DEFAULT_SESSION
@@ -401,6 +403,27 @@ class Search:
         first_at = next(n for n, v in curve if v == last)
         return curve[-1][0] - first_at
 
+    def _descend(self) -> None:
+        """Queue the incumbent's next untried one-knob move (:mod:`fluxtune.search.descent`) when nothing
+        else is queued (the warm start goes first); once none is left, the sampler proposes."""
+        from optuna.trial import TrialState
+
+        from fluxtune.search.descent import next_move
+        from fluxtune.search.results import best_trial
+
+        if not self.cfg.descent:
+            return
+        trials = self.study.get_trials(deepcopy=False)
+        if any(t.state == TrialState.WAITING for t in trials):
+            return
+        incumbent = best_trial(self.study)
+        if incumbent is None:
+            return
+        move = next_move(self.space, incumbent, [dict(t.params) for t in trials])
+        if move is not None:
+            label, params = move
+            self.study.enqueue_trial(params, user_attrs={"source": label})
+
     def _interrupt(self, workers: list[Worker], threads: list[threading.Thread]) -> None:
         """Ctrl-C: no trial starts after it; the ones in flight are abandoned (their workers stopped,
         each recorded once as FAIL with status interrupted), and every loop has ended when this returns,
@@ -423,6 +446,7 @@ class Search:
             with self.lock:
                 if self._should_stop():
                     return
+                self._descend()
                 trial = self.study.ask()
                 # At once, so that a rerun after a kill can tell this trial's process is gone.
                 trial.set_user_attr("host_pid", f"{socket.gethostname()}:{os.getpid()}")
