@@ -201,6 +201,21 @@ def test_changing_the_identity_of_a_study_is_refused(searched, monkeypatch):
     assert len(load(searched.home).trials) == before
 
 
+def _wait_for_a_finished_and_a_running_trial(proc: subprocess.Popen, home: Path, log_path: Path) -> None:
+    """Poll a search subprocess's study until one trial has finished and another is running."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+        try:
+            trials = load(home).get_trials()
+        except (KeyError, ValueError, OSError):  # not created yet
+            continue
+        if any(t.state == TrialState.COMPLETE for t in trials) and any(
+                t.state == TrialState.RUNNING and t.user_attrs.get("host_pid") for t in trials):
+            return
+    pytest.fail("the search never had a finished and a running trial: " + log_path.read_text()[-3000:])
+
+
 @pytest.mark.slow
 def test_killed_search_resumes_and_fails_its_running_trial(home, tmp_path):
     import psutil
@@ -211,25 +226,12 @@ def test_killed_search_resumes_and_fails_its_running_trial(home, tmp_path):
                             stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
     try:
         # Kill it while a trial runs, after at least one finished.
-        deadline = time.monotonic() + TIMEOUT
         snapshot: dict[int, tuple[str, object]] = {}
-        while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.1)
-            try:
-                trials = load(home).get_trials()
-            except (KeyError, ValueError, OSError):  # not created yet
-                continue
-            done = [t for t in trials if t.state == TrialState.COMPLETE]
-            running = [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("host_pid")]
-            if done and running:
-                workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                           if "spawn_main" in " ".join(p.cmdline())]
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(30)
-                break
-        else:
-            pytest.fail("the search never had a finished and a running trial: "
-                        + (tmp_path / "killed.log").read_text()[-3000:])
+        _wait_for_a_finished_and_a_running_trial(proc, home, tmp_path / "killed.log")
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "spawn_main" in " ".join(p.cmdline())]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
         snapshot = {t.number: (t.state.name, t.values) for t in load(home).get_trials()}
         # Its worker notices that the parent is gone and exits by itself.
         _, alive = psutil.wait_procs(workers, timeout=60)
@@ -860,20 +862,9 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_completes_the_budget(home, tmp_path):
         proc = subprocess.Popen([sys.executable, "-m", "fluxtune", *args], stdout=log, stderr=subprocess.STDOUT,
                                 cwd=tmp_path, start_new_session=True)
         try:
-            deadline = time.monotonic() + TIMEOUT
-            while time.monotonic() < deadline and proc.poll() is None:
-                time.sleep(0.1)
-                try:
-                    trials = load(home).get_trials()
-                except (KeyError, ValueError, OSError):  # not created yet
-                    continue
-                if any(t.state == TrialState.COMPLETE for t in trials) and any(
-                        t.state == TrialState.RUNNING and t.user_attrs.get("host_pid") for t in trials):
-                    os.killpg(proc.pid, signal.SIGINT)
-                    proc.wait(60)
-                    break
-            else:
-                pytest.fail("never a finished and a running trial: " + log_path.read_text()[-3000:])
+            _wait_for_a_finished_and_a_running_trial(proc, home, log_path)
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(60)
         finally:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
