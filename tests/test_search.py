@@ -930,3 +930,20 @@ def test_descent_tries_the_incumbents_one_knob_moves(home, monkeypatch):
         # everything else the incumbent had, and the move keeps active, is the incumbent's
         same = [k for k in t.params if k != dim and k in trials[origin].params]
         assert all(t.params[k] == trials[origin].params[k] for k in same), (t.params, trials[origin].params)
+
+
+def test_two_workers_never_measure_one_configuration_twice(home, monkeypatch):
+    """Issue 17: two workers (or processes) on one study. A configuration another worker is running is
+    waited for and its result taken; nothing is measured twice."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    pins = ["transformer.quantize=[none,int8_weight]", "transformer.layerwise_fp8=false", "text_encoder_2.quantize=none",
+            "vae.tiling=false", "cache=none", "compile.fuse_qkv=false", "transformer.keep_sensitive=0"]
+    args = ["search", *TINY, "--budget", "12GB", "--trials", "5", "--workers", "2", "--no-warm-start", "--home", home]
+    for pin in pins:
+        args += ["--pin", pin]
+    res = cli(*args)
+    assert res.code == 0, res.out[-3000:] + res.err[-3000:]
+    trials = [t for t in load(home).get_trials() if t.state == TrialState.COMPLETE]
+    measured = [json.dumps(t.user_attrs["profile"], sort_keys=True) for t in trials
+                if t.user_attrs.get("duplicate_of") is None]
+    assert len(trials) == 5 and len(measured) == len(set(measured)) <= 2

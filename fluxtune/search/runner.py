@@ -190,8 +190,11 @@ class Search:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 # Another seed on every resume: the same seed would propose the configurations of the
                 # first run again (the study's history differs, but TPE's start-up draws would not).
-                done_before = _finished_in(storage, self.cfg.study)
+                done_before, others = _finished_in(storage, self.cfg.study)
                 seed = None if self.cfg.seed is None else self.cfg.seed + 7919 * done_before
+                if seed is not None and others:
+                    # Another process is running this study now: the same seed would propose its trials.
+                    seed += os.getpid()
                 sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
                                                      constant_liar=len(self.cfg.devices) > 1, n_startup_trials=8)
             config = {**self.cfg.identity(), "hardware": self.hardware.fingerprint(), "versions": library_versions(),
@@ -522,26 +525,44 @@ class Search:
     def _repeat(self, trial: Any, desc: str) -> bool:
         """A configuration this study already measured (same profile; a study has one workload) gets that
         result again instead of another run: the sampler may propose it twice, a resume or a second
-        process may too. Returns whether it was one."""
+        process may too. One that an earlier trial is running right now (another worker or process) is
+        waited for (only for a lower trial number, so two never wait for each other). Returns whether
+        ``trial`` was told such a result."""
         from optuna.trial import TrialState
 
-        mine = json.dumps(trial.user_attrs["profile"], sort_keys=True, default=str)
-        for prev in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if prev.number == trial.number or prev.user_attrs.get("duplicate_of") is not None:
-                continue
-            if json.dumps(prev.user_attrs.get("profile"), sort_keys=True, default=str) != mine:
-                continue
-            for key, value in (prev.user_attrs.get("constraints") or {}).items():
-                trial.set_constraint(key, value)
-            for key, value in prev.user_attrs.items():
-                if key not in ("profile", "config", "host_pid", "source"):
-                    trial.set_user_attr(key, value)
-            trial.set_user_attr("duplicate_of", prev.number)
-            self.study.tell(trial, prev.values)
-            self.say(f"[{trial.number + 1}/{self.cfg.trials}] {desc} | the configuration of trial {prev.number + 1}: "
-                     "its result, not run again")
-            return True
-        return False
+        from fluxtune.search.study import running_elsewhere
+
+        def key(t: Any) -> str:
+            return json.dumps(t.user_attrs.get("profile"), sort_keys=True, default=str)
+
+        mine = key(trial)
+        deadline = time.monotonic() + self.cfg.trial_timeout_s
+        waiting = False
+        while True:
+            trials = self.study.get_trials(deepcopy=False)
+            prev = next((t for t in trials if t.state == TrialState.COMPLETE and t.number != trial.number
+                         and t.user_attrs.get("duplicate_of") is None and key(t) == mine), None)
+            if prev is not None:
+                break
+            running = [t for t in trials if t.state == TrialState.RUNNING and t.number < trial.number
+                       and key(t) == mine and running_elsewhere(t)]
+            if not running or self.interrupted or time.monotonic() > deadline:
+                return False
+            if not waiting:
+                self.say(f"[{trial.number + 1}/{self.cfg.trials}] {desc} | trial {running[0].number + 1} is running "
+                         "this configuration: waiting for its result")
+                waiting = True
+            time.sleep(1.0)
+        for k, value in (prev.user_attrs.get("constraints") or {}).items():
+            trial.set_constraint(k, value)
+        for k, value in prev.user_attrs.items():
+            if k not in ("profile", "config", "host_pid", "source"):
+                trial.set_user_attr(k, value)
+        trial.set_user_attr("duplicate_of", prev.number)
+        self.study.tell(trial, prev.values)
+        self.say(f"[{trial.number + 1}/{self.cfg.trials}] {desc} | the configuration of trial {prev.number + 1}: "
+                 "its result, not run again")
+        return True
 
     def _tell(self, trial: Any, sc: obj.Score, result: RunOutcome) -> None:
         for key, value in sc.constraints.items():
@@ -588,15 +609,20 @@ class Search:
         return " | ".join(bits)
 
 
-def _finished_in(storage: Any, name: str) -> int:
-    """Finished trials of study ``name`` in ``storage`` (0 when it does not exist yet)."""
+def _finished_in(storage: Any, name: str) -> tuple[int, bool]:
+    """Finished trials of study ``name`` in ``storage`` (0 when it does not exist yet), and whether some
+    are running in another process now."""
     import optuna
+    from optuna.trial import TrialState
 
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
-        return 0
-    return sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
+        return 0, False
+    trials = study.get_trials(deepcopy=False)
+    mine = f"{socket.gethostname()}:{os.getpid()}"
+    others = any(t.state == TrialState.RUNNING and t.user_attrs.get("host_pid") not in (None, mine) for t in trials)
+    return sum(1 for t in trials if t.state.is_finished()), others
 
 
 def _family(facts: Any) -> str:

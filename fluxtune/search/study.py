@@ -203,6 +203,12 @@ def fail_stale(study: Any) -> int:
     return n
 
 
+def running_elsewhere(trial: Any) -> bool:
+    """Whether a RUNNING trial's process still lives (another host's: assumed so, it is not ours to judge)."""
+    host_pid = trial.user_attrs.get("host_pid")
+    return bool(host_pid) and _alive(host_pid)
+
+
 def _alive(host_pid: str) -> bool:
     import os
     import socket
