@@ -856,7 +856,10 @@ def test_a_configuration_is_measured_once_per_study(home, monkeypatch):
 def test_ctrl_c_stops_cleanly_and_a_rerun_completes_the_budget(home, tmp_path):
     """A terminal's Ctrl-C (SIGINT to the whole process group) while a trial runs: no unstarted trial is
     recorded, the finished ones are kept and printed, no traceback; the same command then runs the rest."""
-    args = ["search", *TINY, "--budget", "12GB", "--home", str(home), "--trials", "6", "--patience", "0"]
+    # 16 steps at 128x128: a trial lasts long enough that the signal finds it running (at 2 steps the
+    # remaining trials could all finish between the poll that saw one running and the signal).
+    args = ["search", "--model", "tiny-flux", "--steps", "16", "--size", "128x128", "--budget", "12GB",
+            "--home", str(home), "--trials", "6", "--patience", "0"]
     log_path = tmp_path / "interrupted.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "fluxtune", *args], stdout=log, stderr=subprocess.STDOUT,

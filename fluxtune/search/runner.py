@@ -349,7 +349,7 @@ class Search:
                 shutil.copyfile(self.dir / name, shared / name)
             (shared / "run.json.tmp").write_text(json.dumps(ref, default=str))
             (shared / "run.json.tmp").replace(shared / "run.json")  # written last: marks the folder whole
-        self.say(f"reference: {m.latency_s or 0:.2f}s (one timed call), peak {format_bytes(ref['peak'] or 0)}, noise floor PSNR "
+        self.say(f"reference: {m.latency_s or 0:.2f}s (the second, warm call), peak {format_bytes(ref['peak'] or 0)}, noise floor PSNR "
                  f"{ref['noise_floor'].get('psnr', float('nan')):.1f} dB")
         return ref
 
