@@ -21,6 +21,7 @@ class Status(StrEnum):
     TIMEOUT = "timeout"
     SKIPPED = "skipped"  # the memory model said it cannot fit; not run
     NO_FIT = "no_fit"  # the weights alone exceed the cap; not run
+    PRUNED = "pruned"  # stopped after its first warm steps: projected clearly slower than the incumbent
 
     def did_not_fit(self) -> bool:
         """Ran out of memory, went over the budget, or was predicted not to fit."""

@@ -114,6 +114,35 @@ def test_measure_dit(dit: object) -> None:
     assert "step" not in vars(dit.scheduler)  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("which", ["flux", "dit"])
+def test_a_call_projected_over_the_limit_stops_after_its_first_warm_steps(
+        which: str, flux: object, dit: object) -> None:
+    """Multi-fidelity (issue 17): the warm-up call is stopped at step 4 (the first step skipped, three
+    warm ones timed); the measurement is ``pruned`` with a projection and no images; the pipeline
+    still renders afterwards, and a generous limit changes nothing."""
+    pipe = flux if which == "flux" else dit
+    wl = (Workload(prompts=DEFAULT_PROMPTS[:1], seeds=(0,), steps=12, runs=2, warmup=1) if which == "flux"
+          else Workload(class_labels=(1,), steps=12, runs=2, warmup=1))
+    steps: list[int] = []
+    sched = pipe.scheduler  # type: ignore[attr-defined]
+    original = type(sched).step
+
+    def counted(self: object, *a: object, **k: object) -> object:
+        steps.append(1)
+        return original(self, *a, **k)
+
+    type(sched).step = counted  # type: ignore[method-assign]
+    try:
+        m = measure(pipe, wl, stop_above_s=1e-9)
+    finally:
+        type(sched).step = original  # type: ignore[method-assign]
+    assert m.status == "pruned" and m.images is None and not m.latency_runs, m.error
+    assert m.projected_latency_s is not None and m.projected_latency_s > 0 and "projected" in (m.error or "")
+    assert len(steps) == 4  # stopped inside the warm-up, not after 12 + 2 x 12 steps
+    full = measure(pipe, wl, stop_above_s=1e6)
+    assert full.status == "ok" and full.projected_latency_s is None and full.images is not None
+
+
 def test_keep_images_false_and_progress(dit: object) -> None:
     lines: list[str] = []
     m = measure(dit, Workload(class_labels=(1,), steps=2, runs=2, warmup=1), keep_images=False,

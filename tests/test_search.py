@@ -965,3 +965,30 @@ def test_a_streamed_reference_keeps_blocks_resident_and_stays_lossless():
     assert streamed.text_encoder_2.offload.mode == "partial"
     assert streamed.transformer.quantize is None and not streamed.compile.enabled and streamed.cache.kind == "none"
     assert reference_profile(cfg, False).transformer.offload.mode == "group"  # the fallback
+
+
+def test_trials_projected_slower_than_the_incumbent_are_pruned_through_optuna(home):
+    """Multi-fidelity (issue 17): with a margin of 0.01 every trial after the first feasible one projects
+    slower than 0.01x the incumbent: each stops after its first warm steps, is an Optuna PRUNED trial
+    with its projection as the intermediate value, costs less than a full trial, and the summary says so."""
+    res = cli("search", "--model", "tiny-flux", "--steps", "10", "--budget", "12GB", "--trials", "4", "--seed", "2",
+              "--patience", "0", "--prune-margin", "0.01", "--home", home)
+    assert res.code == 0, res.out[-3000:] + res.err[-3000:]
+    trials = load(home).get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert complete and pruned and len(complete) + len(pruned) == 4
+    for t in pruned:
+        assert t.user_attrs["status"] == "pruned"
+        if t.user_attrs.get("duplicate_of") is None:
+            (step, value), = t.intermediate_values.items()
+            assert t.values == [value]  # Optuna's value of a pruned trial: its last report
+            assert step == 3 and value > 0.01 * min(c.user_attrs["latency_s"] for c in complete)
+            assert t.user_attrs["pruned_by_study"] is True  # the study's pruner agrees
+    assert "pruned: projected" in res.out and "from 3 warm steps" in res.out and "pruning: " in res.out
+    assert "best: trial" in res.out
+
+
+def test_prune_margin_is_checked():
+    res = cli("search", *TINY, "--prune-margin", "-1")
+    assert res.code == 2 and "--prune-margin" in res.err + res.out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="do not start from the shipped presets' and recipes' configurations")
     p.add_argument("--no-descent", dest="descent", action="store_false",
                    help="do not try the best trial's one-knob moves before sampling (the sampler alone)")
+    p.add_argument("--no-prune", dest="prune", action="store_false",
+                   help="run every trial in full (default: stop one whose first warm steps project it 30%% "
+                        "slower than the best so far)")
+    p.add_argument("--prune-margin", type=float, default=1.3, metavar="X",
+                   help="prune a trial whose projected latency is above X times the best so far (default 1.3)")
     p.add_argument("--floor-compiled", action="store_true",
                    help="also measure the reference compiled, and judge quality against that floor too")
     p.add_argument("--ram-budget", default=None, help="host RAM the process may use: its own memory and the host copies of offloaded weights "
@@ -204,6 +210,7 @@ def run(args: argparse.Namespace) -> int:
     checks.positive_int("--patience", args.patience, zero=True, example="15")
     checks.positive_int("--images", args.images, example="100")
     checks.positive_int("--runs", args.runs, example="2")
+    checks.positive_float("--prune-margin", args.prune_margin, example="1.3")
     checks.positive_int("--workers", args.workers, example="1")
     if not 0 <= args.seed < 2**32:
         raise ProfileError(f"--seed {args.seed}: use 0 to {2**32 - 1}, e.g. --seed 0")
@@ -292,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype or (spec.dtype if spec and spec.dtype else "bfloat16" if on_gpu else "float32"),
         narrow=narrow, seed=args.seed,
         home=Path(args.home), ram_budget_bytes=ram_budget, floor_compiled=args.floor_compiled,
-        warm_start=args.warm_start, descent=args.descent,
+        warm_start=args.warm_start, descent=args.descent, prune=args.prune, prune_margin=args.prune_margin,
         sensitivity=sensitivity,
     )
     from fluxtune.search.study import study_dir
@@ -419,6 +426,14 @@ def _print_summary(study: Any, best_latency: float | None) -> None:
             line += f"the best is {fastest['latency_s'] / best_latency:.2f}x faster" + (
                 f" (runs' spread up to {noise:.2f}s)" if noise else "")
         print(line)
+    pruned = [r["wall_s"] for r in table if r.get("status") == Status.PRUNED and r.get("wall_s")
+              and r.get("duplicate_of") is None]
+    full = [r["wall_s"] for r in table if r.get("state") == "COMPLETE" and r.get("status") == Status.OK
+            and r.get("wall_s") and r.get("duplicate_of") is None]
+    if pruned and full:
+        a, b = statistics.median(pruned), statistics.median(full)
+        print(f"pruning: {len(pruned)} trial(s) stopped after their first warm steps, {a:.1f}s each (median) against "
+              f"{b:.1f}s for a trial run in full: {a / b:.0%} of its cost")
     ok = [r for r in table if r.get("status") == Status.OK]
     pairs = [(r["predicted_allocated"], r["peak_allocated"]) for r in ok if r.get("predicted_allocated") and r.get("peak_allocated")]
     what = "allocated peak"
@@ -472,6 +487,8 @@ def _print_table(study: Any, budget: int | None, on_gpu: bool) -> None:
         alloc = format_bytes(r["peak_allocated"]) if r.get("peak_allocated") else "-"
         psnr = f"{min(r['psnr'], 100):.1f}" if r.get("psnr") is not None else "-"
         status = r["status"] + ("" if r["feasible"] or r["status"] != Status.OK else " (infeasible)")
+        if r["status"] == Status.PRUNED and r.get("projected_s"):
+            status += f" (>= {r['projected_s']:.2f}s)"
         table.add_row(str(r["trial"]), differ[id(r)], status, lat, first, peak, alloc, pred, psnr)
     Console(width=200).print(table)
 

@@ -42,6 +42,9 @@ class Measurement:
     images: torch.Tensor | None = None
     latents: torch.Tensor | None = None
     quality: dict[str, float] = field(default_factory=dict)
+    projected_latency_s: float | None = None
+    """Pruned runs: the call latency projected from the first warm steps (steps x their median; a lower
+    bound, text encoding and decoding left out)."""
 
     def __post_init__(self) -> None:
         self.status = Status(self.status)  # from stored data: the plain string

@@ -23,12 +23,56 @@ if TYPE_CHECKING:
     from fluxtune.measure.reference import Reference
 
 
+PROBE_STEPS = 3
+"""Warm steps (after the first) whose median a pruned call's projection is made from."""
+
+
+class _Pruned(Exception):
+    """Raised between steps when the projected latency is clearly worse than the caller's limit."""
+
+    def __init__(self, projected: float, steps: int) -> None:
+        super().__init__(f"projected {projected:.2f}s per call from {steps} warm steps")
+        self.projected, self.steps = projected, steps
+
+
+@dataclass
+class _Probe:
+    """Multi-fidelity: project a call's latency from its first warm steps and stop it when that exceeds
+    ``limit_s``. The first step is skipped (it compiles, autotunes, fills caches), so the median of steps
+    2..1+``steps`` times the call's step count is a lower bound (text encoding and decoding left out)."""
+
+    limit_s: float
+    total_steps: int | None
+    """The call's step count; None: the scheduler's, read once the call has set its timesteps (the
+    steps then come from the profile's call defaults, not the workload)."""
+    scheduler: Any = None
+    steps: int = PROBE_STEPS
+    done: bool = False
+
+    def check(self, timeline: _Timeline) -> None:
+        step_marks = [value for label, value in timeline.marks if label == "step"]
+        if self.done or len(step_marks) < self.steps + 1:
+            return
+        self.done = True  # decided once: the later steps run unobserved (no more syncs)
+        if timeline.device is not None:
+            step_marks[-1].synchronize()
+        warm = [timeline.seconds(a, b) for a, b in zip(step_marks[:-1], step_marks[1:], strict=True)]
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        total = self.total_steps or (len(timesteps) if timesteps is not None else 0)
+        if not total:
+            return
+        projected = statistics.median(warm) * total
+        if projected > self.limit_s:
+            raise _Pruned(projected, len(warm))
+
+
 class _Timeline:
     """Marks inside one call: CUDA events on a GPU (read after one sync at the end), clocks on CPU."""
 
-    def __init__(self, device: torch.device | None) -> None:
+    def __init__(self, device: torch.device | None, probe: _Probe | None = None) -> None:
         self.device = device
         self.marks: list[tuple[str, Any]] = []
+        self.probe = probe
 
     def mark(self, label: str) -> None:
         if self.device is not None:
@@ -37,6 +81,8 @@ class _Timeline:
             self.marks.append((label, event))
         else:
             self.marks.append((label, time.perf_counter()))
+        if label == "step" and self.probe is not None:
+            self.probe.check(self)
 
     def seconds(self, a: Any, b: Any) -> float:
         if self.device is not None:
@@ -177,9 +223,10 @@ def _as_nchw(images: Any) -> torch.Tensor:
 
 
 def _one_call(
-    pipe: Any, inst: _Instrument, device: torch.device | None, seed: int, kwargs: dict[str, Any], keep: bool
+    pipe: Any, inst: _Instrument, device: torch.device | None, seed: int, kwargs: dict[str, Any], keep: bool,
+    probe: _Probe | None = None,
 ) -> _CallResult:
-    timeline = _Timeline(device)
+    timeline = _Timeline(device, probe)
     inst.timeline, inst.latents = timeline, None
     call = dict(kwargs, generator=torch.Generator().manual_seed(seed), output_type="pt")
     if inst.uses_callback:
@@ -257,6 +304,7 @@ def measure(
     progress: Callable[[str], None] | None = None,
     reference: Reference | None = None,
     time_box_s: float | None = None,
+    stop_above_s: float | None = None,
 ) -> Measurement:
     """Time a pipeline on a workload and record its peak memory (and quality, given a reference).
 
@@ -270,6 +318,9 @@ def measure(
         reference: when given, ``quality`` is filled with :func:`compare` and the drops below the floor.
         time_box_s: stop the timed runs before one that would end past this many seconds of timed
             calls (at least one run always happens); ``latency_runs`` says how many ran.
+        stop_above_s: multi-fidelity. The first call with enough steps (the warm-up, else the first timed
+            call) projects its latency from its first warm steps; above this many seconds the measurement
+            stops there with status ``pruned`` and ``projected_latency_s`` (no images, no quality).
 
     Returns:
         A :class:`Measurement`; never raises except ``KeyboardInterrupt``.
@@ -289,11 +340,18 @@ def measure(
         with Sampler(device.index if device is not None else None) as sampler, _Instrument(pipe) as inst:
             try:
                 seed, kwargs = calls[0]
+                total = kwargs.get("num_inference_steps")
+                probe = None
+                if stop_above_s is not None:
+                    probe = _Probe(stop_above_s, int(total) if total else None, getattr(pipe, "scheduler", None))
+                warm_probe = probe
                 if workload.warmup_steps is not None:
                     kwargs = {**kwargs, "num_inference_steps": workload.warmup_steps}
+                    if total is None:  # a shortened warm-up's scheduler does not know the timed step count
+                        warm_probe = None
                 for i in range(workload.warmup):
                     say(f"warm-up {i + 1}/{workload.warmup}")
-                    m.warmup_s.append(_one_call(pipe, inst, device, seed, kwargs, keep=False).latency)
+                    m.warmup_s.append(_one_call(pipe, inst, device, seed, kwargs, keep=False, probe=warm_probe).latency)
                 if device is not None:
                     torch.cuda.synchronize(device)
                     torch.cuda.reset_peak_memory_stats(device)
@@ -305,7 +363,8 @@ def measure(
                     last = run == workload.runs - 1 or time_box_s is not None
                     for j, (seed, kwargs) in enumerate(calls):
                         say(f"run {run + 1}/{workload.runs}, call {j + 1}/{len(calls)}")
-                        results.append(_one_call(pipe, inst, device, seed, kwargs, keep=keep_images and last))
+                        results.append(_one_call(pipe, inst, device, seed, kwargs, keep=keep_images and last,
+                                                 probe=probe))
                     timed = sum(r.latency for r in results)
                     if time_box_s is not None and timed * (run + 2) / (run + 1) > time_box_s:
                         break
@@ -317,6 +376,11 @@ def measure(
                 if device is not None:
                     m.peak_allocated = int(torch.cuda.max_memory_allocated(device))
                     m.peak_reserved = int(torch.cuda.max_memory_reserved(device))
+    except _Pruned as exc:
+        m.status, m.projected_latency_s = Status.PRUNED, exc.projected
+        m.error = f"pruned: {exc} > the limit {stop_above_s:.3g}s"
+        gc.collect()  # the interrupted call's frames hold activations
+        return m
     except Exception as exc:
         m.status = Status.OOM if _is_oom(exc) else Status.ERROR
         m.error = one_line(exc)

@@ -72,6 +72,11 @@ class SearchConfig:
     """Enqueue the shipped presets' configurations first (off: the sampler alone, for an ablation)."""
     descent: bool = True
     """Try the incumbent's one-knob moves before sampling (:mod:`fluxtune.search.descent`)."""
+    prune: bool = True
+    """Stop a trial after its first warm steps when it projects clearly slower than the incumbent
+    (:mod:`fluxtune.search.pruning`)."""
+    prune_margin: float = 1.3
+    """How much slower than the incumbent a trial's (lower-bound) projection must be to be pruned."""
     sensitivity: dict[str, list[str]] | str | None = None
     """Method -> ranked exclude patterns, ``"auto"`` (scan each int8/fp8 method in the first worker), or None."""
     session: str = DEFAULT_SESSION
@@ -141,6 +146,7 @@ class Search:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ran = 0
         self.durations: list[float] = []
+        self.pruner: Any = None
         self.stop_reason = ""
         self.interrupted = False
 
@@ -208,7 +214,12 @@ class Search:
             config = {**self.cfg.identity(), "hardware": self.hardware.fingerprint(), "versions": library_versions(),
                       "devices": self.cfg.devices, "base": self.cfg.base.to_dict(exclude_defaults=True),
                       "dtype": self.cfg.dtype}
-            study, resumed = create_or_resume(self.cfg.study, storage, config, sampler)
+            from fluxtune.search.pruning import ProjectionPruner
+
+            self.pruner = (ProjectionPruner(self.cfg.objective, self.cfg.max_latency, self.cfg.prune_margin)
+                           if self.cfg.prune else None)
+            study, resumed = create_or_resume(self.cfg.study, storage, config, sampler,
+                                              self.pruner or optuna.pruners.NopPruner())
             self.study = study
             done = len([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
             self.say(f"study {self.cfg.study!r} ({'resumed, ' + str(done) + ' trials done' if resumed else 'new'}) "
@@ -531,11 +542,27 @@ class Search:
                      f"{format_bytes(self.goal.budget_bytes)}")
             return
         self.say(f"[{n + 1}/{total}] running on {worker.spec.device}: {desc}")
+        images = profile.generation.images_per_prompt
+        trial.set_user_attr("images_per_call", images)
+        limit = None if self.pruner is None else self.pruner.threshold(self.study, images)
         t0 = time.monotonic()
-        result = worker.run(RunRequest(profile, trial=n), self.cfg.trial_timeout_s)
+        result = worker.run(RunRequest(profile, trial=n, prune_above_s=limit), self.cfg.trial_timeout_s)
         self.durations.append(time.monotonic() - t0)
+        trial.set_user_attr("wall_s", round(time.monotonic() - t0, 2))
         self.ran += 1
         status = result.status
+        if status == Status.PRUNED and result.measurement is not None:
+            from fluxtune.search.pruning import PROBE_STEP
+
+            # Through Optuna's pruner API: the projection is the trial's intermediate value.
+            trial.report(float(result.measurement.projected_latency_s or 0.0), PROBE_STEP)
+            trial.set_user_attr("status", status.value)
+            trial.set_user_attr("error", result.error)
+            trial.set_user_attr("measurement", result.measurement_data())
+            trial.set_user_attr("pruned_by_study", trial.should_prune())
+            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            self.say(f"[{n + 1}/{total}] {desc} | {result.error or 'pruned'} ({time.monotonic() - t0:.1f}s)")
+            return
         if status in (Status.INVALID, Status.ERROR):
             trial.set_user_attr("status", status.value)
             trial.set_user_attr("error", result.error)
@@ -571,7 +598,7 @@ class Search:
         waiting = False
         while True:
             trials = self.study.get_trials(deepcopy=False)
-            prev = next((t for t in trials if t.state == TrialState.COMPLETE and t.number != trial.number
+            prev = next((t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.number != trial.number
                          and t.user_attrs.get("duplicate_of") is None and key(t) == mine), None)
             if prev is not None:
                 break
@@ -590,7 +617,12 @@ class Search:
             if k not in ("profile", "config", "host_pid", "source"):
                 trial.set_user_attr(k, value)
         trial.set_user_attr("duplicate_of", prev.number)
-        self.study.tell(trial, prev.values)
+        if prev.state == TrialState.PRUNED:
+            for step, value in prev.intermediate_values.items():
+                trial.report(value, step)
+            self.study.tell(trial, state=TrialState.PRUNED)
+        else:
+            self.study.tell(trial, prev.values)
         self.say(f"[{trial.number + 1}/{self.cfg.trials}] {desc} | the configuration of trial {prev.number + 1}: "
                  "its result, not run again")
         return True

@@ -143,7 +143,8 @@ def directions(objective: str) -> list[Any]:
             "throughput": ["maximize"]}[objective]
 
 
-def create_or_resume(name: str, storage: Any, config: dict[str, Any], sampler: Any) -> tuple[Any, bool]:
+def create_or_resume(name: str, storage: Any, config: dict[str, Any], sampler: Any,
+                     pruner: Any = None) -> tuple[Any, bool]:
     """Open study ``name``; create it with ``config`` or check that an existing one matches.
 
     Returns:
@@ -158,7 +159,7 @@ def create_or_resume(name: str, storage: Any, config: dict[str, Any], sampler: A
 
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
     study = optuna.create_study(study_name=name, storage=storage, directions=directions(config["objective"]),
-                                sampler=sampler, load_if_exists=True)
+                                sampler=sampler, pruner=pruner, load_if_exists=True)
     if name in existing:
         old = study.user_attrs.get(CONFIG_KEY, {})
         # A process on another host may have created the study a moment ago and not yet written its

@@ -57,6 +57,8 @@ class RunRequest:
     """Class-conditional models: also render this many samples and send their distribution features."""
     time_box_s: float | None = None
     """Stop the timed runs before one that would end past this (at least one runs)."""
+    prune_above_s: float | None = None
+    """Multi-fidelity: stop after the first warm steps when the projected call latency exceeds this."""
 
 
 @dataclass(frozen=True)

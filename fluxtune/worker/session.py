@@ -156,7 +156,8 @@ class TrialSession:
             # its speed: no warm-up and one call, then the second identical call below gives both the
             # noise floor and a warm latency (a streamed bf16 FLUX call is 15 s: two calls, not four).
             workload = replace(workload, runs=1, warmup=0)
-        m = measure(pipe, workload, budget_bytes=self.spec.budget_bytes, device_index=index, time_box_s=req.time_box_s)
+        m = measure(pipe, workload, budget_bytes=self.spec.budget_bytes, device_index=index, time_box_s=req.time_box_s,
+                    stop_above_s=req.prune_above_s if req.role == "trial" else None)
         if self.spec.fixed_workload:
             # A bench worker runs one candidate in its own process: its host peak covers the load and
             # the apply too (a search's workers run many trials, so their process peak would not be one trial's).
