@@ -952,21 +952,6 @@ def test_two_workers_never_measure_one_configuration_twice(home, monkeypatch):
     assert len(trials) == 5 and len(measured) == len(set(measured)) <= 2
 
 
-def test_a_streamed_reference_keeps_blocks_resident_and_stays_lossless():
-    """Issue 15: the reference of a search whose bf16 model exceeds the budget streams through fluxtune's
-    block streamer with blocks resident (faster than diffusers' leaf offload), and changes no pixel knob."""
-    from fluxtune.profile import Profile
-    from fluxtune.search.runner import SearchConfig, reference_profile
-
-    base = Profile.model_validate({"transformer": {"quantize": {"method": "int8_weight"}}, "compile": {"mode": "regional"}})
-    cfg = SearchConfig(model="tiny-flux", base=base, workload={}, budget_bytes=12 * 10**9)
-    streamed = reference_profile(cfg, False, resident=5 * 10**9)
-    assert streamed.transformer.offload.mode == "partial" and streamed.transformer.offload.resident == 5 * 10**9
-    assert streamed.text_encoder_2.offload.mode == "partial"
-    assert streamed.transformer.quantize is None and not streamed.compile.enabled and streamed.cache.kind == "none"
-    assert reference_profile(cfg, False).transformer.offload.mode == "group"  # the fallback
-
-
 def test_trials_projected_slower_than_the_incumbent_are_pruned_through_optuna(home):
     """Multi-fidelity (issue 17): with a margin of 0.01 every trial after the first feasible one projects
     slower than 0.01x the incumbent: each stops after its first warm steps, is an Optuna PRUNED trial
