@@ -366,9 +366,10 @@ def test_short_warmup_and_time_box(dit: object, monkeypatch: pytest.MonkeyPatch)
     steps_seen: list[int] = []
     real = fm._one_call
 
-    def counting(pipe: object, inst: object, device: object, seed: int, kwargs: dict, keep: bool) -> object:
+    def counting(pipe: object, inst: object, device: object, seed: int, kwargs: dict, keep: bool,
+                 **rest: object) -> object:
         steps_seen.append(kwargs["num_inference_steps"])
-        return real(pipe, inst, device, seed, kwargs, keep)  # type: ignore[arg-type]
+        return real(pipe, inst, device, seed, kwargs, keep, **rest)  # type: ignore[arg-type]
 
     monkeypatch.setattr(fm, "_one_call", counting)
     wl = Workload(class_labels=(1,), steps=4, runs=5, warmup=1, warmup_steps=1)

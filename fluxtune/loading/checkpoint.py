@@ -147,9 +147,10 @@ class Checkpoint:
                 os.close(fd)
 
     def close(self) -> None:
-        for fd in self._fds.values():
+        fds = getattr(self, "_fds", {})  # __init__ may have failed before opening anything
+        for fd in fds.values():
             os.close(fd)
-        self._fds.clear()
+        fds.clear()
 
     def __del__(self) -> None:
         self.close()
