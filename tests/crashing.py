@@ -15,3 +15,11 @@ class CrashOnTrial1(TrialSession):
         if req.trial == 1:
             os._exit(1)
         return super().run(req)
+
+
+class KeepsOldPipelines(TrialSession):
+    """Holds every pipeline it replaces, as a leak would (issue 15: a restore left ~6 GB on an H200)."""
+
+    def _restore(self) -> None:
+        self.__dict__.setdefault("kept", []).append(self.pipe)
+        super()._restore()

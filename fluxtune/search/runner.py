@@ -519,6 +519,7 @@ class Search:
         self.durations.append(time.monotonic() - t0)
         trial.set_user_attr("wall_s", round(time.monotonic() - t0, 2))
         self.ran += 1
+        self._check_restore(n, result)
         status = result.status
         if status == Status.PRUNED and result.measurement is not None:
             from fluxtune.search.pruning import PROBE_STEP
@@ -548,6 +549,15 @@ class Search:
                 self.calibration.add(raw, m.peak_allocated, kind="allocated")
         self._tell(trial, sc, result)
         self.say(self._line(n, desc, sc, result))
+
+    def _check_restore(self, n: int, result: RunOutcome) -> None:
+        """Say so when the worker's switch to pristine weights left the old pipeline alive."""
+        held, left = result.timings.held_after_restore, result.timings.left_after_restore
+        if held:
+            extra = f" ({format_bytes(left)} still allocated on the device)" if left else ""
+            self.say(f"[{n + 1}/{self.cfg.trials}] warning: the previous trial's {', '.join(held)} stayed alive when "
+                     f"the worker restored pristine weights{extra}; this trial had that much less memory "
+                     "(a fluxtune bug: please report it with this log)")
 
     def _repeat(self, trial: Any, desc: str) -> bool:
         """A configuration this study already measured (same profile; a study has one workload) gets that

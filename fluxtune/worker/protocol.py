@@ -86,6 +86,11 @@ class ApplyTimings:
     placement_s: float | None = None
     parts: dict[str, float] | None = None
     """``knob/component`` -> seconds, for the parts of apply that took 10 ms or more (once apply ran)."""
+    held_after_restore: list[str] | None = None
+    """Components of the replaced pipeline still alive after the worker restored pristine weights
+    (something holds them, and with them their device memory); None: no restore before this run."""
+    left_after_restore: int | None = None
+    """Device bytes still allocated after that restore (a fresh pipeline holds none until applied)."""
 
 
 @dataclass(frozen=True)

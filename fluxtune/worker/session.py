@@ -17,6 +17,7 @@ import os
 import signal
 import time
 import traceback
+import weakref
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,8 @@ class TrialSession:
         self.pipe = self._fresh()
         self.load_s = time.perf_counter() - t0
         self.dirty = False
+        self.held_after_restore: list[str] | None = None
+        self.left_after_restore: int | None = None
         self.reference: Any = None
 
     def _fresh(self) -> Any:
@@ -95,10 +98,16 @@ class TrialSession:
         pipe, self.pipe = self.pipe, None
         reset(pipe)  # hooks, caches, the process-wide attention backend; then the modules are replaced
         torch.compiler.reset()  # compiled code refers to the old modules
+        old = {name: weakref.ref(c) for name, c in getattr(pipe, "components", {}).items()
+               if isinstance(c, torch.nn.Module)}
         del pipe
         gc.collect()
+        # Whatever still holds an old component keeps its weights (on the GPU: out of the next trial's
+        # budget); the search reports it (an H200 search lost ~6 GB this way after a bf16 streamed run).
+        self.held_after_restore = sorted(name for name, ref in old.items() if ref() is not None)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+            self.left_after_restore = int(torch.cuda.memory_allocated(self.device))
         self.pipe = self._fresh()
         self.dirty = False
 
@@ -128,8 +137,11 @@ class TrialSession:
 
         try:
             t0 = time.perf_counter()
+            self.held_after_restore, self.left_after_restore = None, None
             pipe = self._pipeline_for(profile)
             timings["restore_s"] = time.perf_counter() - t0
+            timings["held_after_restore"] = self.held_after_restore
+            timings["left_after_restore"] = self.left_after_restore
             # First use of torchao/TorchDynamo in this process: imports, reported apart from apply.
             timings["imports_s"] = preload(profile)
             self.dirty = True  # until apply finished cleanly
