@@ -32,7 +32,7 @@ class _Pruned(Exception):
 
     def __init__(self, projected: float, steps: int) -> None:
         super().__init__(f"projected {projected:.2f}s per call from {steps} warm steps")
-        self.projected, self.steps = projected, steps
+        self.projected = projected
 
 
 @dataclass
@@ -50,8 +50,10 @@ class _Probe:
     done: bool = False
 
     def check(self, timeline: _Timeline) -> None:
+        if self.done:  # called at every step: after the decision, nothing more
+            return
         step_marks = [value for label, value in timeline.marks if label == "step"]
-        if self.done or len(step_marks) < self.steps + 1:
+        if len(step_marks) < self.steps + 1:
             return
         self.done = True  # decided once: the later steps run unobserved (no more syncs)
         if timeline.device is not None:

@@ -12,18 +12,14 @@ from __future__ import annotations
 import optuna
 
 from fluxtune.measure.timing import PROBE_STEPS
+from fluxtune.search.results import feasible_trials
 
 MARGIN = 1.3
 """A trial whose lower-bound projection is 30 % slower than the incumbent cannot win: far beyond the
 run-to-run spread of the streamed presets (the 12 GB preset's ten runs span 3.25-4.21 s on the H200)."""
 
-PROBE_STEP = PROBE_STEPS
-"""The step at which the projection is reported (the median of the warm steps after the first)."""
-
-
-def _feasible(t: optuna.trial.FrozenTrial) -> bool:
-    cons = t.user_attrs.get("constraints") or {}
-    return t.user_attrs.get("status") == "ok" and all(v <= 0 for v in cons.values())
+# The runner reports a projection at step PROBE_STEPS, the number of warm steps it was made from.
+__all__ = ["MARGIN", "PROBE_STEPS", "ProjectionPruner"]
 
 
 class ProjectionPruner(optuna.pruners.BasePruner):
@@ -44,8 +40,7 @@ class ProjectionPruner(optuna.pruners.BasePruner):
         """Seconds per call above which a trial cannot win (None: do not prune)."""
         if self.objective == "quality":
             return self.max_latency * self.margin if self.max_latency else None
-        done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                if _feasible(t)]
+        done = feasible_trials(study)
         if self.objective == "latency":
             # The steady per-call latency (the projection is steady too; latency_s may amortise a compile).
             steady = [(t.user_attrs.get("measurement") or {}).get("latency_s") or t.user_attrs.get("latency_s")

@@ -522,10 +522,10 @@ class Search:
         self._check_restore(n, result)
         status = result.status
         if status == Status.PRUNED and result.measurement is not None:
-            from fluxtune.search.pruning import PROBE_STEP
+            from fluxtune.search.pruning import PROBE_STEPS
 
             # Through Optuna's pruner API: the projection is the trial's intermediate value.
-            trial.report(float(result.measurement.projected_latency_s or 0.0), PROBE_STEP)
+            trial.report(float(result.measurement.projected_latency_s or 0.0), PROBE_STEPS)
             trial.set_user_attr("status", status.value)
             trial.set_user_attr("error", result.error)
             trial.set_user_attr("measurement", result.measurement_data())
