@@ -292,26 +292,6 @@ def test_a_crashing_worker_fails_its_trial_and_the_search_goes_on(home, monkeypa
     assert "crashed" in (home / STUDY / "trials.csv").read_text()
 
 
-@pytest.mark.slow
-def test_a_restore_that_leaves_the_old_pipeline_alive_is_reported(home, monkeypatch):
-    """A worker whose switch to pristine weights keeps the old components alive (their device memory
-    then counts against the next trial) says so in the search log; the plain session frees them."""
-    import functools
-
-    import fluxtune.search
-
-    args = ["search", *TINY, "--budget", "12GB", "--trials", "3", "--seed", "1", "--patience", "0",
-            "--pin", "transformer.quantize=[none,int8_weight]"]
-    plain = cli(*args, "--home", home / "plain")
-    assert plain.code == 0, plain.out[-3000:] + plain.err[-3000:]
-    assert "stayed alive" not in plain.out
-    monkeypatch.setattr(fluxtune.search, "SearchConfig",
-                        functools.partial(fluxtune.search.SearchConfig, session="crashing:KeepsOldPipelines"))
-    res = cli(*args, "--home", home / "leaky")
-    assert res.code == 0, res.out[-3000:] + res.err[-3000:]
-    assert "warning: the previous trial's" in res.out and "transformer" in res.out and "stayed alive" in res.out
-
-
 # -- bad input and infeasible goals -------------------------------------------------------------------
 
 

@@ -39,6 +39,21 @@ def test_streamer_matches_resident_output_and_releases_blocks(tiny_flux):
     assert torch.equal(run(), ref)
 
 
+def test_a_discarded_pipeline_frees_its_streamed_blocks_without_copying_them_back(tiny_flux):
+    """``discard`` (a worker replacing its pipeline) closes the arenas and removes the hooks at once;
+    ``remove`` would first copy every streamed block back to where it came from."""
+    from fluxtune.tuning.state import discard, set_streamer
+
+    streamer = BlockStreamer(tiny_flux.transformer, torch.device("cpu"), resident_blocks=1)
+    set_streamer(tiny_flux.transformer, streamer)
+    assert streamer.arenas and streamer.items
+    put_back = []
+    streamer._release = lambda j: put_back.append(j)  # type: ignore[method-assign]
+    assert "transformer" in discard(tiny_flux)
+    assert not streamer.arenas and not streamer.items and not streamer._handles and not put_back
+    assert not list(tiny_flux.transformer.parameters()) and not list(tiny_flux.vae.buffers())
+
+
 def test_streaming_moves_quantized_inner_tensors(tiny_flux):
     """torchao weights: `.data =` would leave qdata/scale behind, so their inner tensors must follow."""
     import fluxtune

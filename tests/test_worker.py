@@ -55,6 +55,28 @@ def test_a_run_sends_its_measurement_without_tensors(session):
     assert out.timings.apply_s is not None and out.timings.parts is not None
 
 
+def test_a_restore_frees_the_old_weights_even_when_something_holds_the_old_pipeline(tmp_path):
+    """What outlives a restore (here the session itself keeps every replaced pipeline, as a stray
+    reference did on an H200: the reference's whole pipeline stayed, page-locked copies included)
+    holds modules without tensors. (A streamed pipeline's arenas: test_streaming.)"""
+    spec = WorkerSpec(model="tiny-flux", device="cpu", dtype="float32", workload=WORKLOAD, budget_bytes=None,
+                      study_dir=str(tmp_path), session="crashing:KeepsOldPipelines")
+    from crashing import KeepsOldPipelines
+
+    s = KeepsOldPipelines(spec)
+    first = s.run(RunRequest(_profile(transformer={"quantize": {"method": "int8_weight"}})))
+    assert first.status == Status.OK, first.error
+    old = s.pipe
+    after = s.run(RunRequest(_profile()))  # int8 cannot be undone in place: pristine weights
+    assert after.status == Status.OK, after.error
+    assert "transformer" in (after.timings.held_after_restore or [])  # still referenced (by ``kept``) ...
+    assert old in s.kept
+    for name, c in old.components.items():  # ... but it owns no tensor any more
+        if hasattr(c, "parameters"):
+            assert not list(c.parameters()) and not list(c.buffers()), name
+    assert s.pipe is not old and s.pipe.transformer.x_embedder.weight.numel() > 0  # the fresh one is whole
+
+
 class _Session(TrialSession):
     """Loads nothing: enough for the message loop."""
 

@@ -101,6 +101,9 @@ class SearchResult:
 
 
 _REFERENCE_FILES = ("reference.pt", "reference.json")
+_LEFT_AFTER_RESTORE_WARN = 64 << 20
+"""Device memory still allocated after a restore that the search warns about (a few MiB of CUDA and
+cuDNN workspaces stay by design)."""
 """What a worker writes for the lossless reference (tensors, then the JSON sidecar)."""
 
 
@@ -551,12 +554,14 @@ class Search:
         self.say(self._line(n, desc, sc, result))
 
     def _check_restore(self, n: int, result: RunOutcome) -> None:
-        """Say so when the worker's switch to pristine weights left the old pipeline alive."""
+        """Say so when the worker's switch to pristine weights left device memory allocated."""
         held, left = result.timings.held_after_restore, result.timings.left_after_restore
-        if held:
-            extra = f" ({format_bytes(left)} still allocated on the device)" if left else ""
-            self.say(f"[{n + 1}/{self.cfg.trials}] warning: the previous trial's {', '.join(held)} stayed alive when "
-                     f"the worker restored pristine weights{extra}; this trial had that much less memory "
+        # The old modules' tensors are freed even when something still refers to the modules (``held``):
+        # only memory still allocated costs the next trial.
+        if left is not None and left >= _LEFT_AFTER_RESTORE_WARN:
+            who = f" (still referenced: {', '.join(held)})" if held else ""
+            self.say(f"[{n + 1}/{self.cfg.trials}] warning: {format_bytes(left)} stayed allocated on the device when the "
+                     f"worker restored pristine weights{who}; this trial had that much less memory "
                      "(a fluxtune bug: please report it with this log)")
 
     def _repeat(self, trial: Any, desc: str) -> bool:

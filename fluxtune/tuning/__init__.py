@@ -35,9 +35,17 @@ from fluxtune.tuning import (  # noqa: F401  (importing registers the handlers)
 from fluxtune.tuning.base import HANDLERS, IRREVERSIBLE, Context
 from fluxtune.tuning.generation import CallState
 from fluxtune.tuning.report import Action, ApplyReport
-from fluxtune.tuning.state import broken_reason, call_state, is_tuned, mark_broken, reset, set_call_state
+from fluxtune.tuning.state import (
+    broken_reason,
+    call_state,
+    discard,
+    is_tuned,
+    mark_broken,
+    reset,
+    set_call_state,
+)
 
-__all__ = ["Action", "ApplyReport", "apply", "check_hardware", "execution_device", "irreversible_signature", "is_tuned", "preload",
+__all__ = ["Action", "ApplyReport", "apply", "check_hardware", "discard", "execution_device", "irreversible_signature", "is_tuned", "preload",
            "reset", "resolve"]
 
 

@@ -27,7 +27,7 @@ WEIGHTS_ATTR = "_fluxtune_weights"
 BROKEN_ATTR = "_fluxtune_broken"
 """Set on a component whose weights a failed ``apply`` changed (the reason); fresh components clear it."""
 
-__all__ = ["BASE_ATTR", "BROKEN_ATTR", "base_class", "broken_reason", "call_state", "is_tuned", "lora_state",
+__all__ = ["BASE_ATTR", "BROKEN_ATTR", "base_class", "broken_reason", "call_state", "discard", "is_tuned", "lora_state",
            "mark_broken", "reset", "set_call_state", "set_lora_state", "set_streamer", "set_weight_plan", "streamer_of",
            "weight_plan"]
 
@@ -112,3 +112,35 @@ def reset(pipe: Any) -> None:
     pipe.__class__ = base_class(pipe)
     for name in (CALL_ATTR, LORA_ATTR):
         pipe.__dict__.pop(name, None)
+
+
+def discard(pipe: Any) -> list[str]:
+    """Undo ``apply``'s process-wide effects (:func:`reset`), then free every tensor of the pipeline's
+    modules, for a pipeline about to be replaced.
+
+    Whatever still refers to a module afterwards (a hook registry, a closure, a traceback) holds an
+    empty shell, not its weights: an H200 search lost the reference's whole pipeline this way (its
+    page-locked host copies and its device tensors) to something that outlived the restore.
+    Streamed weights are not copied back first, as :func:`reset` alone would.
+
+    Returns:
+        The components whose tensors were freed.
+    """
+    import torch
+
+    modules = {name: c for name, c in (getattr(pipe, "components", {}) or {}).items() if isinstance(c, torch.nn.Module)}
+    for module in modules.values():
+        for sub in module.modules():
+            streamer = sub.__dict__.get(STREAMER_ATTR)
+            if streamer is not None:
+                streamer.discard()  # its undo (remove) then finds nothing to put back
+    reset(pipe)
+    for module in modules.values():
+        for sub in module.modules():
+            for key in list(sub._parameters):
+                sub._parameters[key] = None
+            for key in list(sub._buffers):
+                sub._buffers[key] = None
+            for attr in (STREAMER_ATTR, WEIGHTS_ATTR):
+                sub.__dict__.pop(attr, None)
+    return sorted(modules)

@@ -401,6 +401,18 @@ class BlockStreamer:
             arena.close()
         self.arenas.clear()
 
+    def discard(self) -> None:
+        """Remove the hooks and free the page-locked arenas without putting any weight back: for a
+        module about to be thrown away (``remove`` would first copy every streamed block to its origin,
+        the GPU for a model materialized there)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.items.clear()
+        for arena in self.arenas:
+            arena.close()
+        self.arenas.clear()
+
     def describe(self) -> str:
         gb = 1e9
         out = (

@@ -90,20 +90,21 @@ class TrialSession:
     def _restore(self) -> None:
         """Give the next trial pristine weights and no fluxtune state."""
         torch = self.torch
-        from fluxtune.tuning import reset
+        from fluxtune.tuning import discard
 
         if self.device.type == "cuda":
             # The budget's undo lifts the cap too, but an apply that failed part-way left no undo list.
             torch.cuda.set_per_process_memory_fraction(1.0, self.device)
         pipe, self.pipe = self.pipe, None
-        reset(pipe)  # hooks, caches, the process-wide attention backend; then the modules are replaced
+        # Hooks, caches, the process-wide attention backend undone, then every tensor of the old modules
+        # freed: whatever still refers to them keeps empty shells, not weights (an H200 search lost the
+        # reference's pipeline, page-locked host copies included, to such a reference).
+        discard(pipe)
         torch.compiler.reset()  # compiled code refers to the old modules
         old = {name: weakref.ref(c) for name, c in getattr(pipe, "components", {}).items()
                if isinstance(c, torch.nn.Module)}
         del pipe
         gc.collect()
-        # Whatever still holds an old component keeps its weights (on the GPU: out of the next trial's
-        # budget); the search reports it (an H200 search lost ~6 GB this way after a bf16 streamed run).
         self.held_after_restore = sorted(name for name, ref in old.items() if ref() is not None)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
