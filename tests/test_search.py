@@ -977,3 +977,18 @@ def test_trials_projected_slower_than_the_incumbent_are_pruned_through_optuna(ho
 def test_prune_margin_is_checked():
     res = cli("search", *TINY, "--prune-margin", "-1")
     assert res.code == 2 and "--prune-margin" in res.err + res.out
+
+
+def test_a_streamed_reference_keeps_blocks_resident_and_stays_lossless():
+    """Issue 15: the reference of a search whose bf16 model exceeds the budget streams through fluxtune's
+    block streamer with blocks resident (faster than diffusers' leaf offload), and changes no pixel knob."""
+    from fluxtune.profile import Profile
+    from fluxtune.search.runner import SearchConfig, reference_profile
+
+    base = Profile.model_validate({"transformer": {"quantize": {"method": "int8_weight"}}, "compile": {"mode": "regional"}})
+    cfg = SearchConfig(model="tiny-flux", base=base, workload={}, budget_bytes=12 * 10**9)
+    streamed = reference_profile(cfg, False, resident=5 * 10**9)
+    assert streamed.transformer.offload.mode == "partial" and streamed.transformer.offload.resident == 5 * 10**9
+    assert streamed.text_encoder_2.offload.mode == "partial"
+    assert streamed.transformer.quantize is None and not streamed.compile.enabled and streamed.cache.kind == "none"
+    assert reference_profile(cfg, False).transformer.offload.mode == "group"  # the fallback

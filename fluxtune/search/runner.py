@@ -107,8 +107,12 @@ cuDNN workspaces stay by design)."""
 """What a worker writes for the lossless reference (tensors, then the JSON sidecar)."""
 
 
-def reference_profile(cfg: SearchConfig, predicted_fits: bool) -> Profile:
-    """Lossless and within the budget: bf16, full steps, no cache, no compile; streamed if needed."""
+def reference_profile(cfg: SearchConfig, predicted_fits: bool, resident: int | None = None) -> Profile:
+    """Lossless and within the budget: bf16, full steps, no cache, no compile; streamed if needed.
+
+    Streamed, ``resident`` bytes of transformer blocks stay on the GPU and the rest go through fluxtune's
+    block streamer (FLUX.1-dev under 12 GB on the H200: ~10 s a call, against 15-16 s for diffusers'
+    leaf-level group offload, which is the fallback, ``resident=None``)."""
     data = cfg.base.to_dict()
     for name in ("transformer", "text_encoder", "text_encoder_2", "vae"):
         data[name].update(quantize=None, layerwise_casting=None)
@@ -116,6 +120,10 @@ def reference_profile(cfg: SearchConfig, predicted_fits: bool) -> Profile:
     if not predicted_fits:
         for name in ("transformer", "text_encoder", "text_encoder_2"):
             data[name]["offload"] = {"mode": "group", "level": "leaf", "use_stream": True}
+        if resident is not None:
+            data["transformer"]["offload"] = {"mode": "partial", "resident": max(1, resident)}
+            for name in ("text_encoder", "text_encoder_2"):
+                data[name]["offload"] = {"mode": "partial", "resident_blocks": 0}
         data["vae"]["tiling"] = True
     data["cache"] = {"kind": "none"}
     data["compile"] = {"mode": "off"}
@@ -324,7 +332,7 @@ class Search:
             return dict(ref)
         predicted = self._predict(reference_profile(self.cfg, True))
         fits = predicted is None or self.goal.budget_bytes is None or predicted <= self.goal.budget_bytes
-        profile = reference_profile(self.cfg, fits)
+        profile = self._streamed_reference() if not fits else reference_profile(self.cfg, True)
         shared = self._shared_reference(profile)
         if (shared / "run.json").exists():
             # Another study (say, another budget) already ran this lossless run on this machine.
@@ -338,7 +346,8 @@ class Search:
             return dict(ref)
         self.say(f"reference: lossless run ({'resident' if fits else 'streamed: the bf16 model exceeds the budget'}) ...")
         result = None
-        for w_profile in (profile, reference_profile(self.cfg, False)) if fits else (profile,):
+        fallbacks = [reference_profile(self.cfg, False)]
+        for w_profile in [profile] + [f for f in fallbacks if f != profile]:
             result = worker.run(RunRequest(w_profile, role="reference"), self.cfg.trial_timeout_s)
             if result.status == Status.OK:
                 profile = w_profile
@@ -366,6 +375,28 @@ class Search:
         self.say(f"reference: {m.latency_s or 0:.2f}s (the second, warm call), peak {format_bytes(ref['peak'] or 0)}, noise floor PSNR "
                  f"{ref['noise_floor'].get('psnr', float('nan')):.1f} dB")
         return ref
+
+    def _streamed_reference(self) -> Profile:
+        """The lossless reference when bf16 exceeds the budget: the most transformer blocks resident that
+        the memory model fits (with margin) under the budget, on the GPU and on the host; else diffusers'
+        leaf-level group offload."""
+        from fluxtune.memory import check_host_ram
+
+        budget = self.goal.budget_bytes
+        if budget is not None and self.on_gpu:
+            for share in (0.5, 0.35, 0.2, 0.05):
+                candidate = reference_profile(self.cfg, False, resident=int(share * budget))
+                pred = self._prediction(candidate)
+                if pred is not None and pred.peak_vram <= budget * 0.9 and check_host_ram(
+                        pred, candidate.budget.host_ram or self._host_budget()) is None:
+                    return candidate
+        return reference_profile(self.cfg, False)
+
+    def _host_budget(self) -> int | None:
+        from fluxtune.memory import default_host_budget
+
+        total = self.hardware.host_ram_bytes
+        return default_host_budget(total) if total else None
 
     def _shared_reference(self, profile: Profile) -> Path:
         """Where the lossless run of this model, workload and reference profile on this machine and
