@@ -856,9 +856,9 @@ def test_a_configuration_is_measured_once_per_study(home, monkeypatch):
 def test_ctrl_c_stops_cleanly_and_a_rerun_completes_the_budget(home, tmp_path):
     """A terminal's Ctrl-C (SIGINT to the whole process group) while a trial runs: no unstarted trial is
     recorded, the finished ones are kept and printed, no traceback; the same command then runs the rest."""
-    # 16 steps at 128x128: a trial lasts long enough that the signal finds it running (at 2 steps the
-    # remaining trials could all finish between the poll that saw one running and the signal).
-    args = ["search", "--model", "tiny-flux", "--steps", "16", "--size", "128x128", "--budget", "12GB",
+    # 24 steps at 256x256: a trial lasts seconds, so the signal finds one running (at 16 steps and
+    # 128x128 a trial took 0.2 s and the remaining ones once all finished before the signal).
+    args = ["search", "--model", "tiny-flux", "--steps", "24", "--size", "256x256", "--budget", "12GB",
             "--home", str(home), "--trials", "6", "--patience", "0"]
     log_path = tmp_path / "interrupted.log"
     with log_path.open("w") as log:
@@ -992,3 +992,61 @@ def test_a_streamed_reference_keeps_blocks_resident_and_stays_lossless():
     assert streamed.text_encoder_2.offload.mode == "partial"
     assert streamed.transformer.quantize is None and not streamed.compile.enabled and streamed.cache.kind == "none"
     assert reference_profile(cfg, False).transformer.offload.mode == "group"  # the fallback
+
+
+# -- noise-aware results: finalists re-timed interleaved ----------------------------------------------
+
+
+def _cand(trial, values):
+    from fluxtune.search.retime import Candidate
+
+    return Candidate(trial, f"trial {trial + 1}", None, list(values))
+
+
+def test_a_winner_within_the_rounds_noise_of_the_baseline_is_not_called_faster():
+    from fluxtune.search.retime import verdict
+
+    base = _cand(0, [1.00, 1.10])
+    winner, line = verdict([_cand(3, [0.98, 1.04]), _cand(5, [1.20, 1.25])], base, "latency")
+    assert winner.trial == 3 and "nothing beat the baseline beyond noise" in line
+    winner, line = verdict([_cand(3, [0.50, 0.52]), base], base, "latency")
+    assert winner.trial == 3 and "2.06x the baseline" in line and "beyond the rounds' noise" in line
+    winner, line = verdict([_cand(2, [40.0, 41.0]), _cand(4, [45.0, 44.0])], None, "throughput")
+    assert winner.trial == 4 and "44.500 images/s" in line  # the higher median wins for throughput
+
+
+def test_rounds_rotate_the_order_and_stop_when_time_runs_out():
+    from fluxtune.search.retime import run_rounds
+
+    cands = [_cand(i, []) for i in range(3)]
+    visits: list[int] = []
+    done = run_rounds(cands, 2, lambda c: visits.append(c.trial) or 1.0, print)
+    assert done == 2 and visits == [0, 1, 2, 1, 2, 0] and all(len(c.values) == 2 for c in cands)
+    left = iter([100.0, 5.0])
+    assert run_rounds(cands, 3, lambda c: 1.0, print, time_left=lambda: next(left), visit_s=10.0) == 1
+
+
+@pytest.mark.slow
+def test_a_search_ends_by_re_timing_its_finalists_and_writes_the_re_timed_winner(home):
+    """Issue 17: the best trials and the fastest recipe are measured again, in rotating rounds in one
+    worker; the profile written is the finalist with the best median over the rounds."""
+    res = cli("search", *TINY, "--budget", "12GB", "--trials", "4", "--seed", "1", "--patience", "0",
+              "--retime", "2", "--home", home)
+    assert res.code == 0, res.out[-3000:] + res.err[-3000:]
+    study = load(home)
+    rec = study.user_attrs["fluxtune_retime"]
+    assert rec["rounds"] == 2 and len(rec["values"]) >= 2
+    assert all(len(v) == 2 for v in rec["values"].values())
+    assert "re-timing" in res.out and rec["verdict"] in res.out
+    import statistics
+
+    medians = {int(k): statistics.median(v) for k, v in rec["values"].items()}
+    finalists = [k for k, label in rec["labels"].items() if "baseline" not in label or int(k) == rec["winner"]]
+    assert rec["winner"] == min((int(k) for k in finalists), key=medians.__getitem__)
+    written = (home / STUDY / "best.yaml").read_text()
+    assert f"trial {rec['winner'] + 1}" in res.out.split("best: ")[1].splitlines()[0] and written
+
+
+def test_retime_rounds_are_checked():
+    res = cli("search", *TINY, "--retime", "-1")
+    assert res.code == 2 and "--retime" in res.err + res.out

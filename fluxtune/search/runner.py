@@ -79,6 +79,8 @@ class SearchConfig:
     """How much slower than the incumbent a trial's (lower-bound) projection must be to be pruned."""
     sensitivity: dict[str, list[str]] | str | None = None
     """Method -> ranked exclude patterns, ``"auto"`` (scan each int8/fp8 method in the first worker), or None."""
+    retime_rounds: int = 2
+    """Rounds of interleaved re-timing of the finalists and the baseline at the end (0: none)."""
     session: str = DEFAULT_SESSION
     """The workers' session class (``module:Class``); tests swap in one that crashes."""
 
@@ -101,10 +103,10 @@ class SearchResult:
 
 
 _REFERENCE_FILES = ("reference.pt", "reference.json")
+"""What a worker writes for the lossless reference (tensors, then the JSON sidecar)."""
 _LEFT_AFTER_RESTORE_WARN = 64 << 20
 """Device memory still allocated after a restore that the search warns about (a few MiB of CUDA and
 cuDNN workspaces stay by design)."""
-"""What a worker writes for the lossless reference (tensors, then the JSON sidecar)."""
 
 
 def reference_profile(cfg: SearchConfig, predicted_fits: bool, resident: int | None = None) -> Profile:
@@ -255,6 +257,8 @@ class Search:
             except KeyboardInterrupt:
                 self._interrupt(workers, threads)
                 raise
+            if self.cfg.retime_rounds and not self.interrupted:
+                self._retime(workers[0])
         finally:
             for w in workers:
                 w.stop()
@@ -263,6 +267,47 @@ class Search:
         from fluxtune.search.results import best_trial
 
         return SearchResult(study, best_trial(study), reference, time.monotonic() - self.started, self.ran)
+
+    def _retime(self, worker: Worker) -> None:
+        """Re-time the finalists and the baseline interleaved (:mod:`fluxtune.search.retime`)."""
+        from optuna.trial import TrialState
+
+        from fluxtune.search import retime
+
+        finished = len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        if retime.recorded_winner(self.study, finished) is not None:
+            return  # a resumed search that ran nothing new: the rounds are already there
+        finalists, baseline = retime.candidates(self.study, self.cfg.objective)
+        every = finalists + ([baseline] if baseline is not None and baseline not in finalists else [])
+        if len(every) < 2:
+            return
+        rounds = self.cfg.retime_rounds
+        self.say(f"re-timing {len(every)} finalists interleaved, {rounds} rounds: "
+                 + ", ".join(c.label for c in every))
+
+        def one(c: retime.Candidate) -> float | None:
+            t0 = time.monotonic()
+            try:
+                if not worker.proc.is_alive():  # its last trial crashed it
+                    worker.restart()
+                res = worker.run(RunRequest(c.profile, role="retime", trial=c.trial), self.cfg.trial_timeout_s)
+            except WorkerDied as e:
+                self.say(f"  {c.label}: {e}")
+                return None
+            value = retime.measured_value(res, self.cfg.objective)
+            shown = f"{value:.3f}{'s' if self.cfg.objective == 'latency' else ' images/s'}" if value else str(res.status)
+            self.say(f"  {c.label}: {shown} ({time.monotonic() - t0:.1f}s)")
+            return value
+
+        def time_left() -> float | None:
+            if self.cfg.timeout_s is None:
+                return None
+            return self.cfg.timeout_s - (time.monotonic() - self.started)
+
+        done = retime.run_rounds(every, rounds, one, self.say, time_left, self._typical_trial_s() or None)
+        winner, line = retime.verdict(finalists, baseline, self.cfg.objective)
+        self.say(line)
+        retime.record(self.study, finalists, baseline, winner, line, done, finished)
 
     def _sensitivity(self, worker: Worker) -> dict[str, list[str]]:
         """Ranked exclude patterns per quantization method: given, or scanned once per study and kept

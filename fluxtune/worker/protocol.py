@@ -21,9 +21,10 @@ __all__ = ["ApplyTimings", "Fatal", "Ready", "Role", "RunOutcome", "RunRequest",
 
 DEFAULT_SESSION = "fluxtune.worker.session:TrialSession"
 
-Role = Literal["trial", "reference", "compiled_floor"]
+Role = Literal["trial", "reference", "compiled_floor", "retime"]
 """``reference``: the lossless run quality is judged against (the worker saves it and its noise floor);
-``compiled_floor``: the same run compiled, to learn how far compilation alone moves the pixels."""
+``compiled_floor``: the same run compiled, to learn how far compilation alone moves the pixels;
+``retime``: a finalist timed again (:mod:`fluxtune.search.retime`): no quality, no images."""
 
 
 @dataclass(frozen=True)

@@ -170,7 +170,7 @@ class TrialSession:
             # noise floor and a warm latency (a streamed bf16 FLUX call is 15 s: two calls, not four).
             workload = replace(workload, runs=1, warmup=0)
         m = measure(pipe, workload, budget_bytes=self.spec.budget_bytes, device_index=index, time_box_s=req.time_box_s,
-                    stop_above_s=req.prune_above_s if req.role == "trial" else None)
+                    stop_above_s=req.prune_above_s if req.role == "trial" else None, keep_images=req.role != "retime")
         if self.spec.fixed_workload:
             # A bench worker runs one candidate in its own process: its host peak covers the load and
             # the apply too (a search's workers run many trials, so their process peak would not be one trial's).
@@ -213,7 +213,7 @@ class TrialSession:
                 q = compare(m, self.reference)
                 # Drops relative to the GPU's own noise floor are what the numbers mean.
                 extra["quality"] = {**q, **quality_drop(q, self.reference.floor)}
-            if req.trial is not None and m.images is not None:
+            if req.trial is not None and m.images is not None and req.role != "retime":
                 self._save_images(m.images, f"trial_{req.trial:04d}.pt")
             if req.samples and self.workload.class_labels:
                 try:
