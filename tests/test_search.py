@@ -1050,3 +1050,38 @@ def test_a_search_ends_by_re_timing_its_finalists_and_writes_the_re_timed_winner
 def test_retime_rounds_are_checked():
     res = cli("search", *TINY, "--retime", "-1")
     assert res.code == 2 and "--retime" in res.err + res.out
+
+
+# -- structure before sampling: the plain start -------------------------------------------------------
+
+
+def test_the_plain_start_is_lossless_at_the_largest_batch_the_memory_model_admits():
+    from fluxtune.search.descent import plain_start
+
+    space = _space(H200, {"batch": [1, 2, 4, 8, 16]})
+    label, params = plain_start(space, lambda p: p["batch"] <= 4 and p.get("transformer.offload") == "none")
+    assert params["batch"] == 4 and "batch 4" in label and "resident" in label
+    prof = space.profile(params)
+    assert prof.transformer.quantize is None and prof.cache.kind == "none" and not prof.compile.enabled
+    assert prof.transformer.offload.mode == "none" and prof.generation.steps == 28
+
+
+def test_the_plain_start_streams_with_the_largest_resident_share_that_fits():
+    from fluxtune.search.descent import plain_start
+
+    space = _space(H200)
+    fits = lambda p: p.get("transformer.offload") == "partial" and p["transformer.resident_fraction"] <= 0.6  # noqa: E731
+    label, params = plain_start(space, fits)
+    assert params["transformer.offload"] == "partial" and params["transformer.resident_fraction"] == 0.55
+    assert params["text_encoders.offload"] == "partial" and "55% resident" in label
+    assert plain_start(space, lambda p: False) is None
+
+
+@pytest.mark.slow
+def test_without_warm_start_the_search_starts_from_the_plain_configuration(home):
+    res = cli("search", *TINY, "--budget", "12GB", "--trials", "2", "--seed", "1", "--patience", "0",
+              "--no-warm-start", "--retime", "0", "--home", home)
+    assert res.code == 0, res.out[-3000:] + res.err[-3000:]
+    first = load(home).get_trials()[0]
+    assert first.user_attrs["source"].startswith("plain start: lossless")
+    assert first.params["transformer.quantize"] == "none" and first.params["cache"] == "none"

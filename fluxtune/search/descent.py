@@ -10,6 +10,7 @@ moves, and TPE takes over.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fluxtune.search.space import SearchSpace
@@ -57,4 +58,57 @@ def next_move(space: SearchSpace, incumbent: Any, tried: list[dict[str, Any]]) -
     for label, params in neighbours(space, dict(incumbent.params)):
         if not any(all(t.get(k) == v for k, v in params.items()) for t in tried):
             return f"descent from trial {incumbent.number + 1}: {label}", params
+    return None
+
+
+_PLAIN = ("none", False, "off", "native", "default")
+"""Lossless, hook-free values, in the order a categorical dimension is searched for one."""
+_RESIDENT_SHARES = (0.95, 0.85, 0.75, 0.65, 0.55, 0.45, 0.35, 0.25, 0.15, 0.05)
+
+
+def _size_px(value: Any) -> int:
+    w, _, h = str(value).partition("x")
+    return int(w) * int(h) if w.isdigit() and h.isdigit() else 0
+
+
+def plain_start(space: SearchSpace, fits: Callable[[dict[str, Any]], bool]) -> tuple[str, dict[str, Any]] | None:
+    """The search's first configuration: lossless and hook-free (no quantization, cache, compile or
+    offload, full steps), at the largest batch and size that ``fits`` (the memory model under the
+    budget) admits; when the model does not fit whole, its transformer streams with the largest
+    resident share that fits and its text encoders stream. None when nothing plain fits.
+
+    The range of the two dimensions that most decide speed comes from the memory model, not the sampler:
+    the largest batch that fits is where throughput peaks, the largest resident share where streamed
+    latency is lowest.
+    """
+    params: dict[str, Any] = {}
+    for dim in space.dims:
+        if not dim.when(params):
+            continue
+        if dim.categorical:
+            plain = [v for v in _PLAIN if v in dim.choices]
+            # Full steps are the lossless ones; other numeric choices (keep_sensitive) start at their first.
+            params[dim.name] = plain[0] if plain else max(dim.choices) if dim.name == "steps" else dim.choices[0]
+        else:
+            assert dim.low is not None and dim.high is not None
+            # Only full steps and numeric knobs of active offloads remain here; the largest is the lossless/fullest.
+            params[dim.name] = int(dim.high) if dim.integer else float(dim.high)
+    if not params:
+        return None
+    sizes = sorted((d.choices for d in space.dims if d.name == "size"), key=len)[-1:] or [("default",)]
+    batches = sorted((d.choices for d in space.dims if d.name == "batch"), key=len)[-1:] or [(1,)]
+    placements: list[dict[str, Any]] = [{}]
+    offload_dim = next((d for d in space.dims if d.name == "transformer.offload"), None)
+    if offload_dim is not None and "partial" in offload_dim.choices:
+        enc = next((d for d in space.dims if d.name == "text_encoders.offload"), None)
+        stream_enc = {"text_encoders.offload": "partial"} if enc is not None and "partial" in enc.choices else {}
+        placements += [{"transformer.offload": "partial", "transformer.resident_fraction": share, **stream_enc}
+                       for share in _RESIDENT_SHARES]
+    for size in sorted(sizes[0], key=_size_px, reverse=True):
+        for batch in sorted(batches[0], reverse=True):
+            for place in placements:
+                candidate = _active(space, {**params, "size": size, "batch": batch, **place})
+                if fits(candidate):
+                    where = "resident" if not place else f"streamed, {place['transformer.resident_fraction']:.0%} resident"
+                    return f"plain start: lossless, batch {batch}, {where}", candidate
     return None

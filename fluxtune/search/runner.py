@@ -188,6 +188,17 @@ class Search:
         # On CPU the "device" is host memory: weights, activations and the process itself.
         return int(pred.peak_vram)
 
+    def _fits(self, params: dict[str, Any]) -> bool:
+        """Whether the memory model admits these parameters under the budget (True when it cannot tell)."""
+        budget = self.goal.budget_bytes
+        if budget is None:
+            return True
+        try:
+            predicted = self._predict(self.space.profile(params))
+        except Exception:  # a combination the profile refuses: not a start
+            return False
+        return predicted is None or predicted <= budget
+
     def run(self) -> SearchResult:
         import optuna
 
@@ -247,6 +258,15 @@ class Search:
                         presets.append(p)
                 for label, params in warm_start(self.space, presets):
                     study.enqueue_trial(params, user_attrs={"source": label}, skip_if_exists=True)
+            if self.cfg.descent and not [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]:
+                from fluxtune.search.descent import plain_start
+
+                # Structure before sampling: the lossless configuration at the largest batch and resident
+                # share the memory model admits (first under --no-warm-start; a recipe already queued
+                # with the same parameters keeps its label), then one-knob moves from the incumbent.
+                start = plain_start(self.space, self._fits)
+                if start is not None:
+                    study.enqueue_trial(start[1], user_attrs={"source": start[0]}, skip_if_exists=True)
             threads = [threading.Thread(target=self._loop, args=(w,), daemon=True) for w in workers]
             for th in threads:
                 th.start()
