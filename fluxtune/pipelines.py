@@ -40,10 +40,12 @@ __all__ = [
     "FLUX_VAE_CONFIG",
     "SD_VAE_FT_EMA_CONFIG",
     "T5_XXL_CONFIG",
+    "FAMILY_PIPELINES",
     "BuiltinSpec",
     "denoiser",
     "dit_xl_2_config",
     "family",
+    "family_of_class",
     "list_builtins",
     "load",
     "make_clip_tokenizer",
@@ -53,7 +55,15 @@ __all__ = [
     "register_builtin",
 ]
 
-Family = Literal["flux", "dit"]
+Family = Literal["flux", "dit", "flux2", "qwenimage"]
+
+FAMILY_PIPELINES: dict[str, tuple[str, ...]] = {
+    "flux": ("FluxPipeline",),
+    "dit": ("DiTPipeline",),
+    "flux2": ("Flux2Pipeline", "Flux2KleinPipeline"),
+    "qwenimage": ("QwenImagePipeline",),
+}
+"""The diffusers pipeline classes (and their subclasses) of each family fluxtune tunes."""
 
 # --------------------------------------------------------------------------------------- configs
 # Full-size component configs (reference/diffusers-knobs.md §9.2, §9.4). Read-only views: the
@@ -506,8 +516,8 @@ def register_builtin(spec: BuiltinSpec, *, replace: bool = False) -> BuiltinSpec
         raise PipelineError(
             f"built-in name {spec.name!r} is invalid; use lowercase letters, digits, '.', '_' and '-'"
         )
-    if spec.family not in ("flux", "dit"):
-        raise PipelineError(f"built-in {spec.name!r} has family={spec.family!r}; use 'flux' or 'dit'")
+    if spec.family not in FAMILY_PIPELINES:
+        raise PipelineError(f"built-in {spec.name!r} has family={spec.family!r}; use one of {', '.join(FAMILY_PIPELINES)}")
     if spec.name in BUILTINS and not replace and BUILTINS[spec.name] != spec:
         raise PipelineError(f"built-in {spec.name!r} is already registered; pass replace=True to override it")
     BUILTINS[spec.name] = spec
@@ -658,14 +668,18 @@ def _from_pretrained(
 
 
 def family(pipe: Any) -> str:
-    """``"flux"`` for FluxPipeline (and subclasses), ``"dit"`` for DiTPipeline, else ``"other"``."""
-    from diffusers import DiTPipeline, FluxPipeline
-
-    if isinstance(pipe, FluxPipeline):
-        return "flux"
-    if isinstance(pipe, DiTPipeline):
-        return "dit"
+    """The family of a pipeline (:data:`FAMILY_PIPELINES`: ``"flux"`` for FluxPipeline and its subclasses,
+    ``"flux2"`` for FLUX.2 [dev] and [klein], ...), else ``"other"``."""
+    for cls in type(pipe).__mro__:
+        found = family_of_class(cls.__name__)
+        if found != "other":
+            return found
     return "other"
+
+
+def family_of_class(class_name: str) -> str:
+    """The family of a pipeline class name (as ``model_index.json`` spells it), else ``"other"``."""
+    return next((fam for fam, names in FAMILY_PIPELINES.items() if class_name in names), "other")
 
 
 def denoiser(pipe: Any) -> torch.nn.Module:

@@ -84,7 +84,8 @@ class Profile(Knob):
     schema_version: Literal[1] = 1
     name: str = "custom"
     description: str = ""
-    family: Literal["flux", "dit", "any"] = Field(default="any", description="pipelines this profile targets")
+    family: Literal["flux", "dit", "flux2", "qwenimage", "any"] = Field(
+        default="any", description="pipelines this profile targets (fluxtune.pipelines.FAMILY_PIPELINES)")
     budget: Budget = Budget()
     transformer: Component = Component()
     text_encoder: Component = Component()

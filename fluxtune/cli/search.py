@@ -158,12 +158,15 @@ def _local_family(model: str) -> str:
     """The family of a local save_pretrained directory from its model_index.json (flux when unknown)."""
     import json
 
+    from fluxtune.pipelines import family_of_class
+
     index = Path(model).expanduser() / "model_index.json"
     try:
         cls = str(json.loads(index.read_text()).get("_class_name", ""))
     except (OSError, ValueError, AttributeError):
         return "flux"
-    return "dit" if cls.startswith("DiT") else "flux"
+    found = family_of_class(cls)
+    return found if found != "other" else "flux"
 
 
 def _local_generation(model: str, on_gpu: bool) -> dict[str, Any]:

@@ -207,10 +207,12 @@ class ModelFacts:
             ppt = (vae_scale * patch) ** 2
             text_tokens, fixed, cfg = 0, True, True
         else:
-            # FLUX packs 2x2 latent pixels into one token.
+            # FLUX.1 and Qwen-Image pack 2x2 latent pixels into one token in the pipeline, FLUX.2 in its
+            # VAE (whose latents then have half the side): 16x16 pixels per token in all three (Qwen-Image's
+            # transformer config says patch_size=2 for that packing, which must not count twice).
             sample = int(getattr(pipe, "default_sample_size", 128))
             height = width = sample * int(getattr(pipe, "vae_scale_factor", vae_scale))
-            ppt = (vae_scale * 2 * patch) ** 2
+            ppt = (vae_scale * 2 * (patch if fam == "flux" else 1)) ** 2
             text_tokens, fixed, cfg = 512, False, False
         return cls(
             name=name or type(pipe).__name__, family=fam, components=comps, default_height=height,

@@ -55,6 +55,9 @@ def params_from_profile(profile: Profile, space: SearchSpace) -> dict[str, Any]:
     if space.family == "flux":
         p["text_encoders.offload"] = profile.text_encoder_2.offload.mode
         p["text_encoder_2.quantize"] = profile.text_encoder_2.quantize.method if profile.text_encoder_2.quantize else "none"
+    elif space.family in ("flux2", "qwenimage"):
+        p["text_encoders.offload"] = profile.text_encoder.offload.mode
+        p["text_encoder.quantize"] = profile.text_encoder.quantize.method if profile.text_encoder.quantize else "none"
     p["vae.tiling"] = profile.vae.tiling
     c = profile.cache
     p["cache"] = c.kind

@@ -75,6 +75,10 @@ class Dim:
         return replace(self, choices=tuple(values), low=None, high=None)
 
 
+PROMPTED = ("flux", "flux2", "qwenimage")
+"""Families drawn from a text prompt through text encoders (DiT draws class labels)."""
+
+
 def _q(p: Params) -> str:
     return str(p.get("transformer.quantize", "none"))
 
@@ -114,9 +118,11 @@ def default_dims(hardware: HardwareInfo, family: str) -> list[Dim]:
         Dim("transformer.resident_fraction", low=0.05, high=0.98,
             when=lambda p: _off(p) == "partial", help="share of the transformer's blocks kept resident"),
         Dim("text_encoders.offload", ("none", "model", "group", "partial") if gpu else ("none",),
-            when=lambda p: family == "flux" and _off(p) != "model",
+            when=lambda p: family in PROMPTED and _off(p) != "model",
             help="partial streams every encoder block from page-locked arenas (the fastest to apply)"),
         Dim("text_encoder_2.quantize", ("none", "int8_weight"), when=lambda p: family == "flux"),
+        # FLUX.2 and Qwen-Image have one large LLM text encoder (Qwen3, Mistral, Qwen2.5-VL): text_encoder.
+        Dim("text_encoder.quantize", ("none", "int8_weight"), when=lambda p: family in PROMPTED and family != "flux"),
         Dim("vae.tiling", (False, True)),
         Dim("cache", tuple(caches)),
         Dim("cache.threshold", low=0.02, high=0.4, log=True,
@@ -124,7 +130,7 @@ def default_dims(hardware: HardwareInfo, family: str) -> list[Dim]:
         Dim("cache.interval", low=2, high=8, integer=True, when=lambda p: p.get("cache") == "taylorseer"),
         Dim("cache.warmup", low=1, high=12, integer=True, when=lambda p: p.get("cache") == "taylorseer"),
         Dim("attention", ("native", "_native_cudnn", "_native_flash", "_native_efficient")
-            if gpu and family == "flux" else ("native",), help="diffusers attention backends of torch SDPA"),
+            if gpu and family in PROMPTED else ("native",), help="diffusers attention backends of torch SDPA"),
         Dim("compile", ("off", "regional") if gpu else ("off",)),
         Dim("compile.fullgraph", (False, True), when=lambda p: p.get("compile") == "regional" and not hooks(p)),
         Dim("compile.fuse_qkv", (False, True),
@@ -237,7 +243,7 @@ class SearchSpace:
             t["layerwise_casting"] = {"storage": "float8_e4m3fn"}
         off = _off(params)
         t["offload"] = self._offload(off, params, q)
-        if self.family == "flux":
+        if self.family in PROMPTED:
             te = "model" if off == "model" else str(params.get("text_encoders.offload", "none"))
             if off in _ACCELERATE:
                 te = off if te != "none" else "none"
@@ -249,9 +255,11 @@ class SearchSpace:
             elif te == "partial":
                 te_off = {"mode": "partial", "resident_blocks": 0}
             data["text_encoder"]["offload"] = te_off
-            data["text_encoder_2"]["offload"] = te_off
-            if params.get("text_encoder_2.quantize", "none") != "none":
-                data["text_encoder_2"]["quantize"] = {"method": params["text_encoder_2.quantize"]}
+            if self.family == "flux":  # the others have no text_encoder_2
+                data["text_encoder_2"]["offload"] = te_off
+            for name in ("text_encoder", "text_encoder_2"):
+                if params.get(f"{name}.quantize", "none") != "none":
+                    data[name]["quantize"] = {"method": params[f"{name}.quantize"]}
             if off in _ACCELERATE:
                 data["vae"]["offload"] = {"mode": off}
         data["vae"]["tiling"] = bool(params.get("vae.tiling", False))
