@@ -528,6 +528,14 @@ for _spec in (
     BuiltinSpec("tiny-flux", "flux", "FluxPipeline, ~0.2M params, real CLIP+T5 text stack, CPU tests (64x64)",
                 _build_tiny_flux),
     BuiltinSpec("tiny-dit", "dit", "DiTPipeline, tiny transformer and VAE, CPU tests (128x128)", _build_tiny_dit),
+    BuiltinSpec("tiny-flux2-klein", "flux2",
+                "Flux2KleinPipeline, ~0.5M params, tiny 36-layer Qwen3 text encoder, CPU tests (64x64)",
+                lambda **kw: _qwen_families().build_tiny_flux2_klein(**kw),
+                generation={"height": 64, "width": 64, "max_sequence_length": 64, "steps": 4}),
+    BuiltinSpec("tiny-qwen-image", "qwenimage",
+                "QwenImagePipeline, ~0.8M params, tiny Qwen2.5-VL text encoder, CPU tests (64x64)",
+                lambda **kw: _qwen_families().build_tiny_qwen_image(**kw),
+                generation={"height": 64, "width": 64, "max_sequence_length": 64, "steps": 4}),
     BuiltinSpec("flux-dev-replica", "flux",
                 "full-size FLUX.1-dev with random weights (31.4 GiB bf16): real speed/memory, not quality",
                 _build_flux_dev_replica, needs_gpu=True),
@@ -540,6 +548,12 @@ for _spec in (
                 _build_dit_xl_2_512, needs_gpu=True),
 ):
     register_builtin(_spec)
+
+
+def _qwen_families() -> Any:
+    from fluxtune import pipelines_qwen  # their builders import diffusers' FLUX.2/Qwen-Image classes
+
+    return pipelines_qwen
 
 
 def builtin(name: str) -> BuiltinSpec | None:

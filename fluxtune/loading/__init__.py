@@ -14,7 +14,7 @@ import importlib
 import json
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -148,7 +148,10 @@ def skeleton(model: str, *, dtype: str = "bfloat16", variant: str | None = None)
             continue
         sub = directory / name
         module = _meta_module(library, cls_name, sub, torch_dtype)
-        set_weight_plan(module, WeightPlan(source=Checkpoint(sub, variant)))
+        source = Checkpoint(sub, variant)
+        if library == "transformers":
+            source.rename(_transformers_renamer(module, sub))
+        set_weight_plan(module, WeightPlan(source=source))
         modules[name] = module
     try:
         pipe: Any = DiffusionPipeline.from_pretrained(directory, dtype=torch_dtype, local_files_only=True, **modules)
@@ -281,3 +284,27 @@ def _materialize_unaddressed(pipe: Any) -> None:
         if name not in COMPONENTS and plan is not None:
             materialize(module, plan, torch.device("cpu"), on_cuda=False)
             set_weight_plan(module, None)
+
+
+def _transformers_renamer(module: Any, where: Path) -> Callable[[str], str]:
+    """Stored key -> module key for a transformers model whose checkpoint keeps an older layout
+    (Qwen2.5-VL saves ``model.layers.*`` for its ``model.language_model.layers.*``): transformers'
+    own renaming rules, the first that matches. A rule that converts tensors (merging experts, splitting
+    projections) is refused: reading it would need that conversion."""
+    from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
+
+    rules = get_model_conversion_mapping(module)
+
+    def rename(key: str) -> str:
+        for rule in rules:
+            new, matched = rule.rename_source_key(key)
+            if matched is not None:
+                if not isinstance(rule, WeightRenaming):
+                    raise PipelineError(
+                        f"{where}: tensor {key!r} needs transformers' {type(rule).__name__} conversion, which "
+                        "fluxtune.load does not do; load the pipeline with DiffusionPipeline.from_pretrained and "
+                        "use fluxtune.apply(profile, pipe)")
+                return str(new)
+        return key
+
+    return rename

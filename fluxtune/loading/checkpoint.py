@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +96,10 @@ class Checkpoint:
         for f in files:
             self.entries.update(_header(f))
         self._fds: dict[Path, int] = {}
+
+    def rename(self, fn: Callable[[str], str]) -> None:
+        """Key the stored tensors by ``fn(stored name)``: the names the module's parameters have."""
+        self.entries = {fn(k): e for k, e in self.entries.items()}
 
     def __contains__(self, key: str) -> bool:
         return key in self.entries or self._parts(key) is not None

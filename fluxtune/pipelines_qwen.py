@@ -1,0 +1,171 @@
+"""Tiny FLUX.2 [klein] and Qwen-Image pipelines for CPU tests: the 2026 families with Qwen text encoders.
+
+Both are the real diffusers classes (``Flux2KleinPipeline``: Flux2Transformer2DModel, AutoencoderKLFlux2,
+Qwen3ForCausalLM; ``QwenImagePipeline``: QwenImageTransformer2DModel, AutoencoderKLQwenImage,
+Qwen2_5_VLForConditionalGeneration) at a few hundred thousand random parameters, built in memory with a
+byte-level Qwen tokenizer, so ``fluxtune search``, ``apply`` and the ``from_pretrained`` path run on
+them without a download. Their images mean nothing; their structure is the real one:
+
+* Klein stacks the hidden states of text-encoder layers 9, 18 and 27 (so the encoder has 36 layers, as
+  Qwen3-4B does, and the transformer's ``joint_attention_dim`` is three times its width), wraps the
+  prompt in a Qwen3 chat turn with thinking off, and packs 2x2 latent pixels in the VAE.
+* Qwen-Image drops the first 34 ids of its prompt template (the system prefix with the real Qwen2.5
+  vocabulary): the tokenizer merges that template's words so the prefix is 34 ids here too.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from fluxtune.errors import PipelineError
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+    from transformers import Qwen2Tokenizer
+
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<think>", "</think>",
+)
+"""The special tokens of the Qwen2.5/Qwen3 tokenizers (their names; the ids here are this vocabulary's)."""
+
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+"""The part of Qwen3's chat template Flux2KleinPipeline uses (a user turn, the assistant prompt, no thinking)."""
+
+def make_qwen_tokenizer(merge_text: str = "", model_max_length: int = 32768) -> Qwen2Tokenizer:
+    """A Qwen2 byte-level BPE tokenizer built in memory: the 256 byte characters, the Qwen special tokens
+    and the chat template; every word of ``merge_text`` becomes one token (prefix-chain merges)."""
+    from tokenizers import AddedToken
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2Tokenizer
+
+    vocab: dict[str, int] = {}
+    for ch in sorted(ByteLevel.alphabet()):
+        vocab.setdefault(ch, len(vocab))
+    for tok in QWEN_SPECIAL_TOKENS:
+        vocab.setdefault(tok, len(vocab))
+    merges: list[tuple[str, str]] = []
+    if merge_text:
+        # Split the text the way this tokenizer will (Qwen2's regex, then byte-level characters).
+        pre: Any = Qwen2Tokenizer(vocab=dict(vocab), merges=[])._tokenizer.pre_tokenizer  # type: ignore[union-attr,attr-defined]
+        for special in QWEN_SPECIAL_TOKENS:
+            merge_text = merge_text.replace(special, "\n")
+        for word, _ in pre.pre_tokenize_str(merge_text):
+            for i in range(2, len(word) + 1):
+                pair = (word[: i - 1], word[i - 1])
+                if pair not in merges:
+                    merges.append(pair)
+                    vocab.setdefault(pair[0] + pair[1], len(vocab))
+    # transformers' stubs say merges are "a b" strings and unk_token a string; pairs and None are what it
+    # takes at run time (and what the Qwen tokenizers have: no unknown token).
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None,  # type: ignore[arg-type]
+                               bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                               model_max_length=model_max_length)
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS],
+                         special_tokens=True)
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _flow_scheduler(**overrides: Any) -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    cfg: dict[str, Any] = dict(num_train_timesteps=1000, use_dynamic_shifting=True, base_shift=0.5,
+                               base_image_seq_len=256, time_shift_type="exponential")
+    return FlowMatchEulerDiscreteScheduler(**{**cfg, **overrides})
+
+
+def build_tiny_flux2_klein(device: str | None = None, dtype: str = "float32", *, seed: int = 0) -> DiffusionPipeline:
+    """tiny-flux2-klein: a Flux2KleinPipeline (step-distilled) with a 36-layer tiny Qwen3 encoder; 64x64."""
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from fluxtune.pipelines import _move, _resolve_device, _seeded, parse_dtype
+
+    dev, torch_dtype = _resolve_device(device, "cpu"), parse_dtype(dtype)
+    width, layers = 32, (9, 18, 27)  # Flux2KleinPipeline's default text_encoder_out_layers
+    with _seeded(seed):
+        transformer = Flux2Transformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=len(layers) * width, timestep_guidance_channels=32,
+            mlp_ratio=3.0, axes_dims_rope=(4, 4, 4, 4), rope_theta=2000,
+            guidance_embeds=False,  # klein passes no guidance
+        )
+        vae = AutoencoderKLFlux2(
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+            sample_size=64, patch_size=(2, 2),  # 4 latent channels x 2x2 = the transformer's 16
+        )
+        text_encoder = Qwen3ForCausalLM(Qwen3Config(
+            vocab_size=256 + len(QWEN_SPECIAL_TOKENS), hidden_size=width, intermediate_size=64, num_hidden_layers=36,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=1024,
+            tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        ))
+    for model in (transformer, vae, text_encoder):
+        _move(model, dev, torch_dtype)
+    # FLUX.2 [klein]'s scheduler: dynamic shifting (the pipeline always passes mu).
+    pipe: Any = Flux2KleinPipeline(scheduler=_flow_scheduler(shift=3.0, max_shift=1.15, max_image_seq_len=4096),
+                                   vae=vae, text_encoder=text_encoder, tokenizer=make_qwen_tokenizer(),
+                                   transformer=transformer, is_distilled=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe  # type: ignore[no-any-return]
+
+
+QWEN_IMAGE_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+    "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+"""QwenImagePipeline.prompt_template_encode (diffusers 0.42)."""
+
+
+def build_tiny_qwen_image(device: str | None = None, dtype: str = "float32", *, seed: int = 0) -> DiffusionPipeline:
+    """tiny-qwen-image: a QwenImagePipeline with a tiny Qwen2.5-VL encoder (vision tower included); 64x64."""
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from fluxtune.pipelines import _move, _resolve_device, _seeded, parse_dtype
+
+    dev, torch_dtype = _resolve_device(device, "cpu"), parse_dtype(dtype)
+    tokenizer = make_qwen_tokenizer(merge_text=QWEN_IMAGE_TEMPLATE)
+    special = {t: 256 + i for i, t in enumerate(QWEN_SPECIAL_TOKENS)}
+    width = 32
+    with _seeded(seed):
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=width, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+        )
+        vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
+                                     temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                                     latents_std=[1.0] * 4)
+        text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+            text_config=dict(vocab_size=512, hidden_size=width, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                             # mrope_section sums to head_dim / 2 = 8
+                             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
+            vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=width,
+                               fullatt_block_indexes=[0]),
+            image_token_id=special["<|image_pad|>"], video_token_id=special["<|video_pad|>"],
+            vision_start_token_id=special["<|vision_start|>"], vision_end_token_id=special["<|vision_end|>"],
+            tie_word_embeddings=True,
+        ))
+    for model in (transformer, vae, text_encoder):
+        _move(model, dev, torch_dtype)
+    pipe: Any = QwenImagePipeline(scheduler=_flow_scheduler(shift=1.0, max_shift=0.9, max_image_seq_len=8192,
+                                                            shift_terminal=0.02),
+                                  vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+    prefix = len(tokenizer(pipe.prompt_template_encode.split("{}")[0]).input_ids)
+    if prefix != pipe.prompt_template_encode_start_idx:  # a diffusers with another template: say so, do not draw noise
+        raise PipelineError(f"tiny-qwen-image: the prompt template's prefix is {prefix} ids here and "
+                            f"{type(pipe).__name__} drops {pipe.prompt_template_encode_start_idx}; update "
+                            "QWEN_IMAGE_TEMPLATE to this diffusers version's template")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe  # type: ignore[no-any-return]

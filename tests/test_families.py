@@ -1,0 +1,80 @@
+"""The 2026 families (issue 19) on their tiny variants: FLUX.2 [klein] and Qwen-Image, recognised by their
+pipeline classes, tuned by the same handlers, loaded from a save_pretrained directory, searched."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import fluxtune
+from fluxtune import pipelines
+from tests.test_loading import _same
+
+MODELS = ("tiny-flux2-klein", "tiny-qwen-image")
+GEN = {"height": 64, "width": 64, "steps": 2, "max_sequence_length": 64}
+
+
+def _image(pipe) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    return pipe(prompt="a red fox", generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def saved(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    d = tmp_path_factory.mktemp(request.param)
+    pipelines.load(request.param).save_pretrained(d)
+    return request.param, d
+
+
+def test_each_family_is_known_by_its_pipeline_class(saved: tuple[str, Path]) -> None:
+    name, d = saved
+    pipe = pipelines.load(name)
+    assert pipelines.family(pipe) == pipelines.BUILTINS[name].family
+    cls = json.loads((d / "model_index.json").read_text())["_class_name"]
+    assert pipelines.family_of_class(cls) == pipelines.BUILTINS[name].family
+    # A profile for another family is refused by name, before anything changes.
+    with pytest.raises(fluxtune.FluxtuneError, match="family=flux"):
+        fluxtune.apply({"family": "flux", "generation": GEN}, pipe)
+
+
+def test_quantized_text_encoder_and_transformer_draw_close_to_the_plain_model(saved: tuple[str, Path]) -> None:
+    name, _ = saved
+    plain = pipelines.load(name)
+    fluxtune.apply({"generation": GEN}, plain)
+    tuned = pipelines.load(name)
+    report = fluxtune.apply({"generation": GEN, "transformer": {"quantize": "int8_weight"},
+                             "text_encoder": {"quantize": "int8_weight"}}, tuned)
+    text = str(report)
+    assert "int8_weight" in text and "text_encoder" in text
+    a, b = _image(plain), _image(tuned)
+    assert a.shape == b.shape == (1, 3, 64, 64)
+    assert 0 < (a - b).abs().max() < 0.25  # int8 moved the pixels a little, not into noise
+
+
+def test_load_from_a_directory_gives_the_images_of_from_pretrained_then_apply(saved: tuple[str, Path]) -> None:
+    """Qwen-Image's text encoder is saved in transformers' older layout (model.layers.* for the module's
+    model.language_model.layers.*): fluxtune.load renames keys as transformers does."""
+    _, d = saved
+    profile = {"generation": GEN, "transformer": {"quantize": "int8_weight"}}
+    plain = pipelines.load(str(d), dtype="float32")
+    fluxtune.apply(profile, plain)
+    loaded = fluxtune.load(str(d), profile, dtype="float32")
+    for comp, module in pipelines.module_components(plain).items():
+        theirs = pipelines.module_components(loaded)[comp].state_dict()
+        assert all(_same(v, theirs[k]) for k, v in module.state_dict().items()), comp
+    assert (_image(plain) - _image(loaded)).abs().max() <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", MODELS)
+def test_search_runs_unchanged_on_each_family(model: str, tmp_path: Path) -> None:
+    from tests.test_search import cli
+
+    res = cli("search", "--model", model, "--budget", "12GB", "--trials", "3", "--patience", "0",
+              "--pin", "text_encoder.quantize=[none,int8_weight]", "--home", tmp_path)
+    assert res.code == 0, res.out[-3000:] + res.err[-3000:]
+    assert "best: trial" in res.out
+    best = (tmp_path / f"{model}-12GB-latency" / "best.yaml").read_text()
+    assert f"family: {pipelines.BUILTINS[model].family}" in best
