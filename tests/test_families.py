@@ -18,7 +18,8 @@ GEN = {"height": 64, "width": 64, "steps": 2, "max_sequence_length": 64}
 
 
 def _image(pipe) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    return pipe(prompt="a red fox", generator=torch.Generator().manual_seed(0), output_type="pt").images
+    return pipe(prompt="a red fox", height=64, width=64, num_inference_steps=2, max_sequence_length=64,
+                generator=torch.Generator().manual_seed(0), output_type="pt").images
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -78,3 +79,21 @@ def test_search_runs_unchanged_on_each_family(model: str, tmp_path: Path) -> Non
     assert "best: trial" in res.out
     best = (tmp_path / f"{model}-12GB-latency" / "best.yaml").read_text()
     assert f"family: {pipelines.BUILTINS[model].family}" in best
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_repeated_blocks_are_found_from_the_module_tree_and_stream(model: str) -> None:
+    """Partial residency, regional compile and the memory model see each family's block lists: the
+    transformer's (one double-stream block in tiny klein counts, as diffusers declares the class) and the
+    LLM text encoder's decoder layers; streaming them on CPU draws the same image."""
+    from fluxtune.tuning.streaming import BlockStreamer, repeated_blocks
+
+    pipe = pipelines.load(model)
+    blocks = {type(b).__name__ for _, b in repeated_blocks(pipe.transformer)}
+    assert blocks == set(pipe.transformer._repeated_blocks)
+    layers = repeated_blocks(pipe.text_encoder)
+    assert layers and all(type(b).__name__.endswith("DecoderLayer") for _, b in layers)
+    ref = _image(pipe)
+    BlockStreamer(pipe.transformer, torch.device("cpu"), resident_blocks=1)
+    BlockStreamer(pipe.text_encoder, torch.device("cpu"), resident_blocks=0)
+    assert torch.equal(_image(pipe), ref)

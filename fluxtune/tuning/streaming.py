@@ -110,14 +110,20 @@ def _record(t: torch.Tensor, stream: torch.cuda.Stream) -> None:
 
 
 def repeated_blocks(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """The repeated blocks in execution order: the children of every outermost ModuleList (two or
-    more entries), in definition order. FLUX: ``transformer_blocks``, ``single_transformer_blocks``;
-    T5: ``encoder.block``; CLIP: its encoder's ``layers``."""
+    """The repeated blocks in execution order: the children of every outermost ModuleList of identical
+    blocks, in definition order. FLUX: ``transformer_blocks``, ``single_transformer_blocks``; T5:
+    ``encoder.block``; CLIP: its encoder's ``layers``; Qwen3 / Qwen2.5-VL: ``model.(language_model.)layers``.
+
+    A list counts from two blocks of one class, or from one block of a class the model declares in
+    diffusers' ``_repeated_blocks`` (FLUX.2 [klein] 4B has 5 double-stream blocks; a tiny variant, one).
+    A list of different modules (an attention's ``to_out``: Linear, Dropout) is not a block list."""
     out: list[tuple[str, torch.nn.Module]] = []
+    declared = set(getattr(module, "_repeated_blocks", None) or ())
 
     def visit(prefix: str, parent: torch.nn.Module) -> None:
         for name, child in parent.named_children():
-            if isinstance(child, torch.nn.ModuleList) and len(child) > 1:
+            kinds = {type(b).__name__ for b in child} if isinstance(child, torch.nn.ModuleList) else set()
+            if len(kinds) == 1 and (len(child) > 1 or kinds <= declared):
                 out.extend((f"{prefix}{name}.{i}", block) for i, block in enumerate(child))
             else:
                 visit(f"{prefix}{name}.", child)
