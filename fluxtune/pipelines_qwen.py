@@ -169,3 +169,88 @@ def build_tiny_qwen_image(device: str | None = None, dtype: str = "float32", *, 
                             "QWEN_IMAGE_TEMPLATE to this diffusers version's template")
     pipe.set_progress_bar_config(disable=True)
     return pipe  # type: ignore[no-any-return]
+
+
+# ------------------------------------------------------------------------------ full-size replicas
+# Random weights at the published shapes, built on the GPU like flux-dev-replica: real speed and memory,
+# no image quality. Sources (the repositories' config.json files, values checked against diffusers 0.42's
+# classes): black-forest-labs/FLUX.2-klein-4B and -9B transformer/config.json; Qwen/Qwen3-4B and
+# Qwen/Qwen3-8B config.json (klein's text encoders); Qwen/Qwen-Image transformer/config.json (diffusers'
+# QwenImageTransformer2DModel defaults), vae/config.json (AutoencoderKLQwenImage defaults) and
+# Qwen/Qwen2.5-VL-7B-Instruct config.json (its text encoder).
+
+KLEIN_TRANSFORMER_CONFIGS: dict[str, dict[str, Any]] = {
+    "4b": dict(patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
+               num_attention_heads=24, joint_attention_dim=7680, timestep_guidance_channels=256, mlp_ratio=3.0,
+               axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, guidance_embeds=False),
+    "9b": dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=24, attention_head_dim=128,
+               num_attention_heads=32, joint_attention_dim=12288, timestep_guidance_channels=256, mlp_ratio=3.0,
+               axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, guidance_embeds=False),
+}
+QWEN3_CONFIGS: dict[str, dict[str, Any]] = {
+    "4b": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+               tie_word_embeddings=True, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    "9b": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+               tie_word_embeddings=False, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+}
+QWEN25_VL_7B_CONFIG: dict[str, Any] = dict(
+    text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
+    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                       fullatt_block_indexes=[7, 15, 23, 31], patch_size=14, spatial_merge_size=2,
+                       temporal_patch_size=2, window_size=112),
+    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+    tie_word_embeddings=False,
+)
+
+
+def build_flux2_klein_replica(device: str | None = None, dtype: str = "bfloat16", *, size: str = "4b",
+                              seed: int = 0) -> DiffusionPipeline:
+    """Full-size FLUX.2 [klein] 4B or 9B (transformer, Qwen3-4B/8B text encoder, FLUX.2 VAE), random weights."""
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from fluxtune.pipelines import _fill_random_, _resolve_device, _uninitialized, parse_dtype
+
+    dev, torch_dtype = _resolve_device(device, "cuda"), parse_dtype(dtype)
+    with _uninitialized(dev, torch_dtype):
+        transformer = Flux2Transformer2DModel(**KLEIN_TRANSFORMER_CONFIGS[size])
+        vae = AutoencoderKLFlux2()  # the FLUX.2 VAE's published config is the class default
+        text_encoder = Qwen3ForCausalLM(Qwen3Config(**QWEN3_CONFIGS[size]))
+    text_encoder.tie_weights()
+    models: tuple[Any, ...] = (transformer, vae, text_encoder)
+    for i, model in enumerate(models):
+        _fill_random_(model, seed + i)
+        model.eval()
+    pipe: Any = Flux2KleinPipeline(scheduler=_flow_scheduler(shift=3.0, max_shift=1.15, max_image_seq_len=4096),
+                                   vae=vae, text_encoder=text_encoder, tokenizer=make_qwen_tokenizer(),
+                                   transformer=transformer, is_distilled=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe  # type: ignore[no-any-return]
+
+
+def build_qwen_image_replica(device: str | None = None, dtype: str = "bfloat16", *, seed: int = 0) -> DiffusionPipeline:
+    """Full-size Qwen-Image (20B MMDiT, Qwen2.5-VL-7B text encoder with its vision tower), random weights."""
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from fluxtune.pipelines import _fill_random_, _resolve_device, _uninitialized, parse_dtype
+
+    dev, torch_dtype = _resolve_device(device, "cuda"), parse_dtype(dtype)
+    with _uninitialized(dev, torch_dtype):
+        transformer = QwenImageTransformer2DModel()  # Qwen-Image's published config is the class default
+        vae = AutoencoderKLQwenImage()
+        text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**QWEN25_VL_7B_CONFIG))
+    models: tuple[Any, ...] = (transformer, vae, text_encoder)
+    for i, model in enumerate(models):
+        _fill_random_(model, seed + i)
+        model.eval()
+    pipe: Any = QwenImagePipeline(scheduler=_flow_scheduler(shift=1.0, max_shift=0.9, max_image_seq_len=8192,
+                                                            shift_terminal=0.02),
+                                  vae=vae, text_encoder=text_encoder,
+                                  tokenizer=make_qwen_tokenizer(merge_text=QWEN_IMAGE_TEMPLATE), transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe  # type: ignore[no-any-return]

@@ -388,6 +388,9 @@ def count_work(model: str, *, height: int, width: int, batch: int = 1, max_seque
     spec = builtin(model)
     if spec is None:
         raise PipelineError(f"predict: {model!r} is not a built-in; use one of {', '.join(sorted(BUILTINS))}")
+    if spec.family not in ("flux", "dit"):
+        raise PipelineError(f"predict: latency is counted from FLUX.1 and DiT forwards only; {model} is a "
+                            f"{spec.family} model, whose forwards are not counted yet; use fluxtune bench on a GPU")
     # One cache entry per distinct workload: FLUX has no CFG batch, DiT's size is the model's.
     if spec.family == "dit":
         return _cached_work(model, 0, 0, batch, 0, cfg is not False)

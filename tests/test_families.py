@@ -97,3 +97,45 @@ def test_repeated_blocks_are_found_from_the_module_tree_and_stream(model: str) -
     BlockStreamer(pipe.transformer, torch.device("cpu"), resident_blocks=1)
     BlockStreamer(pipe.text_encoder, torch.device("cpu"), resident_blocks=0)
     assert torch.equal(_image(pipe), ref)
+
+
+@pytest.mark.parametrize("model,transformer_b,encoder_b", [
+    ("flux2-klein-4b-replica", 3.88, 4.02),   # "4B"; Qwen3-4B
+    ("flux2-klein-9b-replica", 9.08, 8.19),   # "9B"; Qwen3-8B
+    ("qwen-image-replica", 20.43, 8.29),      # "20B MMDiT"; Qwen2.5-VL-7B with its vision tower
+])
+def test_full_size_replicas_have_the_published_sizes(model: str, transformer_b: float, encoder_b: float) -> None:
+    """Built on the meta device (no memory): the configs give the parameter counts the model cards state."""
+    from fluxtune.memory import ModelFacts
+
+    facts = ModelFacts.for_builtin(model)
+    assert facts.family == pipelines.BUILTINS[model].family and facts.pixels_per_token == 256
+    assert facts.components["transformer"].params / 1e9 == pytest.approx(transformer_b, abs=0.01)
+    assert facts.components["text_encoder"].params / 1e9 == pytest.approx(encoder_b, abs=0.01)
+    # An LLM encoder runs the call's tokens, not its 40960-128000 positions.
+    assert facts.components["text_encoder"].shape["max_tokens"] is None
+
+
+def test_the_memory_model_sizes_klein_4b_for_an_8gb_card() -> None:
+    """Predicted, not measured: bf16 klein 4B needs about 20 GB; fp8 weights with the Qwen3 encoder in int8
+    and streamed bring it near 8 GB, with the transformer partly streamed under it."""
+    from fluxtune.memory import ModelFacts, predict
+    from fluxtune.presets import load_profile
+
+    facts = ModelFacts.for_builtin("flux2-klein-4b-replica")
+    gen = {"height": 1024, "width": 1024, "steps": 4}
+    plain = predict(load_profile({"family": "flux2", "generation": gen}), facts).peak_vram
+    small = predict(load_profile({
+        "family": "flux2", "generation": gen,
+        "transformer": {"quantize": {"method": "fp8_dynamic"}, "offload": {"mode": "partial", "resident": "3GB"}},
+        "text_encoder": {"quantize": {"method": "int8_weight"}, "offload": {"mode": "partial", "resident_blocks": 0}},
+    }), facts).peak_vram
+    assert 16e9 < plain < 26e9 and small < 8e9
+
+
+def test_latency_prediction_refuses_a_family_it_cannot_count(capsys: pytest.CaptureFixture[str]) -> None:
+    from fluxtune.cli import main
+
+    assert main(["predict", "flux-dev-12gb", "--gpu", "RTX 4060", "--model", "flux2-klein-4b-replica"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "flux2-klein-4b-replica is a flux2 model" in err[0]

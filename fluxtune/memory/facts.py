@@ -361,13 +361,17 @@ def _shape_facts(name: str, module: torch.nn.Module) -> dict[str, Any]:
         return {"widths": widths, "latent_channels": int(get("latent_channels", default=4)), "tile_size": tile,
                 "scale": 2 ** (len(widths) - 1)}
     if name.startswith("text_encoder"):
+        text = get("text_config")  # Qwen2.5-VL / Mistral3: the language model's sizes sit in text_config
+        if text is not None:
+            cfg = text
         hidden = int(get("d_model", "hidden_size", default=768))
-        is_t5 = get("d_model") is not None
+        clip = str(get("model_type", default="")).startswith("clip")
         return {
             "hidden": hidden,
             "ffn": int(get("d_ff", "intermediate_size", default=4 * hidden)),
             "heads": int(get("num_heads", "num_attention_heads", default=12)),
-            # T5's sequence is the call's max_sequence_length (None here); CLIP always pads to 77.
-            "max_tokens": None if is_t5 else int(get("max_position_embeddings", default=77)),
+            # CLIP always pads to its 77 positions; T5 and the LLM encoders (Qwen3, Qwen2.5-VL: 40960 and
+            # 128000 positions) run the call's max_sequence_length (None here).
+            "max_tokens": int(get("max_position_embeddings", default=77)) if clip else None,
         }
     return {}

@@ -122,9 +122,10 @@ def repeated_blocks(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]
 
     def visit(prefix: str, parent: torch.nn.Module) -> None:
         for name, child in parent.named_children():
-            kinds = {type(b).__name__ for b in child} if isinstance(child, torch.nn.ModuleList) else set()
-            if len(kinds) == 1 and (len(child) > 1 or kinds <= declared):
-                out.extend((f"{prefix}{name}.{i}", block) for i, block in enumerate(child))
+            items: list[torch.nn.Module] = list(child) if isinstance(child, torch.nn.ModuleList) else []
+            kinds = {type(b).__name__ for b in items}
+            if len(kinds) == 1 and (len(items) > 1 or kinds <= declared):
+                out.extend((f"{prefix}{name}.{i}", block) for i, block in enumerate(items))
             else:
                 visit(f"{prefix}{name}.", child)
 
