@@ -1085,3 +1085,28 @@ def test_without_warm_start_the_search_starts_from_the_plain_configuration(home)
     first = load(home).get_trials()[0]
     assert first.user_attrs["source"].startswith("plain start: lossless")
     assert first.params["transformer.quantize"] == "none" and first.params["cache"] == "none"
+
+
+def test_a_streamed_move_keeps_the_largest_resident_share_that_fits():
+    """Descent from a streamed incumbent: quantizing halves the blocks, so the int8 move keeps more of
+    them resident (the memory model's range), while a move of another knob keeps the incumbent's share."""
+    from fluxtune.search.descent import next_move
+
+    space = _space(H200, {"attention": ["native", "_native_cudnn"], "transformer.quantize": ["none", "int8_weight"]})
+    incumbent = SimpleNamespace(number=0, params={
+        "steps": 28, "size": "default", "batch": 1, "transformer.quantize": "none", "transformer.layerwise_fp8": False,
+        "transformer.keep_sensitive": 0, "transformer.offload": "partial", "transformer.resident_fraction": 0.3,
+        "text_encoders.offload": "partial", "text_encoder_2.quantize": "none", "vae.tiling": False, "cache": "none",
+        "attention": "native", "compile": "off"})
+
+    def fits(p):
+        limit = 0.3 if p["transformer.quantize"] == "none" else 0.6
+        return p.get("transformer.offload") != "partial" or p["transformer.resident_fraction"] <= limit
+
+    label, params = next_move(space, incumbent, [incumbent.params], fits)
+    assert params["attention"] == "_native_cudnn" and params["transformer.resident_fraction"] == 0.3
+    tried = [incumbent.params, params]
+    while params["transformer.quantize"] == "none":
+        label, params = next_move(space, incumbent, tried, fits)
+        tried.append(params)
+    assert params["transformer.resident_fraction"] == 0.55 and "55% resident: the most that fits" in label

@@ -52,13 +52,31 @@ def neighbours(space: SearchSpace, params: dict[str, Any]) -> list[tuple[str, di
     return out
 
 
-def next_move(space: SearchSpace, incumbent: Any, tried: list[dict[str, Any]]) -> tuple[str, dict[str, Any]] | None:
+def next_move(space: SearchSpace, incumbent: Any, tried: list[dict[str, Any]],
+              fits: Callable[[dict[str, Any]], bool] | None = None) -> tuple[str, dict[str, Any]] | None:
     """The first neighbour of ``incumbent`` (a finished trial) that no trial in ``tried`` (their params) has
-    covered, or None when descent around it is done."""
+    covered, or None when descent around it is done.
+
+    With ``fits`` (the memory model under the budget), a streamed neighbour keeps the largest resident
+    share that fits: quantizing a streamed transformer halves its blocks, so twice as many can stay."""
     for label, params in neighbours(space, dict(incumbent.params)):
+        if fits is not None and params.get("transformer.offload") == "partial":
+            params, label = _fill_residency(params, label, fits)
         if not any(all(t.get(k) == v for k, v in params.items()) for t in tried):
             return f"descent from trial {incumbent.number + 1}: {label}", params
     return None
+
+
+def _fill_residency(params: dict[str, Any], label: str,
+                    fits: Callable[[dict[str, Any]], bool]) -> tuple[dict[str, Any], str]:
+    current = params.get("transformer.resident_fraction")
+    for share in sorted({*_RESIDENT_SHARES, *([current] if current is not None else [])}, reverse=True):
+        candidate = {**params, "transformer.resident_fraction": share}
+        if fits(candidate):
+            if share != params.get("transformer.resident_fraction"):
+                label += f" ({share:.0%} resident: the most that fits)"
+            return candidate, label
+    return params, label
 
 
 _PLAIN = ("none", False, "off", "native", "default")

@@ -532,7 +532,7 @@ class Search:
         incumbent = best_trial(self.study)
         if incumbent is None:
             return
-        move = next_move(self.space, incumbent, [dict(t.params) for t in trials])
+        move = next_move(self.space, incumbent, [dict(t.params) for t in trials], self._fits)
         if move is not None:
             label, params = move
             self.study.enqueue_trial(params, user_attrs={"source": label})
