@@ -286,6 +286,27 @@ CACHE_KINDS = ("none", "first_block", "taylorseer", "magcache")
 # ------------------------------------------------------------------------------ compile, attention
 
 
+class Tiling(Knob):
+    """Regional denoising (MultiDiffusion): each step the transformer runs on overlapping square tiles of
+    the latent, whose predictions are blended with weights that ramp down across the overlap; the
+    prompt's conditioning is shared. Activation memory then follows the tile, not the image."""
+
+    mode: Literal["none", "regional"] = "none"
+    tile: int = Field(default=1024, ge=64, description="tile side in pixels (a multiple of 16)")
+    overlap: int = Field(default=128, ge=0, description="pixels two neighbouring tiles share (a multiple of 16)")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> Tiling:
+        for name in ("tile", "overlap"):
+            value = getattr(self, name)
+            if value % 16:
+                raise ValueError(f"tiling.{name}={value}: use a multiple of 16 (one FLUX latent token), e.g. "
+                                 f"{max(16, value // 16 * 16)}")
+        if self.overlap >= self.tile // 2:
+            raise ValueError(f"tiling.overlap={self.overlap}: use less than half the tile ({self.tile // 2})")
+        return self
+
+
 class Compile(Knob):
     """torch.compile of the transformer: ``regional`` compiles each repeated block, ``full`` the model."""
 

@@ -28,6 +28,7 @@ from fluxtune.knobs import (
     NoOffload,
     PartialResidency,
     SequentialOffload,
+    Tiling,
     Vae,
 )
 
@@ -93,6 +94,7 @@ class Profile(Knob):
     vae: Vae = Vae()
     attention: Attention = Attention()
     cache: Cache = NoCache()
+    tiling: Tiling = Tiling()
     compile: Compile = Compile()
     generation: Generation = Generation()
     loras: tuple[LoraSpec, ...] = Field(default=(), description="LoRA files applied to the transformer")

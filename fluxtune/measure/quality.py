@@ -77,6 +77,21 @@ def compare(candidate: Measurement | Reference, reference: Measurement | Referen
     return out
 
 
+def seam_ratio(images: torch.Tensor, lines: list[int]) -> float:
+    """How much sharper the picture changes across the given pixel lines (tile borders, as rows and
+    columns) than across every line: mean |difference| of neighbouring pixels across ``lines`` over the
+    mean across all lines. About 1 for a picture with no seam there; a hard seam raises it."""
+    x = images.detach().float().cpu()
+    dx = (x[..., :, 1:] - x[..., :, :-1]).abs()  # dx[..., j]: across the line between columns j and j+1
+    dy = (x[..., 1:, :] - x[..., :-1, :]).abs()
+    at = [line - 1 for line in lines if 0 < line < x.shape[-1]]
+    if not at:
+        return 1.0
+    border = (dx[..., at].mean() + dy[..., at, :].mean()) / 2
+    overall = (dx.mean() + dy.mean()) / 2
+    return float(border / overall) if overall > 0 else 1.0
+
+
 WORST = {"psnr": min, "ssim": min, "latent_rmse": max, "max_abs": max}
 
 

@@ -336,10 +336,17 @@ def predict(
             tokens = cf.shape.get("max_tokens") or g.max_sequence_length
             acts[n] = _text_activations(cf.shape, int(tokens), batch, cb)
         elif n == "transformer":
-            tokens = h * w / facts.pixels_per_token + (g.max_sequence_length if facts.text_tokens else 0)
+            th, tw = h, w
+            if profile.tiling.mode == "regional":
+                # Regional denoising runs one tile at a time: activations follow the tile; the blended
+                # prediction and its weights (float32, the whole latent) come on top.
+                th, tw = min(h, profile.tiling.tile), min(w, profile.tiling.tile)
+            tokens = th * tw / facts.pixels_per_token + (g.max_sequence_length if facts.text_tokens else 0)
             rows = batch * (2 if facts.cfg_doubles_batch and g.guidance > 1 else 1)
             per_token = facts.hidden_size * cb
             act = rows * tokens * per_token * (ACT_BASE_TENSORS + ACT_MLP_TENSORS * facts.mlp_ratio)
+            if (th, tw) != (h, w):
+                act += rows * h * w / facts.pixels_per_token * 64 * 4 * 2  # 64 packed channels, sum + output
             if profile.cache.kind != "none":
                 act += rows * tokens * per_token * 4  # cached residuals carried across steps
             acts[n] = act

@@ -15,7 +15,7 @@ from typing import Any
 
 from fluxtune.search.space import SearchSpace
 
-ORDER = ("attention", "vae.tiling", "cache", "text_encoder_2.quantize", "text_encoders.offload",
+ORDER = ("attention", "vae.tiling", "cache", "tiling", "tiling.tile", "tiling.overlap", "text_encoder_2.quantize", "text_encoders.offload",
          "transformer.quantize", "transformer.granularity", "transformer.layerwise_fp8", "transformer.offload",
          "transformer.group_level", "transformer.use_stream", "batch", "size", "compile", "compile.fuse_qkv",
          "compile.fullgraph", "compile.inductor_flags", "transformer.keep_sensitive")

@@ -75,6 +75,9 @@ class Dim:
         return replace(self, choices=tuple(values), low=None, high=None)
 
 
+TILING_FROM_PX = 1024
+"""Regional denoising is searched only for images with a side above this (FLUX.1 draws 1024x1024 natively)."""
+
 PROMPTED = ("flux", "flux2", "qwenimage")
 """Families drawn from a text prompt through text encoders (DiT draws class labels)."""
 
@@ -129,6 +132,12 @@ def default_dims(hardware: HardwareInfo, family: str) -> list[Dim]:
             when=lambda p: p.get("cache") in ("first_block", "magcache")),
         Dim("cache.interval", low=2, high=8, integer=True, when=lambda p: p.get("cache") == "taylorseer"),
         Dim("cache.warmup", low=1, high=12, integer=True, when=lambda p: p.get("cache") == "taylorseer"),
+        # Regional denoising: active only for sizes above TILING_FROM_PX (SearchSpace.create); a cache would
+        # compare one tile's residual with another's.
+        Dim("tiling", ("none", "regional"), when=lambda p: family == "flux" and p.get("cache", "none") == "none",
+            help="regional denoising (tiles of the latent, blended) for large images"),
+        Dim("tiling.tile", (512, 768, 1024), when=lambda p: p.get("tiling") == "regional", help="tile side, pixels"),
+        Dim("tiling.overlap", (64, 128), when=lambda p: p.get("tiling") == "regional", help="tile overlap, pixels"),
         Dim("attention", ("native", "_native_cudnn", "_native_flash", "_native_efficient")
             if gpu and family in PROMPTED else ("native",), help="diffusers attention backends of torch SDPA"),
         Dim("compile", ("off", "regional") if gpu else ("off",)),
@@ -204,6 +213,11 @@ class SearchSpace:
                 by_name[key] = replace(by_name[key], choices=tuple(sizes))
                 continue
             by_name[key] = by_name[key].narrowed(spec)
+        sides = [base.generation.height or 0, base.generation.width or 0]
+        sides += [int(v) for c in by_name["size"].choices if c != "default" for v in str(c).split("x")]
+        if max(sides) <= TILING_FROM_PX and "tiling" not in (narrow or {}):
+            for name in ("tiling", "tiling.tile", "tiling.overlap"):
+                by_name[name] = replace(by_name[name], when=lambda p: False)
         if len(by_name["batch"].choices) == 1 and by_name["batch"].choices[0] == base.generation.images_per_prompt:
             by_name["batch"] = replace(by_name["batch"], when=lambda p: False)  # the base's batch: nothing to ask
         return cls([by_name[d.name] for d in dims], base, family, transformer_bytes, sens)
@@ -271,6 +285,11 @@ class SearchSpace:
                              "disable_cache_before_step": int(params.get("cache.warmup", 3))}
         else:
             data["cache"] = {"kind": cache, "threshold": round(float(params.get("cache.threshold", 0.08)), 4)}
+        if params.get("tiling") == "regional":
+            data["tiling"] = {"mode": "regional", "tile": int(params.get("tiling.tile", 1024)),
+                              "overlap": int(params.get("tiling.overlap", 128))}
+        else:
+            data["tiling"] = {"mode": "none"}
         data["attention"] = {"backend": str(params.get("attention", "native"))}
         comp = str(params.get("compile", "off"))
         data["compile"] = {**data["compile"], "mode": comp,

@@ -30,6 +30,7 @@ from fluxtune.tuning import (  # noqa: F401  (importing registers the handlers)
     placement,
     precision,
     quantize,
+    regional,
     vae,
 )
 from fluxtune.tuning.base import HANDLERS, IRREVERSIBLE, Context
