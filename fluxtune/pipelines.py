@@ -530,23 +530,31 @@ for _spec in (
     BuiltinSpec("tiny-dit", "dit", "DiTPipeline, tiny transformer and VAE, CPU tests (128x128)", _build_tiny_dit),
     BuiltinSpec("tiny-flux2-klein", "flux2",
                 "Flux2KleinPipeline, ~0.5M params, tiny 36-layer Qwen3 text encoder, CPU tests (64x64)",
-                lambda **kw: _qwen_families().build_tiny_flux2_klein(**kw),
+                lambda **kw: _llm_families().build_tiny_flux2_klein(**kw),
+                generation={"height": 64, "width": 64, "max_sequence_length": 64, "steps": 4}),
+    BuiltinSpec("tiny-flux2-dev", "flux2",
+                "Flux2Pipeline (FLUX.2 [dev]), ~0.26M params, tiny 40-layer Mistral-3 text encoder, CPU tests (64x64)",
+                lambda **kw: _llm_families().build_tiny_flux2_dev(**kw),
                 generation={"height": 64, "width": 64, "max_sequence_length": 64, "steps": 4}),
     BuiltinSpec("tiny-qwen-image", "qwenimage",
                 "QwenImagePipeline, ~0.8M params, tiny Qwen2.5-VL text encoder, CPU tests (64x64)",
-                lambda **kw: _qwen_families().build_tiny_qwen_image(**kw),
+                lambda **kw: _llm_families().build_tiny_qwen_image(**kw),
                 generation={"height": 64, "width": 64, "max_sequence_length": 64, "steps": 4}),
     BuiltinSpec("flux2-klein-4b-replica", "flux2",
                 "full-size FLUX.2 [klein] 4B (3.9B transformer, Qwen3-4B encoder) with random weights (14.9 GiB bf16)",
-                lambda **kw: _qwen_families().build_flux2_klein_replica(size="4b", **kw), needs_gpu=True,
+                lambda **kw: _llm_families().build_flux2_klein_replica(size="4b", **kw), needs_gpu=True,
                 generation={"height": 1024, "width": 1024, "steps": 4}),
     BuiltinSpec("flux2-klein-9b-replica", "flux2",
                 "full-size FLUX.2 [klein] 9B (9.1B transformer, Qwen3-8B encoder) with random weights (32.3 GiB bf16)",
-                lambda **kw: _qwen_families().build_flux2_klein_replica(size="9b", **kw), needs_gpu=True,
+                lambda **kw: _llm_families().build_flux2_klein_replica(size="9b", **kw), needs_gpu=True,
                 generation={"height": 1024, "width": 1024, "steps": 4}),
+    BuiltinSpec("flux2-dev-replica", "flux2",
+                "full-size FLUX.2 [dev] (32.2B transformer, Mistral-Small-3.1-24B encoder) with random weights (105 GiB bf16)",
+                lambda **kw: _llm_families().build_flux2_dev_replica(**kw), needs_gpu=True,
+                generation={"height": 1024, "width": 1024, "steps": 28}),
     BuiltinSpec("qwen-image-replica", "qwenimage",
                 "full-size Qwen-Image (20.4B MMDiT, Qwen2.5-VL-7B encoder) with random weights (53.7 GiB bf16)",
-                lambda **kw: _qwen_families().build_qwen_image_replica(**kw), needs_gpu=True,
+                lambda **kw: _llm_families().build_qwen_image_replica(**kw), needs_gpu=True,
                 generation={"height": 1024, "width": 1024, "steps": 50}),
     BuiltinSpec("flux-dev-replica", "flux",
                 "full-size FLUX.1-dev with random weights (31.4 GiB bf16): real speed/memory, not quality",
@@ -562,10 +570,10 @@ for _spec in (
     register_builtin(_spec)
 
 
-def _qwen_families() -> Any:
-    from fluxtune import pipelines_qwen  # their builders import diffusers' FLUX.2/Qwen-Image classes
+def _llm_families() -> Any:
+    from fluxtune import pipelines_llm  # their builders import diffusers' FLUX.2/Qwen-Image classes
 
-    return pipelines_qwen
+    return pipelines_llm
 
 
 def builtin(name: str) -> BuiltinSpec | None:

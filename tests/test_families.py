@@ -13,7 +13,7 @@ import fluxtune
 from fluxtune import pipelines
 from tests.test_loading import _same
 
-MODELS = ("tiny-flux2-klein", "tiny-qwen-image")
+MODELS = ("tiny-flux2-klein", "tiny-flux2-dev", "tiny-qwen-image")
 GEN = {"height": 64, "width": 64, "steps": 2, "max_sequence_length": 64}
 
 
@@ -102,6 +102,7 @@ def test_repeated_blocks_are_found_from_the_module_tree_and_stream(model: str) -
 @pytest.mark.parametrize("model,transformer_b,encoder_b", [
     ("flux2-klein-4b-replica", 3.88, 4.02),   # "4B"; Qwen3-4B
     ("flux2-klein-9b-replica", 9.08, 8.19),   # "9B"; Qwen3-8B
+    ("flux2-dev-replica", 32.22, 24.01),      # "32B"; Mistral-Small-3.1-24B with its Pixtral tower
     ("qwen-image-replica", 20.43, 8.29),      # "20B MMDiT"; Qwen2.5-VL-7B with its vision tower
 ])
 def test_full_size_replicas_have_the_published_sizes(model: str, transformer_b: float, encoder_b: float) -> None:

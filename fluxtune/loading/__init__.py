@@ -288,8 +288,9 @@ def _materialize_unaddressed(pipe: Any) -> None:
 
 def _transformers_renamer(module: Any, where: Path) -> Callable[[str], str]:
     """Stored key -> module key for a transformers model whose checkpoint keeps an older layout
-    (Qwen2.5-VL saves ``model.layers.*`` for its ``model.language_model.layers.*``): transformers'
-    own renaming rules, the first that matches. A rule that converts tensors (merging experts, splitting
+    (Qwen2.5-VL saves ``model.layers.*`` for its ``model.language_model.layers.*``, Mistral-3
+    ``language_model.model.*``): transformers' own renaming rules, each applied in turn to the result of
+    the previous ones, as transformers does. A rule that converts tensors (merging experts, splitting
     projections) is refused: reading it would need that conversion."""
     from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
 
@@ -298,13 +299,14 @@ def _transformers_renamer(module: Any, where: Path) -> Callable[[str], str]:
     def rename(key: str) -> str:
         for rule in rules:
             new, matched = rule.rename_source_key(key)
-            if matched is not None:
-                if not isinstance(rule, WeightRenaming):
-                    raise PipelineError(
-                        f"{where}: tensor {key!r} needs transformers' {type(rule).__name__} conversion, which "
-                        "fluxtune.load does not do; load the pipeline with DiffusionPipeline.from_pretrained and "
-                        "use fluxtune.apply(profile, pipe)")
-                return str(new)
+            if matched is None:
+                continue
+            if not isinstance(rule, WeightRenaming):
+                raise PipelineError(
+                    f"{where}: tensor {key!r} needs transformers' {type(rule).__name__} conversion, which "
+                    "fluxtune.load does not do; load the pipeline with DiffusionPipeline.from_pretrained and "
+                    "use fluxtune.apply(profile, pipe)")
+            key = str(new)
         return key
 
     return rename

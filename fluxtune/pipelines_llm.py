@@ -1,6 +1,7 @@
-"""Tiny FLUX.2 [klein] and Qwen-Image pipelines for CPU tests: the 2026 families with Qwen text encoders.
+"""The 2026 families whose text encoders are LLMs: FLUX.2 [klein] (Qwen3), FLUX.2 [dev] (Mistral-3) and
+Qwen-Image (Qwen2.5-VL), as tiny variants for CPU tests and full-size replicas for the GPU.
 
-Both are the real diffusers classes (``Flux2KleinPipeline``: Flux2Transformer2DModel, AutoencoderKLFlux2,
+The tiny ones are the real diffusers classes (``Flux2KleinPipeline``: Flux2Transformer2DModel, AutoencoderKLFlux2,
 Qwen3ForCausalLM; ``QwenImagePipeline``: QwenImageTransformer2DModel, AutoencoderKLQwenImage,
 Qwen2_5_VLForConditionalGeneration) at a few hundred thousand random parameters, built in memory with a
 byte-level Qwen tokenizer, so ``fluxtune search``, ``apply`` and the ``from_pretrained`` path run on
@@ -9,6 +10,10 @@ them without a download. Their images mean nothing; their structure is the real 
 * Klein stacks the hidden states of text-encoder layers 9, 18 and 27 (so the encoder has 36 layers, as
   Qwen3-4B does, and the transformer's ``joint_attention_dim`` is three times its width), wraps the
   prompt in a Qwen3 chat turn with thinking off, and packs 2x2 latent pixels in the VAE.
+* FLUX.2 [dev] stacks Mistral-3's layers 10, 20 and 30 (its tiny encoder keeps the real 40 layers) of a
+  prompt in Mistral's chat format after a fixed system message; the tokenizer merges that message's words
+  so the user's prompt fits a short max_sequence_length. (Its processor, PixtralProcessor, needs
+  torchvision for images: text-to-image only calls ``apply_chat_template``, which the tokenizer has.)
 * Qwen-Image drops the first 34 ids of its prompt template (the system prefix with the real Qwen2.5
   vocabulary): the tokenizer merges that template's words so the prefix is 34 ids here too.
 """
@@ -254,3 +259,123 @@ def build_qwen_image_replica(device: str | None = None, dtype: str = "bfloat16",
                                   tokenizer=make_qwen_tokenizer(merge_text=QWEN_IMAGE_TEMPLATE), transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe  # type: ignore[no-any-return]
+
+
+
+# ------------------------------------------------------------------------------------- FLUX.2 [dev]
+MISTRAL_SPECIAL_TOKENS = (
+    "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]", "[PREFIX]", "[MIDDLE]",
+    "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]",
+)
+"""Mistral's (Tekken) first 20 control tokens, at their real ids ([IMG] = 10, <pad> = 11)."""
+
+MISTRAL_CHAT_TEMPLATE = (
+    "{%- macro render(content) -%}{%- if content is string -%}{{- content -}}{%- else -%}"
+    "{%- for chunk in content -%}{%- if chunk['type'] == 'text' -%}{{- chunk['text'] -}}"
+    "{%- elif chunk['type'] == 'image' -%}{{- '[IMG]' -}}{%- endif -%}{%- endfor -%}{%- endif -%}{%- endmacro -%}"
+    "{{- bos_token -}}{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{- '[SYSTEM_PROMPT]' + render(message['content']) + '[/SYSTEM_PROMPT]' -}}"
+    "{%- elif message['role'] == 'user' -%}{{- '[INST]' + render(message['content']) + '[/INST]' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- render(message['content']) + eos_token -}}{%- endif -%}"
+    "{%- endfor -%}"
+)
+"""The part of Mistral-Small-3.1's chat template Flux2Pipeline uses (content as text chunks)."""
+
+
+def make_mistral_tokenizer(model_max_length: int = 131072) -> Any:
+    """A byte-level BPE tokenizer in memory with Mistral's control tokens and chat format; the words of
+    Flux2Pipeline's system message are one token each (~30 tokens instead of ~170)."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import SYSTEM_MESSAGE
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {t: i for i, t in enumerate(MISTRAL_SPECIAL_TOKENS)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab.setdefault(ch, len(vocab))
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    merges: list[tuple[str, str]] = []
+    for word, _ in pre.pre_tokenize_str(SYSTEM_MESSAGE):
+        for i in range(2, len(word) + 1):
+            pair = (word[: i - 1], word[i - 1])
+            if pair not in merges:
+                merges.append(pair)
+                vocab.setdefault(pair[0] + pair[1], len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False))
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in MISTRAL_SPECIAL_TOKENS])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", model_max_length=model_max_length, padding_side="right",
+                                   chat_template=MISTRAL_CHAT_TEMPLATE)
+
+
+def _flux2_dev_pipeline(transformer: Any, vae: Any, text_encoder: Any) -> DiffusionPipeline:
+    from diffusers import Flux2Pipeline
+
+    pipe: Any = Flux2Pipeline(scheduler=_flow_scheduler(shift=3.0, max_shift=1.15, max_image_seq_len=4096),
+                              vae=vae, text_encoder=text_encoder, tokenizer=make_mistral_tokenizer(),
+                              transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe  # type: ignore[no-any-return]
+
+
+def build_tiny_flux2_dev(device: str | None = None, dtype: str = "float32", *, seed: int = 0) -> DiffusionPipeline:
+    """tiny-flux2-dev: a Flux2Pipeline (guidance-distilled) with a 40-layer tiny Mistral-3 encoder; 64x64."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    from fluxtune.pipelines import _move, _resolve_device, _seeded, parse_dtype
+
+    dev, torch_dtype = _resolve_device(device, "cpu"), parse_dtype(dtype)
+    width = 16
+    ids = {t: i for i, t in enumerate(MISTRAL_SPECIAL_TOKENS)}
+    vocab = len(make_mistral_tokenizer())
+    with _seeded(seed):
+        transformer = Flux2Transformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=3 * width,  # Flux2Pipeline stacks layers 10, 20, 30
+            timestep_guidance_channels=32, mlp_ratio=3.0, axes_dims_rope=(4, 4, 4, 4), rope_theta=2000,
+            guidance_embeds=True,
+        )
+        vae = AutoencoderKLFlux2(
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+            sample_size=64, patch_size=(2, 2),
+        )
+        text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
+            text_config=dict(model_type="mistral", vocab_size=vocab, hidden_size=width, intermediate_size=32,
+                             num_hidden_layers=40, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                             max_position_embeddings=1024, rms_norm_eps=1e-5, sliding_window=None,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1e9}, bos_token_id=ids["<s>"],
+                             eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"], tie_word_embeddings=False),
+            vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, head_dim=8, patch_size=4, image_size=64),
+            image_token_index=ids["[IMG]"], spatial_merge_size=2, multimodal_projector_bias=False,
+            tie_word_embeddings=False,  # the top level defaults to True, the text model to False: say it once
+        ))
+    for model in (transformer, vae, text_encoder):
+        _move(model, dev, torch_dtype)
+    return _flux2_dev_pipeline(transformer, vae, text_encoder)
+
+
+def build_flux2_dev_replica(device: str | None = None, dtype: str = "bfloat16", *, seed: int = 0) -> DiffusionPipeline:
+    """Full-size FLUX.2 [dev] (32B transformer, Mistral-Small-3.1-24B encoder with its Pixtral tower), random
+    weights. Sources: diffusers' Flux2Transformer2DModel and AutoencoderKLFlux2 defaults are
+    black-forest-labs/FLUX.2-dev's transformer and VAE configs; transformers' Mistral3Config defaults are
+    mistralai/Mistral-Small-3.1-24B-Instruct-2503's (as its docstring says)."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    from fluxtune.pipelines import _fill_random_, _resolve_device, _uninitialized, parse_dtype
+
+    dev, torch_dtype = _resolve_device(device, "cuda"), parse_dtype(dtype)
+    with _uninitialized(dev, torch_dtype):
+        transformer = Flux2Transformer2DModel()
+        vae = AutoencoderKLFlux2()
+        text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(tie_word_embeddings=False))
+    models: tuple[Any, ...] = (transformer, vae, text_encoder)
+    for i, model in enumerate(models):
+        _fill_random_(model, seed + i)
+        model.eval()
+    return _flux2_dev_pipeline(transformer, vae, text_encoder)
