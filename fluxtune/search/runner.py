@@ -582,6 +582,12 @@ class Search:
                     self.stop_reason = str(e2)
                     return
             except Exception as e:
+                if self.interrupted:  # the abandoned worker's pipe broke under it (EOF, BrokenPipe): the same stop
+                    trial.set_user_attr("status", "interrupted")
+                    self.study.tell(trial, state=TrialState.FAIL)
+                    return
+                trial.set_user_attr("status", Status.ERROR.value)
+                trial.set_user_attr("error", f"{type(e).__name__}: {e}")
                 self.study.tell(trial, state=TrialState.FAIL)
                 self.say(f"trial {trial.number + 1}: failed in the search loop: {type(e).__name__}: {e}")
 
