@@ -26,7 +26,7 @@ from fluxtune import pipelines
 from fluxtune.measure.quality import compare, seam_ratio
 from fluxtune.minimodels.domain import EVAL_PROMPTS
 from fluxtune.tuning import reset
-from fluxtune.tuning.regional import seam_lines
+from fluxtune.tuning.regional import seam_lines, token_px
 
 SIZE, STEPS = 128, 28
 SETTINGS = [(64, 0), (64, 16), (96, 0), (96, 16), (96, 32)]
@@ -48,7 +48,7 @@ def main() -> None:
     whole_s = (time.time() - t0) / len(whole)
     rows = []
     for tile, overlap in SETTINGS:
-        lines = seam_lines(SIZE, tile, overlap)
+        lines = seam_lines(SIZE, tile, overlap, token_px(pipe))
         fluxtune.apply({"tiling": {"mode": "regional", "tile": tile, "overlap": overlap}}, pipe)
         t0 = time.time()
         psnr, ssim, seams, base = [], [], [], []

@@ -23,7 +23,13 @@ from fluxtune.tuning.base import CACHE, Context, Handler, register
 
 HOOK = "fluxtune_regional"
 TOKEN_PX = 16
-"""Pixels per side of one FLUX latent token (the VAE's 8x, then 2x2 packing)."""
+"""Pixels per side of one FLUX.1 latent token (the VAE's 8x, then 2x2 packing); a pipeline with another
+VAE (flux-mini's is 4x) has ``2 * vae_scale_factor``."""
+
+
+def token_px(pipe: Any) -> int:
+    """Pixels per side of one packed latent token of this FLUX pipeline."""
+    return 2 * int(getattr(pipe, "vae_scale_factor", TOKEN_PX // 2))
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -35,11 +41,11 @@ def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     return [round(i * (size - tile) / (n - 1)) for i in range(n)]
 
 
-def seam_lines(size_px: int, tile_px: int, overlap_px: int) -> list[int]:
+def seam_lines(size_px: int, tile_px: int, overlap_px: int, token: int = TOKEN_PX) -> list[int]:
     """Pixel lines where one tile's weight starts or stops ramping: where a seam would show."""
-    tile, overlap = tile_px // TOKEN_PX, overlap_px // TOKEN_PX
-    starts = tile_starts(size_px // TOKEN_PX, tile, overlap)
-    lines = {s * TOKEN_PX for s in starts[1:]} | {(s + tile) * TOKEN_PX for s in starts[:-1]}
+    tile, overlap = tile_px // token, overlap_px // token
+    starts = tile_starts(size_px // token, tile, overlap)
+    lines = {s * token for s in starts[1:]} | {(s + tile) * token for s in starts[:-1]}
     return sorted(lines)
 
 
@@ -144,9 +150,11 @@ class RegionalHandler(Handler):
         if t.mode == "none":
             return
         module = ctx.components()["transformer"]
-        hook = make_hook(t.tile // TOKEN_PX, t.overlap // TOKEN_PX)
+        px = token_px(ctx.pipe)
+        hook = make_hook(max(1, t.tile // px), t.overlap // px)
         registry = HookRegistry.check_if_exists_or_initialize(module)
         registry.register_hook(hook, HOOK)
         ctx.undo.append((self.name, lambda: registry.remove_hook(HOOK, recurse=False)))
-        ctx.report.add(self.name, "transformer", f"regional denoising: {t.tile}px tiles overlapping by {t.overlap}px, "
-                       "blended with feathered weights (images up to one tile run whole)")
+        ctx.report.add(self.name, "transformer", f"regional denoising: {t.tile}px tiles overlapping by {t.overlap}px "
+                       f"({t.tile // px} and {t.overlap // px} latent tokens), blended with feathered weights (images up "
+                       "to one tile run whole)")
