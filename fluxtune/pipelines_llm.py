@@ -45,6 +45,19 @@ QWEN_CHAT_TEMPLATE = (
 )
 """The part of Qwen3's chat template Flux2KleinPipeline uses (a user turn, the assistant prompt, no thinking)."""
 
+def _word_merges(pre: Any, text: str, vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """BPE merges (prefix chains) that make every word of ``text``, split by the pre-tokenizer ``pre``,
+    one token; the merged tokens are added to ``vocab``."""
+    merges: list[tuple[str, str]] = []
+    for word, _ in pre.pre_tokenize_str(text):
+        for i in range(2, len(word) + 1):
+            pair = (word[: i - 1], word[i - 1])
+            if pair not in merges:
+                merges.append(pair)
+                vocab.setdefault(pair[0] + pair[1], len(vocab))
+    return merges
+
+
 def make_qwen_tokenizer(merge_text: str = "", model_max_length: int = 32768) -> Qwen2Tokenizer:
     """A Qwen2 byte-level BPE tokenizer built in memory: the 256 byte characters, the Qwen special tokens
     and the chat template; every word of ``merge_text`` becomes one token (prefix-chain merges)."""
@@ -63,12 +76,7 @@ def make_qwen_tokenizer(merge_text: str = "", model_max_length: int = 32768) -> 
         pre: Any = Qwen2Tokenizer(vocab=dict(vocab), merges=[])._tokenizer.pre_tokenizer  # type: ignore[union-attr,attr-defined]
         for special in QWEN_SPECIAL_TOKENS:
             merge_text = merge_text.replace(special, "\n")
-        for word, _ in pre.pre_tokenize_str(merge_text):
-            for i in range(2, len(word) + 1):
-                pair = (word[: i - 1], word[i - 1])
-                if pair not in merges:
-                    merges.append(pair)
-                    vocab.setdefault(pair[0] + pair[1], len(vocab))
+        merges = _word_merges(pre, merge_text, vocab)
     # transformers' stubs say merges are "a b" strings and unk_token a string; pairs and None are what it
     # takes at run time (and what the Qwen tokenizers have: no unknown token).
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None,  # type: ignore[arg-type]
@@ -294,13 +302,7 @@ def make_mistral_tokenizer(model_max_length: int = 131072) -> Any:
     for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab.setdefault(ch, len(vocab))
     pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    merges: list[tuple[str, str]] = []
-    for word, _ in pre.pre_tokenize_str(SYSTEM_MESSAGE):
-        for i in range(2, len(word) + 1):
-            pair = (word[: i - 1], word[i - 1])
-            if pair not in merges:
-                merges.append(pair)
-                vocab.setdefault(pair[0] + pair[1], len(vocab))
+    merges = _word_merges(pre, SYSTEM_MESSAGE, vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False))
     tok.pre_tokenizer = pre
     tok.decoder = decoders.ByteLevel()

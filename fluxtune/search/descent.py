@@ -15,12 +15,17 @@ from typing import Any
 
 from fluxtune.search.space import SearchSpace
 
-ORDER = ("attention", "vae.tiling", "cache", "tiling", "tiling.tile", "tiling.overlap", "text_encoder_2.quantize", "text_encoders.offload",
+ORDER = ("attention", "vae.tiling", "cache", "tiling", "tiling.tile", "tiling.overlap", "text_encoder_2.quantize",
+         "text_encoders.offload",
          "transformer.quantize", "transformer.granularity", "transformer.layerwise_fp8", "transformer.offload",
          "transformer.group_level", "transformer.use_stream", "batch", "size", "compile", "compile.fuse_qkv",
          "compile.fullgraph", "compile.inductor_flags", "transformer.keep_sensitive")
 """Knobs in the order their moves are tried: cheap to apply and judge first (attention, VAE, caches),
 then precision and placement, then compilation (each compiled trial pays its compile)."""
+
+_PLAIN = ("none", False, "off", "native", "default")
+"""Lossless, hook-free values, in the order a categorical dimension is searched for one."""
+_RESIDENT_SHARES = (0.95, 0.85, 0.75, 0.65, 0.55, 0.45, 0.35, 0.25, 0.15, 0.05)
 
 
 def _active(space: SearchSpace, params: dict[str, Any]) -> dict[str, Any]:
@@ -79,11 +84,6 @@ def _fill_residency(params: dict[str, Any], label: str,
     return params, label
 
 
-_PLAIN = ("none", False, "off", "native", "default")
-"""Lossless, hook-free values, in the order a categorical dimension is searched for one."""
-_RESIDENT_SHARES = (0.95, 0.85, 0.75, 0.65, 0.55, 0.45, 0.35, 0.25, 0.15, 0.05)
-
-
 def _size_px(value: Any) -> int:
     w, _, h = str(value).partition("x")
     return int(w) * int(h) if w.isdigit() and h.isdigit() else 0
@@ -111,10 +111,8 @@ def plain_start(space: SearchSpace, fits: Callable[[dict[str, Any]], bool]) -> t
             assert dim.low is not None and dim.high is not None
             # Only full steps and numeric knobs of active offloads remain here; the largest is the lossless/fullest.
             params[dim.name] = int(dim.high) if dim.integer else float(dim.high)
-    if not params:
-        return None
-    sizes = sorted((d.choices for d in space.dims if d.name == "size"), key=len)[-1:] or [("default",)]
-    batches = sorted((d.choices for d in space.dims if d.name == "batch"), key=len)[-1:] or [(1,)]
+    sizes = next((d.choices for d in space.dims if d.name == "size"), ("default",))
+    batches = next((d.choices for d in space.dims if d.name == "batch"), (1,))
     placements: list[dict[str, Any]] = [{}]
     offload_dim = next((d for d in space.dims if d.name == "transformer.offload"), None)
     if offload_dim is not None and "partial" in offload_dim.choices:
@@ -122,8 +120,8 @@ def plain_start(space: SearchSpace, fits: Callable[[dict[str, Any]], bool]) -> t
         stream_enc = {"text_encoders.offload": "partial"} if enc is not None and "partial" in enc.choices else {}
         placements += [{"transformer.offload": "partial", "transformer.resident_fraction": share, **stream_enc}
                        for share in _RESIDENT_SHARES]
-    for size in sorted(sizes[0], key=_size_px, reverse=True):
-        for batch in sorted(batches[0], reverse=True):
+    for size in sorted(sizes, key=_size_px, reverse=True):
+        for batch in sorted(batches, reverse=True):
             for place in placements:
                 candidate = _active(space, {**params, "size": size, "batch": batch, **place})
                 if fits(candidate):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fluxtune.profile import Profile
-from fluxtune.search.space import SearchSpace
+from fluxtune.search.space import LLM_ENCODED, SearchSpace
 
 _PLAIN = {
     "transformer.quantize": "none", "transformer.layerwise_fp8": False, "text_encoders.offload": "none",
@@ -55,7 +55,7 @@ def params_from_profile(profile: Profile, space: SearchSpace) -> dict[str, Any]:
     if space.family == "flux":
         p["text_encoders.offload"] = profile.text_encoder_2.offload.mode
         p["text_encoder_2.quantize"] = profile.text_encoder_2.quantize.method if profile.text_encoder_2.quantize else "none"
-    elif space.family in ("flux2", "qwenimage"):
+    elif space.family in LLM_ENCODED:
         p["text_encoders.offload"] = profile.text_encoder.offload.mode
         p["text_encoder.quantize"] = profile.text_encoder.quantize.method if profile.text_encoder.quantize else "none"
     p["vae.tiling"] = profile.vae.tiling

@@ -53,28 +53,20 @@ def candidates(study: Any, objective: str, k: int = FINALISTS) -> tuple[list[Can
 
     if objective not in ("latency", "throughput"):
         return [], None
-    feas = [t for t in feasible_trials(study) if t.user_attrs.get("duplicate_of") is None]
-    feas.sort(key=lambda t: t.values[0], reverse=objective == "throughput")
-    seen: set[str] = set()
-    top: list[Any] = []
-    for t in feas:
-        key = repr(sorted(t.params.items()))
-        if key not in seen:
-            seen.add(key)
-            top.append(t)
+    # Repeats of a configuration carry duplicate_of (the runner's _repeat): what is left is distinct.
+    top = [t for t in feasible_trials(study) if t.user_attrs.get("duplicate_of") is None]
+    top.sort(key=lambda t: t.values[0], reverse=objective == "throughput")
 
-    def cand(t: Any, label: str) -> Candidate:
-        return Candidate(t.number, label, validate_profile(t.user_attrs["profile"], source=f"trial {t.number + 1}"))
+    def cand(t: Any) -> Candidate:
+        return Candidate(t.number, f"trial {t.number + 1}",
+                         validate_profile(t.user_attrs["profile"], source=f"trial {t.number + 1}"))
 
-    finalists = [cand(t, f"trial {t.number + 1}") for t in top[:k]]
-    recipes = [t for t in top if str(t.user_attrs.get("source", "")).startswith("recipe")]
-    base = recipes[0] if recipes else None
-    if base is None or any(c.trial == base.number for c in finalists):
-        baseline = None if base is None else next(c for c in finalists if c.trial == base.number)
-    else:
-        baseline = cand(base, f"trial {base.number + 1}")
-    if baseline is not None:
-        baseline.label += f" (baseline: {str(base.user_attrs['source'])[7:]})"  # type: ignore[union-attr]
+    finalists = [cand(t) for t in top[:k]]
+    base = next((t for t in top if str(t.user_attrs.get("source", "")).startswith("recipe")), None)
+    if base is None:
+        return finalists, None
+    baseline = next((c for c in finalists if c.trial == base.number), None) or cand(base)
+    baseline.label += f" (baseline: {str(base.user_attrs['source'])[7:]})"
     return finalists, baseline
 
 

@@ -411,8 +411,8 @@ class Search:
             return dict(ref)
         self.say(f"reference: lossless run ({'resident' if fits else 'streamed: the bf16 model exceeds the budget'}) ...")
         result = None
-        fallbacks = [reference_profile(self.cfg, False)]
-        for w_profile in [profile] + [f for f in fallbacks if f != profile]:
+        leaf = reference_profile(self.cfg, False)  # the fallback: diffusers' leaf offload
+        for w_profile in [profile] if profile == leaf else [profile, leaf]:
             result = worker.run(RunRequest(w_profile, role="reference"), self.cfg.trial_timeout_s)
             if result.status == Status.OK:
                 profile = w_profile

@@ -78,7 +78,9 @@ class Dim:
 TILING_FROM_PX = 1024
 """Regional denoising is searched only for images with a side above this (FLUX.1 draws 1024x1024 natively)."""
 
-PROMPTED = ("flux", "flux2", "qwenimage")
+LLM_ENCODED = ("flux2", "qwenimage")
+"""Families with one large LLM text encoder (Qwen3, Mistral-3, Qwen2.5-VL) as ``text_encoder``."""
+PROMPTED = ("flux", *LLM_ENCODED)
 """Families drawn from a text prompt through text encoders (DiT draws class labels)."""
 
 
@@ -124,8 +126,7 @@ def default_dims(hardware: HardwareInfo, family: str) -> list[Dim]:
             when=lambda p: family in PROMPTED and _off(p) != "model",
             help="partial streams every encoder block from page-locked arenas (the fastest to apply)"),
         Dim("text_encoder_2.quantize", ("none", "int8_weight"), when=lambda p: family == "flux"),
-        # FLUX.2 and Qwen-Image have one large LLM text encoder (Qwen3, Mistral, Qwen2.5-VL): text_encoder.
-        Dim("text_encoder.quantize", ("none", "int8_weight"), when=lambda p: family in PROMPTED and family != "flux"),
+        Dim("text_encoder.quantize", ("none", "int8_weight"), when=lambda p: family in LLM_ENCODED),
         Dim("vae.tiling", (False, True)),
         Dim("cache", tuple(caches)),
         Dim("cache.threshold", low=0.02, high=0.4, log=True,

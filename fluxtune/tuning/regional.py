@@ -74,6 +74,29 @@ class RegionalForward:
         super().__init__()
         self.tile, self.overlap = tile_tokens, overlap_tokens
         self.calls = 0  # tile forwards run (for tests and the report)
+        self._plans: dict[tuple[int, int, str], tuple[list[tuple[Any, Any]], Any]] = {}
+
+    def _plan(self, rows: int, cols: int, device: Any) -> tuple[list[tuple[Any, Any]], Any]:
+        """The tiles of a ``rows`` x ``cols`` token latent (their token indices and blend weights) and the
+        weights' sum per token; the same for every step of a call, so made once per latent shape."""
+        import torch
+
+        key = (rows, cols, str(device))
+        if key not in self._plans:
+            grid = torch.arange(rows * cols, device=device).view(rows, cols)
+            th, tw = min(self.tile, rows), min(self.tile, cols)
+            ys, xs = tile_starts(rows, th, self.overlap), tile_starts(cols, tw, self.overlap)
+            tiles, weight_sum = [], torch.zeros(rows * cols, device=device, dtype=torch.float32)
+            for i, y in enumerate(ys):
+                wy = ramp(th, self.overlap, i == 0, i == len(ys) - 1)
+                for j, x in enumerate(xs):
+                    wx = ramp(tw, self.overlap, j == 0, j == len(xs) - 1)
+                    idx = grid[y:y + th, x:x + tw].reshape(-1)
+                    w = (wy[:, None] * wx[None, :]).reshape(-1).to(device)
+                    tiles.append((idx, w))
+                    weight_sum[idx] += w
+            self._plans[key] = (tiles, weight_sum)
+        return self._plans[key]
 
     def new_forward(self, module: Any, hidden_states: Any = None, *args: Any, **kwargs: Any) -> Any:
         import torch
@@ -83,29 +106,19 @@ class RegionalForward:
         if args or img_ids is None or hidden_states is None or img_ids.ndim != 2 or any(
                 kwargs.get(k) is not None for k in ("controlnet_block_samples", "controlnet_single_block_samples")):
             return forward(hidden_states, *args, **kwargs)
-        rows = int(img_ids[:, 1].max().item()) + 1
-        cols = int(img_ids[:, 2].max().item()) + 1
+        rows, cols = (int(v) + 1 for v in img_ids[:, 1:3].amax(0).tolist())  # one sync per step
         if rows * cols != hidden_states.shape[1] or (rows <= self.tile and cols <= self.tile):
             return forward(hidden_states, *args, **kwargs)  # not a plain image latent, or one tile covers it
         return_dict = kwargs.pop("return_dict", True)
-        b, _, _ = hidden_states.shape
-        grid = torch.arange(rows * cols, device=hidden_states.device).view(rows, cols)
+        tiles, weight_sum = self._plan(rows, cols, hidden_states.device)
         out_sum: Any = None
-        weight_sum = torch.zeros(rows * cols, device=hidden_states.device, dtype=torch.float32)
-        th, tw = min(self.tile, rows), min(self.tile, cols)
-        ys, xs = tile_starts(rows, th, self.overlap), tile_starts(cols, tw, self.overlap)
-        for i, y in enumerate(ys):
-            wy = ramp(th, self.overlap, i == 0, i == len(ys) - 1)
-            for j, x in enumerate(xs):
-                wx = ramp(tw, self.overlap, j == 0, j == len(xs) - 1)
-                idx = grid[y:y + th, x:x + tw].reshape(-1)
-                pred = forward(hidden_states[:, idx], *args, **{**kwargs, "img_ids": img_ids[idx], "return_dict": False})[0]
-                self.calls += 1
-                w = (wy[:, None] * wx[None, :]).reshape(-1).to(pred.device)
-                if out_sum is None:
-                    out_sum = torch.zeros(b, rows * cols, pred.shape[-1], device=pred.device, dtype=torch.float32)
-                out_sum[:, idx] += pred.float() * w[None, :, None]
-                weight_sum[idx] += w
+        for idx, w in tiles:
+            pred = forward(hidden_states[:, idx], *args, **{**kwargs, "img_ids": img_ids[idx], "return_dict": False})[0]
+            self.calls += 1
+            if out_sum is None:
+                out_sum = torch.zeros(hidden_states.shape[0], rows * cols, pred.shape[-1], device=pred.device,
+                                      dtype=torch.float32)
+            out_sum[:, idx] += pred.float() * w[None, :, None]
         out = (out_sum / weight_sum[None, :, None]).to(hidden_states.dtype)
         if not return_dict:
             return (out,)
