@@ -1,14 +1,15 @@
 """The real user path on a CUDA machine (issue 15): a pipeline from a save_pretrained directory.
 
     python scripts/user_path.py save DIR                 # the FLUX.1-dev replica, built on the GPU, saved
-    python scripts/user_path.py case KIND PRESET DIR N OUT.jsonl [--cold]
+    python scripts/user_path.py case KIND PRESET DIR N OUT.jsonl [--cold] [--size=WxH]
 
 KIND is ``load`` (``fluxtune.load(DIR, PRESET)``), ``plain`` (``DiffusionPipeline.from_pretrained`` then
 ``fluxtune.apply``) or ``leaf`` (from_pretrained then diffusers' leaf-level group offload, for scale). Each
 case is one fresh process: it appends one JSON row with the time from Python's start, the load and apply
 seconds, N timed generations at the preset's size and steps, and the peak host RSS of the process and
 its children (sampled every 20 ms from the first line) and the NVML peak. ``--cold`` asks the kernel to
-drop the checkpoint's files from the page cache first (a first load from disk).
+drop the checkpoint's files from the page cache first (a first load from disk); ``--size`` draws at another
+size than the preset's.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _save(directory: str) -> None:
                       "save_s": round(time.time() - t0 - built, 1)}))
 
 
-def _case(kind: str, preset: str, directory: str, n: int, out: str, cold: bool) -> None:
+def _case(kind: str, preset: str, directory: str, n: int, out: str, cold: bool, size: str | None = None) -> None:
     from fluxtune.measure.sampler import Sampler
 
     sampler = Sampler(0)
@@ -83,6 +84,8 @@ def _case(kind: str, preset: str, directory: str, n: int, out: str, cold: bool) 
     if kind != "leaf":
         g = load_profile(preset).generation
         kwargs = {"height": g.height or 1024, "width": g.width or 1024, "num_inference_steps": g.steps or 28}
+    if size:
+        kwargs["width"], kwargs["height"] = (int(x) for x in size.split("x"))
     lat = []
     for i in range(n):
         t1 = time.time()
@@ -106,4 +109,5 @@ if __name__ == "__main__":
         _save(sys.argv[2])
     else:
         _, _, kind, preset, directory, n, out, *rest = sys.argv
-        _case(kind, preset, directory, int(n), out, "--cold" in rest)
+        sizes = [a.split("=", 1)[1] for a in rest if a.startswith("--size=")]
+        _case(kind, preset, directory, int(n), out, "--cold" in rest, sizes[0] if sizes else None)

