@@ -155,17 +155,17 @@ OFFLOAD_MODES = ("none", "model", "sequential", "group", "partial")
 
 # --------------------------------------------------------------------------------- quantization
 
-QUANT_METHODS = ("int8_weight", "int8_dynamic", "fp8_dynamic", "fp8_weight", "int4_weight")
+QUANT_METHODS = ("int8_weight", "int8_dynamic", "fp8_dynamic", "fp8_weight", "int4_weight", "nf4")
 
 
 class Quantize(Knob):
-    """torchao ``quantize_`` on the component's Linear layers.
+    """torchao ``quantize_`` on the component's Linear layers (``nf4``: bitsandbytes 4-bit NormalFloat).
 
     ``exclude`` holds regular expressions (``re.search`` on the module's qualified name) of layers kept
     in the compute dtype, e.g. the sensitive AdaLN modulation (``norm1\\.linear``) or ``proj_out``.
     """
 
-    method: Literal["int8_weight", "int8_dynamic", "fp8_dynamic", "fp8_weight", "int4_weight"]
+    method: Literal["int8_weight", "int8_dynamic", "fp8_dynamic", "fp8_weight", "int4_weight", "nf4"]
     granularity: Literal["row", "tensor"] = "row"
     group_size: int = Field(default=128, ge=16, description="int4_weight only")
     exclude: tuple[str, ...] = ()
@@ -177,7 +177,7 @@ class Quantize(Knob):
                 re.compile(pattern)
             except re.error as e:
                 raise ValueError(f"exclude pattern {pattern!r} is not a regular expression: {e}") from e
-        if self.granularity == "tensor" and self.method in ("int8_weight", "fp8_weight", "int4_weight"):
+        if self.granularity == "tensor" and self.method in ("int8_weight", "fp8_weight", "int4_weight", "nf4"):
             raise ValueError(f"granularity=tensor applies to int8_dynamic and fp8_dynamic, not {self.method}")
         return self
 

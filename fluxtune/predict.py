@@ -452,7 +452,7 @@ def compute_precision(method: str | None, capability: str) -> str:
     """The precision a quantization method's GEMMs compute in on a capability class.
 
     fp8_dynamic -> fp8 (bf16 on Ampere, which has no fp8 tensor cores); int8_dynamic -> int8;
-    weight-only methods (int8/fp8/int4 weights), layerwise casting and none -> bf16.
+    weight-only methods (int8/fp8/int4/NF4 weights), layerwise casting and none -> bf16.
     """
     if method == "fp8_dynamic":
         return "fp8" if capability in _FP8_CLASSES else "bf16"
@@ -628,7 +628,7 @@ def predict_latency(
             call_transfer += nbytes / rate if nbytes else 0.0
         phases[name] = _phase(
             name, cw, gpu, prec, compiled=compiled and name == "transformer",
-            weight_only=method in ("int8_weight", "fp8_weight", "int4_weight"),
+            weight_only=method in ("int8_weight", "fp8_weight", "int4_weight", "nf4"),
             dynamic=method in ("fp8_dynamic", "int8_dynamic") and prec != "bf16",
             transfer_bytes=per_phase, transfer_rate=rate, overlapped=overlapped, k=k)
     step = phases["transformer"]

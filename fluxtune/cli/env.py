@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 
 
@@ -22,6 +23,8 @@ def knob_support(hw: object) -> dict[str, str]:
         "offload (model/sequential/group/partial)": "yes" if has_cuda else no_gpu,
         "quantize int8_weight / int8_dynamic": "yes",
         "quantize int4_weight": "yes" if has_cuda else no_gpu,
+        "quantize nf4 (bitsandbytes)": "yes" if importlib.util.find_spec("bitsandbytes") is not None
+        else "no (pip install 'fluxtune[nf4]')",
         "quantize fp8_weight / fp8_dynamic tensorwise": "yes" if getattr(hw, "supports_fp8", False)
         else f"no (needs SM 8.9, this is {cc_text})",
         "quantize fp8_dynamic rowwise": "yes" if getattr(hw, "supports_fp8_rowwise", False)

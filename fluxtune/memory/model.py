@@ -105,6 +105,10 @@ def quantized_bytes(weight_numel: int, rows: int, q: Quantize) -> float:
     if q.method == "int4_weight":
         # 4-bit values plus a bf16 scale and zero point per group of group_size inputs.
         return weight_numel * 0.5 + weight_numel / q.group_size * 4
+    if q.method == "nf4":
+        from fluxtune.tuning.nf4 import bytes_per_weight
+
+        return bytes_per_weight(weight_numel)
     scales = 4 if q.method.endswith("dynamic") and q.granularity == "tensor" else rows * 4
     return weight_numel * 1.0 + scales
 

@@ -1,5 +1,6 @@
-"""quantize: torchao ``quantize_`` on each component's Linear layers. The only torchao importer:
-the handler, LoRA switching and the sensitivity scan all go through :func:`quantize_module`."""
+"""quantize: torchao ``quantize_`` on each component's Linear layers (NF4: bitsandbytes, through
+:mod:`fluxtune.tuning.nf4`). The only torchao importer: the handler, LoRA switching and the sensitivity
+scan all go through :func:`quantize_module`."""
 
 from __future__ import annotations
 
@@ -57,6 +58,10 @@ def quantized_linear_count(module: Any) -> tuple[int, int]:
 def _is_subclass_weight(weight: Any) -> bool:
     import torch
 
+    from fluxtune.tuning.nf4 import is_nf4
+
+    if is_nf4(weight):
+        return True
     data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
     return type(data) is not torch.Tensor
 
@@ -97,11 +102,21 @@ def quantize_module(module: Any, q: Quantize, *, on_cuda: bool, device: Any = No
     Returns:
         The qualified names of the layers quantized, and of those ``q`` kept in higher precision.
     """
-    from torchao.quantization import quantize_
-
     excluded: list[str] = []
     keep = linear_filter(q, excluded)
     done: list[str] = []
+    if q.method == "nf4":
+        from fluxtune.tuning.nf4 import is_nf4, quantize_linear
+
+        for fqn, mod in list(module.named_modules()):
+            if (only is None or only(fqn)) and keep(mod, fqn) and not is_nf4(mod.weight):
+                if device is not None:
+                    mod.to(device)
+                quantize_linear(mod)
+                done.append(fqn)
+        return done, excluded
+
+    from torchao.quantization import quantize_
 
     def chosen(mod: Any, fqn: str) -> bool:
         if only is not None and not only(fqn):
@@ -129,6 +144,16 @@ class QuantizeHandler(Handler):
                 continue
             if q.method == "int4_weight" and not ctx.on_gpu:
                 problems.append(f"{name}.quantize.method=int4_weight needs a CUDA GPU here; use int8_weight on CPU")
+            mode = getattr(ctx.profile.component(name).offload, "mode", "none")
+            if q.method == "nf4" and mode not in ("none", "model"):
+                problems.append(f"{name}.quantize.method=nf4 with {name}.offload.mode={mode}: bitsandbytes keeps "
+                                "its scales beside the weight, where streaming does not move them; use offload "
+                                "none or model, or int4_weight")
+            if q.method == "nf4":
+                import importlib.util
+
+                if importlib.util.find_spec("bitsandbytes") is None:
+                    problems.append(f"{name}.quantize.method=nf4 needs bitsandbytes: pip install 'fluxtune[nf4]'")
         return problems
 
     def apply(self, ctx: Context) -> None:

@@ -1,0 +1,73 @@
+"""4-bit NormalFloat (NF4) weights with bitsandbytes: the only bitsandbytes importer.
+
+A chosen ``nn.Linear`` keeps its identity (hooks, LoRA wrappers and the streamer's records refer to it):
+its weight becomes a bitsandbytes ``Params4bit`` (packed 4-bit values, an absmax per 64 weights, the
+absmaxes themselves quantized to 8 bits: ~0.52 bytes per weight), quantized where the weight is, and a
+diffusers ``HookRegistry`` hook replaces its forward by ``bitsandbytes.matmul_4bit``, which dequantizes
+to the activations' dtype. This is the format of diffusers' ``BitsAndBytesConfig(load_in_4bit=True,
+bnb_4bit_quant_type="nf4")`` checkpoints, applied to a pipeline already loaded. bitsandbytes keeps the
+scales in a ``quant_state`` beside the tensor, which ``Params4bit.to`` moves along; fluxtune's streamer
+moves tensors, not modules, so NF4 components stay resident or use model offload.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fluxtune.errors import MissingDependencyError
+
+HOOK = "fluxtune_nf4"
+BLOCKSIZE = 64
+"""Weights per absmax (bitsandbytes' default for 4-bit)."""
+
+
+def bytes_per_weight(numel: int) -> float:
+    """Bytes of ``numel`` NF4 weights: 4-bit codes, an 8-bit absmax per block, a float32 scale and offset
+    per 256 absmaxes (double quantization)."""
+    blocks = -(-numel // BLOCKSIZE)
+    return numel * 0.5 + blocks + (-(-blocks // 256)) * 8
+
+
+def _bnb() -> Any:
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"quantize.method=nf4 needs bitsandbytes: pip install 'fluxtune[nf4]' (or bitsandbytes>=0.46) ({e})"
+        ) from e
+    return bitsandbytes
+
+
+def is_nf4(weight: Any) -> bool:
+    """Whether a weight is a quantized bitsandbytes 4-bit parameter (no import of bitsandbytes)."""
+    return getattr(weight, "quant_state", None) is not None
+
+
+def _hook_class() -> type:
+    from diffusers.hooks import ModelHook
+
+    class NF4Forward(ModelHook):
+        """``F.linear`` on the dequantized 4-bit weight (bitsandbytes' fused kernels where it has them)."""
+
+        def new_forward(self, module: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+            bnb = _bnb()
+            w = module.weight
+            bias = None if module.bias is None else module.bias.to(x.dtype)
+            return bnb.matmul_4bit(x, w.t(), bias=bias, quant_state=w.quant_state)
+
+    return NF4Forward
+
+
+def quantize_linear(linear: Any) -> None:
+    """Quantize one ``nn.Linear`` in place (where its weight is) and route its forward through NF4."""
+    from diffusers.hooks import HookRegistry
+
+    bnb = _bnb()
+    w = linear.weight
+    param = bnb.nn.Params4bit(w.data.contiguous(), requires_grad=False, quant_type="nf4",
+                              compress_statistics=True, blocksize=BLOCKSIZE)
+    # Params4bit quantizes on its first move to a device; moving to where the weight already is does it.
+    linear.weight = param.to(w.device)
+    registry = HookRegistry.check_if_exists_or_initialize(linear)
+    if registry.get_hook(HOOK) is None:
+        registry.register_hook(_hook_class()(), HOOK)
