@@ -62,6 +62,15 @@ def recipes(family: str) -> dict[str, dict[str, Any]]:
         "group offload, block level, streams": _all(block, vae=leaf),
         "enable_sequential_cpu_offload": _all({"mode": "sequential"}),
     }
+    if family in ("flux2", "qwenimage"):
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is not None:
+            # How diffusers' FLUX.2 and Qwen-Image guides fit consumer cards: bitsandbytes NF4 for the
+            # transformer and the LLM text encoder, each on the GPU only while it runs.
+            nf4 = {"quantize": {"method": "nf4"}, "offload": {"mode": "model"}}
+            out["bitsandbytes NF4 + enable_model_cpu_offload"] = {
+                "transformer": nf4, "text_encoder": nf4, "vae": {"offload": {"mode": "model"}}}
     if family == "dit":
         # DiT has no text encoders and no fuse_qkv_projections; its blocks are compiled one by one.
         out.pop("flux-fast core (fused QKV, fp8 rowwise, regional compile)")

@@ -76,3 +76,16 @@ def test_nf4_is_refused_where_streaming_would_leave_its_scales() -> None:
                   report=ApplyReport(profile="nf4", device="cpu"), strict=False)
     problems = QuantizeHandler().check(ctx)
     assert any("transformer.quantize.method=nf4 with transformer.offload.mode=partial" in p for p in problems)
+
+
+@pytest.mark.parametrize("model,family", [("tiny-flux2-klein", "flux2"), ("tiny-qwen-image", "qwenimage")])
+def test_nf4_on_the_llm_families(model: str, family: str) -> None:
+    """The 4-bit recipe of the FLUX.2 / Qwen-Image guides (transformer and LLM text encoder in NF4)."""
+    pipe = pipelines.load(model, dtype="float32")
+    prof = {"name": "n", "family": family, "generation": {"height": 64, "width": 64, "steps": 2},
+            "transformer": {"quantize": "nf4"}, "text_encoder": {"quantize": "nf4"}}
+    text = str(fluxtune.apply(prof, pipe))
+    assert "+ quantize     text_encoder    nf4:" in text
+    assert all(is_nf4(m.weight) for m in pipe.text_encoder.modules() if isinstance(m, torch.nn.Linear))
+    image = pipe(prompt="a red circle", generator=gen(0), output_type="pt").images
+    assert image.shape[-2:] == (64, 64) and torch.isfinite(image).all()
