@@ -17,7 +17,7 @@ import warnings
 
 ENV = "FLUXTUNE_QUIET"
 _LOGGERS = ("torchao", "torch.utils._pytree", "torch._dynamo", "torch._inductor", "diffusers", "transformers",
-            "accelerate", "huggingface_hub", "peft", "optuna")
+            "accelerate", "huggingface_hub", "peft", "optuna", "bitsandbytes")
 _ENV = {
     "TRANSFORMERS_VERBOSITY": "error",
     "DIFFUSERS_VERBOSITY": "error",
@@ -25,7 +25,7 @@ _ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TQDM_DISABLE": "1",  # diffusers' "Loading pipeline components..." bar
 }
-_MODULES = r"(torch|torchao|diffusers|transformers|accelerate|huggingface_hub|peft|optuna|torchmetrics|timm)(\.|$)"
+_MODULES = r"(torch|torchao|diffusers|transformers|accelerate|huggingface_hub|peft|optuna|torchmetrics|timm|bitsandbytes)(\.|$)"
 
 
 def quiet() -> None:
