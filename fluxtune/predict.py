@@ -290,8 +290,12 @@ def _count_forward(fn: Any) -> _Counter:
     class Ops(TorchDispatchMode):
         def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
             kwargs = kwargs or {}
-            out = func(*args, **kwargs)
             name = func.overloadpacket.__name__
+            if name == "_local_scalar_dense" and args[0].is_meta:
+                # A value read on meta (transformers' "is the mask all ones?", "are the sequences packed?"):
+                # answer as for one unpadded, unpacked sequence; it steers control flow, not shapes.
+                return True if args[0].dtype == torch.bool else 0
+            out = func(*args, **kwargs)
             if name in _VIEW_OPS:
                 return out
             c.kernels += 1
@@ -326,8 +330,9 @@ def _forwards(pipe: Any, family: str, height: int, width: int, batch: int, msl: 
     dtype = next(pipe.transformer.parameters()).dtype
     out: dict[str, Any] = {}
     vae = pipe.vae
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    lat_c = int(vae.config.latent_channels)
+    # Qwen-Image's video VAE has no block_out_channels / latent_channels: its pipeline knows its scale.
+    scale = int(getattr(pipe, "vae_scale_factor", 0) or 2 ** (len(vae.config.block_out_channels) - 1))
+    lat_c = int(getattr(vae.config, "latent_channels", None) or vae.config.z_dim)
     lh, lw = height // scale, width // scale
 
     def tensor(*shape: int, dt: Any = dtype) -> Any:
@@ -351,6 +356,31 @@ def _forwards(pipe: Any, family: str, height: int, width: int, batch: int, msl: 
         if tr.config.guidance_embeds:
             kw["guidance"] = tensor(batch)
         out["transformer"] = lambda: tr(**kw)
+    elif family in ("flux2", "qwenimage"):
+        te, tr = pipe.text_encoder, pipe.transformer
+        ids = torch.zeros(batch, msl, dtype=torch.long, device=device)
+        # No attention mask (all tokens real): transformers inspects a given one's values, which meta cannot.
+        te_kw: dict[str, Any] = dict(input_ids=ids, output_hidden_states=True, use_cache=False)
+        if family == "qwenimage":
+            # Qwen2.5-VL derives its 3-axis positions from the ids with data-dependent indexing, which a
+            # meta tensor cannot do; text-only positions are the same arange on every axis.
+            te_kw["position_ids"] = torch.arange(msl, device=device).expand(3, batch, msl)
+        out["text_encoder"] = lambda: te(**te_kw)
+        tokens = (lh // 2) * (lw // 2)
+        joint = int(tr.config.joint_attention_dim)
+        kw = dict(hidden_states=tensor(batch, tokens, int(tr.config.in_channels)),
+                  encoder_hidden_states=tensor(batch, msl, joint), timestep=tensor(batch), return_dict=False)
+        if family == "flux2":
+            kw.update(img_ids=tensor(batch, tokens, 4), txt_ids=tensor(batch, msl, 4))
+            if tr.config.guidance_embeds:
+                kw["guidance"] = tensor(batch)
+        else:
+            kw.update(encoder_hidden_states_mask=tensor(batch, msl), img_shapes=[[(1, lh // 2, lw // 2)]] * batch)
+        out["transformer"] = lambda: tr(**kw)
+        if family == "qwenimage":  # a video VAE: one frame
+            z5 = tensor(batch, lat_c, 1, lh, lw)
+            out["vae"] = lambda: vae.decode(z5, return_dict=False)
+            return out
     else:
         tr = pipe.transformer
         side = int(tr.config.sample_size)
@@ -388,9 +418,9 @@ def count_work(model: str, *, height: int, width: int, batch: int = 1, max_seque
     spec = builtin(model)
     if spec is None:
         raise PipelineError(f"predict: {model!r} is not a built-in; use one of {', '.join(sorted(BUILTINS))}")
-    if spec.family not in ("flux", "dit"):
-        raise PipelineError(f"predict: latency is counted from FLUX.1 and DiT forwards only; {model} is a "
-                            f"{spec.family} model, whose forwards are not counted yet; use fluxtune bench on a GPU")
+    if spec.family not in ("flux", "dit", "flux2", "qwenimage"):
+        raise PipelineError(f"predict: latency is counted from FLUX.1, FLUX.2, Qwen-Image and DiT forwards only; "
+                            f"{model} is a {spec.family} model; use fluxtune bench on a GPU")
     # One cache entry per distinct workload: FLUX has no CFG batch, DiT's size is the model's.
     if spec.family == "dit":
         return _cached_work(model, 0, 0, batch, 0, cfg is not False)
@@ -548,7 +578,8 @@ def _phase(name: str, w: ComponentWork, gpu: GpuSpec, precision: str, *, compile
                      transfer_s=transfer, precision=precision)
 
 
-_FAMILY_MODEL = {"flux": "flux-dev-replica", "dit": "dit-xl-2-256"}
+_FAMILY_MODEL = {"flux": "flux-dev-replica", "dit": "dit-xl-2-256", "flux2": "flux2-dev-replica",
+                 "qwenimage": "qwen-image-replica"}
 
 
 def predict_latency(
@@ -587,6 +618,13 @@ def predict_latency(
     if model is None:
         model = (profile.measured.model if profile.measured is not None else None) or _FAMILY_MODEL.get(
             profile.family, "flux-dev-replica")
+    from fluxtune.pipelines import builtin
+
+    spec = builtin(model)
+    if spec is not None and spec.family != profile.family:
+        raise PipelineError(f"predict: {model} is a {spec.family} model and profile {profile.name!r} is for "
+                            f"{profile.family}; pass --model with a {profile.family} built-in "
+                            f"(e.g. {_FAMILY_MODEL.get(profile.family, 'flux-dev-replica')})")
     h = int(height or g.height or 1024)
     w = int(width or g.width or 1024)
     n_steps = int(steps or g.steps)
@@ -650,6 +688,10 @@ def predict_latency(
            "published L20 figure)"),
         "the text encoders and VAE run eager; caches (first_block, taylorseer, magcache) are not modelled",
     ]
+    if profile.family in ("flux2", "qwenimage"):
+        assumptions.append(f"no {profile.family} run is in the fit: its blocks are assumed as efficient as "
+                           "FLUX.1's; text tokens counted at max_sequence_length "
+                           f"({g.max_sequence_length}), an upper bound where the pipeline pads less")
     if profile.cache.kind != "none":
         assumptions.append(f"cache.kind={profile.cache.kind} skips steps at run time: not counted here (upper bound)")
     floor = compute_floor(gpu, model, height=h, width=w, steps=n_steps, batch=b,

@@ -134,9 +134,23 @@ def test_the_memory_model_sizes_klein_4b_for_an_8gb_card() -> None:
     assert 16e9 < plain < 26e9 and small < 8e9
 
 
-def test_latency_prediction_refuses_a_family_it_cannot_count(capsys: pytest.CaptureFixture[str]) -> None:
+def test_latency_prediction_for_the_new_families(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Work counted from the FLUX.2 / Qwen-Image forwards on meta tensors; a model of another family is refused."""
     from fluxtune.cli import main
+    from fluxtune.predict import count_work
 
     assert main(["predict", "flux-dev-12gb", "--gpu", "RTX 4060", "--model", "flux2-klein-4b-replica"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "flux2-klein-4b-replica is a flux2 model" in err[0]
+    assert len(err) == 1 and "flux2-klein-4b-replica is a flux2 model" in err[0] and "--model" in err[0]
+    # Per step, two FLOPs per per-token weight and token: Qwen-Image's 60 dual-stream blocks apply 6.8 B
+    # per-token weights to each of 4096 image + 512 text tokens at 1024x1024 (62.6 TFLOP).
+    w = count_work("qwen-image-replica", height=1024, width=1024, max_sequence_length=512)
+    assert 60e12 < w.components["transformer"].gemm_flops < 66e12
+    assert set(w.components) == {"text_encoder", "transformer", "vae"}
+    path = tmp_path / "k.yaml"
+    path.write_text(json.dumps({"name": "k", "family": "flux2", "generation": {"height": 1024, "width": 1024, "steps": 4},
+                                "transformer": {"quantize": {"method": "fp8_dynamic", "granularity": "tensor"}}}))
+    assert main(["predict", str(path), "--gpu", "RTX 4090", "--model", "flux2-klein-4b-replica", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["predicted"] and out["steps"] == 4 and 0 < out["total_s"] < 30
+    assert any("no flux2 run is in the fit" in a for a in out["assumptions"])

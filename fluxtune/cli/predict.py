@@ -13,7 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the profile's)")
     p.add_argument("--model", default=None,
                    help="built-in model whose shapes are counted (default: the profile's measured model, else "
-                   "flux-dev-replica / dit-xl-2-256)")
+                   "the family's full-size replica: flux-dev-replica, flux2-dev-replica, qwen-image-replica, dit-xl-2-256)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -64,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
     def ms(x: float) -> str:
         return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
 
-    for phase_name, label, times in (("text_encoder", "text encoder (CLIP)", 1),
+    # FLUX.1 has CLIP and T5; FLUX.2 and Qwen-Image one LLM encoder (Qwen3, Mistral-3, Qwen2.5-VL).
+    first = "text encoder (CLIP)" if "text_encoder_2" in r.phases else "text encoder (LLM)"
+    for phase_name, label, times in (("text_encoder", first, 1),
                                      ("text_encoder_2", "text encoder 2 (T5)", 1),
                                      ("transformer", "one denoising step", 1), ("vae", "VAE decode", 1)):
         p = r.phases.get(phase_name)
