@@ -50,18 +50,24 @@ _BLOCK = re.compile(r"^((?:single_)?transformer_blocks)\.(\d+)\.(.+)$")
 # (AdaLayerNormZero, with its own timestep/class embedder at norm1.emb); FLUX double blocks add
 # the context stream (add_*_proj, to_add_out, ff_context, norm1_context); single blocks have
 # norm.linear, proj_mlp and proj_out (proj_out mixes the attention and MLP streams: kept with MLP).
+# FLUX.2 names its streams the same way (its modulation is shared, outside the blocks; a single block
+# fuses q/k/v and the MLP input in attn.to_qkv_mlp_proj, counted with attention); Qwen-Image names them
+# img_*/txt_* (img_mod/txt_mod are its per-block modulation).
 _BLOCK_KINDS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("embed", re.compile(r"^norm1\.emb\.")),
     ("attn_context", re.compile(r"^attn\.(?:add_q_proj|add_k_proj|add_v_proj|to_add_out)$")),
-    ("attn", re.compile(r"^attn1?\.(?:to_q|to_k|to_v|to_out\.0)$")),
-    ("mlp_context", re.compile(r"^ff_context\.")),
-    ("mlp", re.compile(r"^(?:ff\.|proj_mlp$|proj_out$)")),
-    ("adaln_context", re.compile(r"^norm1_context\.linear$")),
-    ("adaln", re.compile(r"^norm1?\.linear$")),
+    ("attn", re.compile(r"^attn1?\.(?:to_q|to_k|to_v|to_out\.0|to_out|to_qkv_mlp_proj)$")),
+    ("mlp_context", re.compile(r"^(?:ff_context|txt_mlp)\.")),
+    ("mlp", re.compile(r"^(?:ff\.|img_mlp\.|proj_mlp$|proj_out$)")),
+    ("adaln_context", re.compile(r"^(?:norm1_context\.linear|txt_mod\.\d+)$")),
+    ("adaln", re.compile(r"^(?:norm1?\.linear|img_mod\.\d+)$")),
 )
 _TOP_KINDS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("final", re.compile(r"^(?:proj_out(?:_\d+)?|norm_out\.linear)$")),
-    ("embed", re.compile(r"^(?:pos_embed|time_text_embed|context_embedder|x_embedder|adaln_single)")),
+    ("embed", re.compile(r"^(?:pos_embed|time_text_embed|time_guidance_embed|context_embedder|x_embedder|"
+                         r"adaln_single|img_in|txt_in)")),
+    # FLUX.2 modulates every block from these shared layers.
+    ("adaln", re.compile(r"^(?:double|single)_stream_modulation")),
 )
 
 
@@ -157,6 +163,7 @@ class SensitivityResult:
     model: str
     method: str
     class_labels: list[int]
+    """The workload's class labels (DiT); empty for a prompted pipeline."""
     seeds: list[int]
     steps: int
     groups: list[GroupScore]
@@ -165,6 +172,8 @@ class SensitivityResult:
     seconds: float = 0.0
     kind: str = "images"
     """``images`` (:func:`scan`) or ``proxy`` (:func:`proxy_scan`; psnr/ssim are then NaN)."""
+    prompts: list[str] = field(default_factory=list)
+    """The workload's prompts (FLUX.1, FLUX.2, Qwen-Image); empty for DiT."""
 
     def exclude_patterns(self, n: int) -> tuple[str, ...]:
         """The regexes of the ``n`` most sensitive groups, for ``Quantize.exclude``.
@@ -228,19 +237,32 @@ def quantize_matching(module: torch.nn.Module, q: Quantize, patterns: Iterable[s
     return len(hit)
 
 
-def render(pipe: Any, class_labels: Sequence[int], seeds: Sequence[int], steps: int,
-           guidance_scale: float = 4.0) -> np.ndarray:
-    """Images (len(seeds) * len(class_labels), H, W, 3) in [0, 1]: each seed renders all labels.
+DEFAULT_PROMPTS = ("a red circle on a white background", "a photo of a cat sitting on a wooden table")
+"""A prompted scan's default workload: two short prompts, one simple shape, one photographic scene."""
 
-    Label ``j`` under seed ``s`` uses a CPU generator seeded ``s * 1000 + j``, so a run is the
+
+def render(pipe: Any, inputs: Sequence[int] | Sequence[str], seeds: Sequence[int], steps: int,
+           guidance_scale: float | None = 4.0, **call: Any) -> np.ndarray:
+    """Images (len(seeds) * len(inputs), H, W, 3) in [0, 1]: each seed renders every class label (DiT) or
+    prompt (FLUX.1, FLUX.2, Qwen-Image; ``call`` adds e.g. height/width; ``guidance_scale=None`` leaves the
+    pipeline's own).
+
+    Input ``j`` under seed ``s`` uses a CPU generator seeded ``s * 1000 + j``, so a run is the
     same on any device and profile.
     """
     out = []
+    prompted = bool(inputs) and isinstance(inputs[0], str)
+    kwargs = dict(call)
+    if guidance_scale is not None:
+        kwargs["guidance_scale"] = guidance_scale
     for s in seeds:
-        gens = [torch.Generator().manual_seed(s * 1000 + j) for j in range(len(class_labels))]
+        gens = [torch.Generator().manual_seed(s * 1000 + j) for j in range(len(inputs))]
         with torch.inference_mode():
-            res = pipe(class_labels=list(class_labels), num_inference_steps=steps,
-                       guidance_scale=guidance_scale, generator=gens, output_type="np")
+            if prompted:
+                res = pipe(prompt=list(inputs), num_inference_steps=steps, generator=gens, output_type="np", **kwargs)
+            else:
+                res = pipe(class_labels=list(inputs), num_inference_steps=steps, generator=gens, output_type="np",
+                           **kwargs)
         out.append(np.asarray(res.images, dtype=np.float32))
     return np.concatenate(out, axis=0)
 
@@ -265,14 +287,16 @@ def scan(
     method: str = "int8_weight",
     *,
     class_labels: Sequence[int] = (0, 1, 2, 3),
+    prompts: Sequence[str] | None = None,
     seeds: Sequence[int] = (0,),
     steps: int = 10,
-    guidance_scale: float = 4.0,
+    guidance_scale: float | None = 4.0,
     per_block: bool = True,
     groups: dict[str, str] | None = None,
     reference: np.ndarray | None = None,
     model: str = "",
     progress: Callable[[int, int, str], None] | None = None,
+    call: dict[str, Any] | None = None,
 ) -> SensitivityResult:
     """Quantize one group at a time and rank the groups by the harm to the images.
 
@@ -280,9 +304,12 @@ def scan(
     for the render and dropped afterwards (the original is back in place on return, also on error).
 
     Args:
-        pipe: a DiT pipeline (class-conditional); its transformer must be unquantized.
+        pipe: a DiT pipeline (class labels) or a prompted one (FLUX.1, FLUX.2, Qwen-Image: prompts); its
+            transformer must be unquantized.
         method: ``int8_weight``, ``int8_dynamic`` or ``fp8_dynamic`` (CUDA SM 8.9+/9.0).
-        class_labels, seeds, steps, guidance_scale: the fixed workload (see :func:`render`).
+        class_labels, prompts, seeds, steps, guidance_scale, call: the fixed workload (see :func:`render`;
+            ``call``: further pipeline arguments such as height and width);
+            ``prompts`` default to :data:`DEFAULT_PROMPTS` on a prompted pipeline, ``class_labels`` are DiT's.
         per_block: group granularity (see :func:`layer_groups`); ignored when ``groups`` is given.
         groups: explicit ``{name: regex}`` groups instead of :func:`layer_groups`.
         reference: the unquantized images of the same workload, if already rendered.
@@ -293,15 +320,21 @@ def scan(
         The groups ranked most sensitive first (lowest PSNR; ties by higher rel_mse, then name).
 
     Raises:
-        PipelineError: not a DiT pipeline, or its transformer is already quantized.
+        PipelineError: neither a DiT nor a prompted pipeline, or its transformer is already quantized.
         UnsupportedHardwareError: fp8 without a GPU of SM 8.9+.
     """
-    from fluxtune.pipelines import family
+    from fluxtune.measure.workload import call_parameters
     from fluxtune.tuning.quantize import quantized_linear_count
 
-    if family(pipe) != "dit":
-        raise PipelineError(f"sensitivity scans render class labels: a DiT pipeline is needed, got "
-                            f"{type(pipe).__name__}")
+    params = call_parameters(pipe)
+    inputs: Sequence[int] | Sequence[str]
+    if "class_labels" in params:
+        inputs, prompts = list(class_labels), []
+    elif "prompt" in params and hasattr(pipe, "transformer"):
+        inputs = prompts = list(prompts or DEFAULT_PROMPTS)
+    else:
+        raise PipelineError(f"sensitivity scans render class labels (DiT) or prompts into a transformer "
+                            f"pipeline; {type(pipe).__name__} takes neither")
     pristine = pipe.transformer
     if quantized_linear_count(pristine)[0]:
         raise PipelineError("the transformer is already quantized; scan an unquantized pipeline")
@@ -310,14 +343,14 @@ def scan(
     on_cuda = device.type == "cuda"
     groups = groups if groups is not None else layer_groups(pristine, per_block=per_block)
     t0 = time.perf_counter()
-    ref = reference if reference is not None else render(pipe, class_labels, seeds, steps, guidance_scale)
+    ref = reference if reference is not None else render(pipe, inputs, seeds, steps, guidance_scale, **(call or {}))
 
     def trial(patterns: Iterable[str]) -> tuple[int, dict[str, float]]:
         candidate = copy.deepcopy(pristine)
         n = quantize_matching(candidate, q, patterns, on_cuda)
         pipe.transformer = candidate
         try:
-            return n, image_errors(render(pipe, class_labels, seeds, steps, guidance_scale), ref)
+            return n, image_errors(render(pipe, inputs, seeds, steps, guidance_scale, **(call or {})), ref)
         finally:
             pipe.transformer = pristine
 
@@ -331,9 +364,9 @@ def scan(
         progress(len(groups), len(groups) + 1, "all groups")
     _, all_err = trial(list(groups.values()))
     scores.sort(key=lambda g: (g.psnr, -g.rel_mse, g.name))
-    return SensitivityResult(model=model, method=method, class_labels=list(class_labels), seeds=list(seeds),
-                             steps=steps, groups=scores, all_quantized=all_err,
-                             seconds=time.perf_counter() - t0)
+    return SensitivityResult(model=model, method=method, class_labels=[] if prompts else list(class_labels),
+                             seeds=list(seeds), steps=steps, groups=scores, all_quantized=all_err,
+                             seconds=time.perf_counter() - t0, prompts=list(prompts))
 
 
 # ----------------------------------------------------------------------------------------- proxy

@@ -33,7 +33,8 @@ def _linears(module):
     return [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
-@pytest.mark.parametrize("model", ["dit-mini", "tiny-dit", "tiny-flux"])
+@pytest.mark.parametrize("model", ["dit-mini", "tiny-dit", "tiny-flux", "tiny-flux2-klein", "tiny-flux2-dev",
+                                   "tiny-qwen-image"])
 @pytest.mark.parametrize("per_block", [True, False])
 def test_groups_cover_every_linear_exactly_once(model, per_block):
     from fluxtune.pipelines import load
@@ -128,3 +129,20 @@ def test_cli_writes_json(tmp_path, capsys):
     assert "all groups" in capsys.readouterr().out
     assert main(["sensitivity", "--model", "tiny-dit", "--method", "fp8_dynamic"]) == 2
     assert "SM" in capsys.readouterr().err
+
+
+def test_a_prompted_pipeline_is_scanned_with_prompts(tmp_path):
+    """FLUX.1 (the trained flux-mini) is scanned like DiT, with prompts instead of class labels; the result
+    records them and the search reads it back."""
+    from fluxtune.pipelines import load
+
+    pipe = load("flux-mini", dtype="float32")
+    pipe.set_progress_bar_config(disable=True)
+    res = sens.scan(pipe, "int8_weight", steps=4, per_block=False, guidance_scale=None, model="flux-mini",
+                    call={"height": 64, "width": 64, "max_sequence_length": 96})
+    assert res.prompts == list(sens.DEFAULT_PROMPTS) and res.class_labels == []
+    assert {g.name for g in res.groups} >= {"embed", "final", "transformer_blocks.attn", "single_transformer_blocks.mlp"}
+    worst = res.groups[0]
+    assert worst.psnr < 100 and res.all_quantized["psnr"] <= worst.psnr + 0.5
+    back = sens.SensitivityResult.load(res.save(tmp_path / "s.json"))
+    assert back.prompts == res.prompts and [g.name for g in back.groups] == [g.name for g in res.groups]

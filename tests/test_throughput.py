@@ -122,3 +122,14 @@ def test_throughput_search_with_sensitivity_scan_on_tiny_dit(tmp_path: Path):
                   "--pin", "batch=[2,4]", "--pin", "transformer.quantize=[int8_weight]", "--pin", "cache=none",
                   "--min-psnr", "0", "--runs", "1", "--home", home, "--seed", "1")
     assert code == 0 and (folder / "sensitivity-int8_weight.json").stat().st_mtime_ns == stamp
+
+
+def test_a_prompted_search_scans_with_its_prompts(tmp_path: Path):
+    """--sensitivity auto on FLUX: the worker scans with the study's prompts and size, not class labels."""
+    home = tmp_path / "ft"
+    code, out = cli("search", "--model", "tiny-flux", "--sensitivity", "auto", "--trials", "2", "--runs", "1",
+                    "--pin", "transformer.quantize=[int8_weight]", "--pin", "cache=none", "--retime", "0",
+                    "--prompt", "a red circle", "--home", home)
+    assert code == 0, out
+    scan = json.loads((home / "tiny-flux-nobudget-latency" / "sensitivity-int8_weight.json").read_text())
+    assert scan["prompts"] == ["a red circle"] and scan["class_labels"] == [] and scan["groups"]

@@ -65,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tune with this LoRA (.safetensors) in place; repeatable; the profile's lora mode is auto")
     p.add_argument("--sensitivity", action="append", default=[], metavar="FILE|auto|off",
                    help="per-layer sensitivity scans (from `fluxtune sensitivity`, one per method) that let the search "
-                   "keep the N most sensitive layer groups unquantized; auto (DiT default) scans in the first worker")
+                   "keep the N most sensitive layer groups unquantized; auto (DiT default; any family) scans in the first "
+                   "worker with the study's class labels or prompts")
     p.add_argument("--runs", type=int, default=None, help="timed repeats per trial (default 3 on GPU, 2 on CPU)")
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
     p.add_argument("--home", default=".fluxtune", help="folder for the journal, references and reports")
@@ -107,9 +108,7 @@ def _sensitivity(items: list[str], family: str) -> dict[str, Any] | str | None:
     if items == ["off"]:
         return None
     if items == ["auto"]:
-        if family != "dit":
-            raise ProfileError("--sensitivity auto scans class-conditional DiT models; for FLUX pass scan files or off")
-        return "auto"
+        return "auto"  # the worker scans with the study's class labels (DiT) or prompts (the others)
     from fluxtune.sensitivity import SensitivityResult
 
     out: dict[str, Any] = {}

@@ -1,4 +1,4 @@
-"""fluxtune sensitivity: rank a DiT's layer groups by the harm INT8/FP8 quantization does to its images."""
+"""fluxtune sensitivity: rank a transformer's layer groups by the harm INT8/FP8 quantization does to its images."""
 
 from __future__ import annotations
 
@@ -6,11 +6,15 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="dit-mini", help="built-in name, local path or hub id of a DiT pipeline")
+    p.add_argument("--model", default="dit-mini",
+                   help="built-in name, local path or hub id of a DiT, FLUX.1, FLUX.2 or Qwen-Image pipeline")
     p.add_argument("--method", default="int8_weight", choices=["int8_weight", "int8_dynamic", "fp8_dynamic"],
                    help="quantization applied to one group at a time (fp8 needs a GPU of SM 8.9+)")
     p.add_argument("--steps", type=int, default=10, help="denoising steps of the fixed workload (default 10)")
-    p.add_argument("--labels", default="0,5,10,20", help="comma-separated class labels (default 0,5,10,20)")
+    p.add_argument("--labels", default="0,5,10,20", help="DiT: comma-separated class labels (default 0,5,10,20)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="prompted pipelines: a workload prompt (repeatable; default two fixed prompts)")
+    p.add_argument("--size", default=None, metavar="WxH", help="prompted pipelines: image size (default: the model's)")
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1, each renders every label (default 1)")
     p.add_argument("--coarse", action="store_true", help="one group per kind across blocks (faster)")
     p.add_argument("--proxy", action="store_true",
@@ -53,13 +57,24 @@ def run(args: argparse.Namespace) -> int:
     check_method(args.method, torch.device(device))  # fp8 on a CPU: one line before loading anything
     spec = pipelines.builtin(args.model)
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else (spec.dtype if spec and spec.dtype else "float32"))
+    size: dict[str, int] = {}
+    if args.size is not None:
+        from fluxtune.cli.predict import _size
+
+        size["width"], size["height"] = _size(args.size)  # type: ignore[assignment]
     pipe: Any = pipelines.load(args.model, device=device, dtype=dtype)
-    if pipelines.family(pipe) != "dit":
-        raise ProfileError(f"--model {args.model}: sensitivity scans class-conditional DiT pipelines; this is a "
-                           f"{type(pipe).__name__} (try --model dit-mini)")
-    classes = int(getattr(pipe.transformer.config, "num_embeds_ada_norm", 0) or 0)
-    if classes and max(labels) >= classes:
-        raise ProfileError(f"--labels {args.labels!r}: {args.model} has classes 0..{classes - 1}")
+    fam = pipelines.family(pipe)
+    if fam == "dit":
+        classes = int(getattr(pipe.transformer.config, "num_embeds_ada_norm", 0) or 0)
+        if classes and max(labels) >= classes:
+            raise ProfileError(f"--labels {args.labels!r}: {args.model} has classes 0..{classes - 1}")
+    elif args.proxy:
+        raise ProfileError(f"--proxy runs DiT's class-conditional forward; {args.model} is a {fam} pipeline: "
+                           "leave --proxy out")
+    if fam != "dit" and spec is not None and spec.generation:
+        # The built-in's own call (a mini model's 64 px and 96 text tokens), --size over its size.
+        size = {**{k: spec.generation[k] for k in ("height", "width", "max_sequence_length")
+                   if k in spec.generation}, **size}
     pipe.set_progress_bar_config(disable=True)
     console = Console(width=140, stderr=True)
     if args.proxy:
@@ -69,8 +84,13 @@ def run(args: argparse.Namespace) -> int:
             def progress(i: int, n: int, name: str) -> None:
                 status.update(f"group {i + 1}/{n}: {name}")
 
-            result = scan(pipe, args.method, class_labels=labels, seeds=list(range(args.seeds)), steps=args.steps,
-                          per_block=not args.coarse, model=args.model, progress=progress)
+            if fam == "dit":
+                result = scan(pipe, args.method, class_labels=labels, seeds=list(range(args.seeds)), steps=args.steps,
+                              per_block=not args.coarse, model=args.model, progress=progress)
+            else:  # the pipeline's own guidance; the built-in's size unless --size
+                result = scan(pipe, args.method, prompts=args.prompt, seeds=list(range(args.seeds)), steps=args.steps,
+                              guidance_scale=None, per_block=not args.coarse, model=args.model, progress=progress,
+                              call=size)
     result.save(out)
     table = Table("rank", "group", "layers", "PSNR", "SSIM", "rel. MSE",
                   title=f"{args.model} {args.method} sensitivity ({result.kind}, {len(result.groups)} groups, "

@@ -269,9 +269,15 @@ class TrialSession:
             from fluxtune.loading import materialize_pipeline
 
             materialize_pipeline(self.pipe, self.device)
-            labels = list(self.workload.class_labels) or [0, 1]
-            res = scan(self.pipe, req.method, class_labels=labels, seeds=[0], steps=req.steps, per_block=True,
-                       model=self.spec.model)
+            wl = self.workload
+            if wl.class_labels:
+                res = scan(self.pipe, req.method, class_labels=list(wl.class_labels), seeds=[0], steps=req.steps,
+                           per_block=True, model=self.spec.model)
+            else:  # prompted: the study's prompts and size, the pipeline's own guidance
+                size = {k: v for k, v in (("height", wl.height), ("width", wl.width),
+                                          ("max_sequence_length", wl.max_sequence_length)) if v is not None}
+                res = scan(self.pipe, req.method, prompts=list(wl.prompts) or None, seeds=[0], steps=req.steps,
+                           guidance_scale=None, per_block=True, model=self.spec.model, call=size)
             return ScanOutcome(Status.OK, result=res.to_dict())
         except Exception as e:
             return ScanOutcome(Status.ERROR, error=_one_line(e))
