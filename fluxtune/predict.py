@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from fluxtune.errors import PipelineError, ProfileError
@@ -631,6 +631,7 @@ def predict_latency(
     b = int(batch or g.images_per_prompt)
     work = count_work(model, height=h, width=w, batch=b, max_sequence_length=g.max_sequence_length,
                       cfg=g.guidance > 1)
+    tiles, tiled_work = _regional(profile, model, h, w, b)
     facts = ModelFacts.for_builtin(model)
     moved = transfer_bytes(profile, facts)
     cls = gpu.capability
@@ -665,10 +666,17 @@ def predict_latency(
         if name == "transformer" and unit == "call":
             call_transfer += nbytes / rate if nbytes else 0.0
         phases[name] = _phase(
-            name, cw, gpu, prec, compiled=compiled and name == "transformer",
+            name, tiled_work if (name == "transformer" and tiled_work is not None) else cw, gpu, prec,
+            compiled=compiled and name == "transformer",
             weight_only=method in ("int8_weight", "fp8_weight", "int4_weight", "nf4"),
             dynamic=method in ("fp8_dynamic", "int8_dynamic") and prec != "bf16",
             transfer_bytes=per_phase, transfer_rate=rate, overlapped=overlapped, k=k)
+        if name == "transformer" and tiles > 1:
+            # Regional denoising runs every block once per tile (streamed blocks are copied once per tile).
+            p = phases[name]
+            phases[name] = replace(p, seconds=p.seconds * tiles, gemm_s=p.gemm_s * tiles, attn_s=p.attn_s * tiles,
+                                   memory_s=p.memory_s * tiles, launch_s=p.launch_s * tiles,
+                                   transfer_s=p.transfer_s * tiles)
     step = phases["transformer"]
     text = sum(p.seconds for n, p in phases.items() if n.startswith("text_encoder")) + k["call_overhead_s"]
     decode = phases["vae"].seconds if "vae" in phases else 0.0
@@ -694,6 +702,11 @@ def predict_latency(
                            f"({g.max_sequence_length}), an upper bound where the pipeline pads less")
     if profile.cache.kind != "none":
         assumptions.append(f"cache.kind={profile.cache.kind} skips steps at run time: not counted here (upper bound)")
+    if tiles > 1:
+        t = profile.tiling
+        assumptions.append(f"regional denoising: {tiles} tiles of {t.tile}x{t.tile} px (overlap {t.overlap}) a step, "
+                           "each a full transformer pass at the tile's size (blending not counted); the compute "
+                           "floor stays the whole image's")
     floor = compute_floor(gpu, model, height=h, width=w, steps=n_steps, batch=b,
                           max_sequence_length=g.max_sequence_length, cfg=g.guidance > 1)
     return LatencyPrediction(
@@ -701,6 +714,21 @@ def predict_latency(
         batch=b, total_s=total, text_encode_s=text, step=step, steps_s=steps_s, decode_s=decode,
         call_transfer_s=call_transfer, phases=phases, floor_s=floor, assumptions=tuple(assumptions),
     )
+
+
+def _regional(profile: Profile, model: str, height: int, width: int, batch: int) -> tuple[int, ComponentWork | None]:
+    """Tiles per step and the transformer's work on one tile, when the profile denoises by regions."""
+    t = profile.tiling
+    if t.mode != "regional" or profile.family != "flux" or (height <= t.tile and width <= t.tile):
+        return 1, None
+    from fluxtune.tuning.regional import TOKEN_PX, tile_starts
+
+    tile, overlap = t.tile // TOKEN_PX, t.overlap // TOKEN_PX
+    n = len(tile_starts(height // TOKEN_PX, tile, overlap)) * len(tile_starts(width // TOKEN_PX, tile, overlap))
+    side_h, side_w = min(t.tile, height), min(t.tile, width)
+    work = count_work(model, height=side_h, width=side_w, batch=batch,
+                      max_sequence_length=profile.generation.max_sequence_length)
+    return n, work.components["transformer"]
 
 
 def fastest_gemm_precision(gpu: GpuSpec) -> str:

@@ -158,3 +158,21 @@ def test_counts_are_remembered_on_disk_and_recounted_when_unreadable(tmp_path, m
     (entry,) = (tmp_path / "fluxtune" / "work").glob("m-64x64-*.json")
     entry.write_text("{not json")
     assert diskcache.remembered("work", "m-64x64", compute, dict, dict) == {"flops": 1.5} and len(calls) == 2
+
+
+def test_regional_denoising_counts_a_transformer_pass_per_tile():
+    """Regional tiles: each step is one transformer pass per tile at the tile's size (tiny-flux, 128x128 in
+    64-px tiles overlapping 16 px: 3 x 3 tiles); text encoding and decoding stay the whole image's."""
+    gpu = card()
+    base = {"generation": {"height": 128, "width": 128, "steps": 4}}
+    whole = predict_latency(profile(**base), gpu, model="tiny-flux")
+    tiled = predict_latency(profile(**base, tiling={"mode": "regional", "tile": 64, "overlap": 16}), gpu,
+                            model="tiny-flux")
+    one_tile = predict_latency(profile(generation={"height": 64, "width": 64, "steps": 4}), gpu, model="tiny-flux")
+    assert tiled.step.seconds == pytest.approx(9 * one_tile.step.seconds)
+    assert tiled.step.gemm_s == pytest.approx(9 * one_tile.step.gemm_s)
+    assert tiled.decode_s == pytest.approx(whole.decode_s)
+    assert any("9 tiles of 64x64 px" in a for a in tiled.assumptions)
+    # No tiling at or below one tile.
+    small = predict_latency(profile(tiling={"mode": "regional", "tile": 64, "overlap": 16}), gpu, model="tiny-flux")
+    assert small.step.seconds == pytest.approx(one_tile.step.seconds)
