@@ -146,3 +146,11 @@ def test_a_prompted_pipeline_is_scanned_with_prompts(tmp_path):
     assert worst.psnr < 100 and res.all_quantized["psnr"] <= worst.psnr + 0.5
     back = sens.SensitivityResult.load(res.save(tmp_path / "s.json"))
     assert back.prompts == res.prompts and [g.name for g in back.groups] == [g.name for g in res.groups]
+
+
+def test_prompts_for_a_dit_are_one_line(capsys):
+    from fluxtune.cli import main
+
+    assert main(["sensitivity", "--model", "tiny-dit", "--prompt", "a cat", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--prompt/--size" in err[0] and "--labels" in err[0]

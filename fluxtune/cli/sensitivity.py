@@ -64,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
         size["width"], size["height"] = _size(args.size)  # type: ignore[assignment]
     pipe: Any = pipelines.load(args.model, device=device, dtype=dtype)
     fam = pipelines.family(pipe)
+    if fam == "dit" and (args.prompt or args.size):
+        raise ProfileError(f"--prompt/--size: {args.model} is a class-conditional DiT pipeline of a fixed size; "
+                           "give --labels instead")
     if fam == "dit":
         classes = int(getattr(pipe.transformer.config, "num_embeds_ada_norm", 0) or 0)
         if classes and max(labels) >= classes:
