@@ -10,18 +10,35 @@ moves, and TPE takes over.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fluxtune.search.space import SearchSpace
 
-ORDER = ("attention", "vae.tiling", "cache", "tiling", "tiling.tile", "tiling.overlap", "text_encoder_2.quantize",
-         "text_encoders.offload",
-         "transformer.quantize", "transformer.granularity", "transformer.layerwise_fp8", "transformer.offload",
-         "transformer.group_level", "transformer.use_stream", "batch", "size", "compile", "compile.fuse_qkv",
-         "compile.fullgraph", "compile.inductor_flags", "transformer.keep_sensitive")
-"""Knobs in the order their moves are tried: cheap to apply and judge first (attention, VAE, caches),
-then precision and placement, then compilation (each compiled trial pays its compile)."""
+ORDER = ("attention", "transformer.quantize", "transformer.granularity", "compile", "batch", "transformer.offload",
+         "transformer.group_level", "transformer.use_stream", "text_encoder_2.quantize", "text_encoders.offload",
+         "transformer.layerwise_fp8", "cache", "vae.tiling", "tiling", "tiling.tile", "tiling.overlap", "size",
+         "compile.fuse_qkv", "compile.fullgraph", "compile.inductor_flags", "transformer.keep_sensitive")
+"""Knobs in the order their moves are tried: the ones that decide speed most on a GPU first (attention
+backend, quantization, compilation, batch, placement), then the encoders, the lossy and the fine-grained
+ones. With 12-15 trials, a cycle through every knob's first move must reach compilation early."""
+
+_FIRST = {
+    "attention": ("_native_cudnn", "flash", "_native_flash", "sage"),
+    "transformer.quantize": ("fp8_dynamic", "int8_weight", "int8_dynamic", "fp8_weight", "int4_weight"),
+    "compile": ("regional", "full"),
+    "transformer.offload": ("partial", "group", "model", "sequential"),
+    "text_encoders.offload": ("partial", "group", "model"),
+    "text_encoder_2.quantize": ("int8_weight",),
+    "cache": ("first_block", "taylorseer", "magcache"),
+}
+"""The value a knob's first move tries (an expert's first guess); the others follow once every knob has
+had its first move."""
+
+_MEMORY = ("transformer.offload", "transformer.group_level", "transformer.use_stream", "text_encoders.offload",
+           "transformer.layerwise_fp8", "vae.tiling")
+"""Knobs that trade speed for memory: the plain start already placed the model as the memory model allows
+(and a quantize move refills the residency), so their moves wait until every speed knob had its first."""
 
 _PLAIN = ("none", False, "off", "native", "default")
 """Lossless, hook-free values, in the order a categorical dimension is searched for one."""
@@ -37,8 +54,24 @@ def _active(space: SearchSpace, params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def neighbours(space: SearchSpace, params: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(label, params) of every configuration one categorical move away from ``params``, cheapest first.
+def _first(dim: Any, current: Any) -> Any:
+    """A knob's first move from ``current``: the expert's first guess, or for an ordered numeric knob
+    (batch) the nearest value, else the first other choice."""
+    others = [v for v in dim.choices if v != current]
+    for value in _FIRST.get(dim.name, ()):
+        if value in others:
+            return value
+    if others and all(isinstance(v, int | float) and not isinstance(v, bool) for v in [current, *others]):
+        return min(others, key=lambda v: (abs(v - current), -v))
+    return others[0] if others else None
+
+
+def neighbours(space: SearchSpace, params: dict[str, Any], after: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """(label, params) of every configuration one categorical move away from ``params``: first one move per
+    speed knob (its first guess, :data:`ORDER`), then one per memory knob (:data:`_MEMORY`), then the knobs'
+    other values in the same order. With ``after``
+    (the knob moved last) the cycle continues from the knob after it, as coordinate descent does, instead
+    of starting over at every new incumbent.
 
     A move that switches on new dimensions leaves them out: the sampler fills them in when the trial asks.
     """
@@ -46,29 +79,42 @@ def neighbours(space: SearchSpace, params: dict[str, Any]) -> list[tuple[str, di
     rank = {name: i for i, name in enumerate(ORDER)}
     dims = sorted((d for d in space.dims if d.categorical and d.name in base and len(d.choices) > 1),
                   key=lambda d: rank.get(d.name, len(ORDER)))
+    if after is not None and after in rank:
+        cut = next((i for i, d in enumerate(dims) if rank.get(d.name, len(ORDER)) > rank[after]), len(dims))
+        dims = dims[cut:] + dims[:cut]
+    firsts = [(d, _first(d, base[d.name])) for d in dims]
+    moves = [(d, v) for d, v in firsts if v is not None and d.name not in _MEMORY]
+    moves += [(d, v) for d, v in firsts if v is not None and d.name in _MEMORY]
+    moves += [(d, v) for d in dims for v in d.choices if v != base[d.name] and (d, v) not in moves]
     out = []
-    for dim in dims:
-        for value in dim.choices:
-            if value == base[dim.name]:
-                continue
-            moved = _active(space, {**base, dim.name: value})
-            moved[dim.name] = value
-            out.append((f"{dim.name}={value}", moved))
+    for dim, value in moves:
+        moved = _active(space, {**base, dim.name: value})
+        moved[dim.name] = value
+        out.append((f"{dim.name}={value}", moved))
     return out
 
 
 def next_move(space: SearchSpace, incumbent: Any, tried: list[dict[str, Any]],
-              fits: Callable[[dict[str, Any]], bool] | None = None) -> tuple[str, dict[str, Any]] | None:
+              fits: Callable[[dict[str, Any]], bool] | None = None,
+              after: str | None = None) -> tuple[str, dict[str, Any]] | None:
     """The first neighbour of ``incumbent`` (a finished trial) that no trial in ``tried`` (their params) has
-    covered, or None when descent around it is done.
+    covered, continuing the cycle after knob ``after``; None when descent around it is done.
 
     With ``fits`` (the memory model under the budget), a streamed neighbour keeps the largest resident
     share that fits: quantizing a streamed transformer halves its blocks, so twice as many can stay."""
-    for label, params in neighbours(space, dict(incumbent.params)):
+    for label, params in neighbours(space, dict(incumbent.params), after):
         if fits is not None and params.get("transformer.offload") == "partial":
             params, label = _fill_residency(params, label, fits)
         if not any(all(t.get(k) == v for k, v in params.items()) for t in tried):
             return f"descent from trial {incumbent.number + 1}: {label}", params
+    return None
+
+
+def last_moved(sources: Sequence[str]) -> str | None:
+    """The knob of the latest descent move among trial sources ("descent from trial N: KNOB=VALUE ...")."""
+    for source in reversed(sources):
+        if source.startswith("descent from trial") and ": " in source:
+            return source.split(": ", 1)[1].split("=", 1)[0]
     return None
 
 

@@ -259,13 +259,25 @@ class Search:
                 for label, params in warm_start(self.space, presets):
                     study.enqueue_trial(params, user_attrs={"source": label}, skip_if_exists=True)
             if self.cfg.descent and not [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]:
+                from optuna.trial import TrialState
+
                 from fluxtune.search.descent import plain_start
 
                 # Structure before sampling: the lossless configuration at the largest batch and resident
                 # share the memory model admits (first under --no-warm-start; a recipe already queued
                 # with the same parameters keeps its label), then one-knob moves from the incumbent.
                 start = plain_start(self.space, self._fits)
-                if start is not None:
+                # Optuna's skip_if_exists does not see still-waiting trials (their parameters are fixed
+                # params, not params yet): compare with the queue here.
+                # Dimensions with one value (size "default") may be left out of a recipe's parameters.
+                fixed = {d.name for d in self.space.dims if d.categorical and len(d.choices) == 1}
+
+                def key(params: dict[str, Any]) -> dict[str, Any]:
+                    return {k: v for k, v in params.items() if k not in fixed}
+
+                queued = [key(t.system_attrs.get("fixed_params") or {}) for t in study.get_trials(deepcopy=False)
+                          if t.state == TrialState.WAITING]
+                if start is not None and key(start[1]) not in queued:
                     study.enqueue_trial(start[1], user_attrs={"source": start[0]}, skip_if_exists=True)
             threads = [threading.Thread(target=self._loop, args=(w,), daemon=True) for w in workers]
             for th in threads:
@@ -521,7 +533,7 @@ class Search:
         else is queued (the warm start goes first); once none is left, the sampler proposes."""
         from optuna.trial import TrialState
 
-        from fluxtune.search.descent import next_move
+        from fluxtune.search.descent import last_moved, next_move
         from fluxtune.search.results import best_trial
 
         if not self.cfg.descent:
@@ -532,7 +544,8 @@ class Search:
         incumbent = best_trial(self.study)
         if incumbent is None:
             return
-        move = next_move(self.space, incumbent, [dict(t.params) for t in trials], self._fits)
+        after = last_moved([str(t.user_attrs.get("source", "")) for t in sorted(trials, key=lambda t: t.number)])
+        move = next_move(self.space, incumbent, [dict(t.params) for t in trials], self._fits, after)
         if move is not None:
             label, params = move
             self.study.enqueue_trial(params, user_attrs={"source": label})
