@@ -63,9 +63,9 @@ def recipes(family: str) -> dict[str, dict[str, Any]]:
         "enable_sequential_cpu_offload": _all({"mode": "sequential"}),
     }
     if family in ("flux2", "qwenimage"):
-        import importlib.util
+        from fluxtune.tuning.nf4 import available
 
-        if importlib.util.find_spec("bitsandbytes") is not None:
+        if available():
             # How diffusers' FLUX.2 and Qwen-Image guides fit consumer cards: bitsandbytes NF4 for the
             # transformer and the LLM text encoder, each on the GPU only while it runs.
             nf4 = {"quantize": {"method": "nf4"}, "offload": {"mode": "model"}}

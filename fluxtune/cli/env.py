@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 
 
@@ -15,6 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def knob_support(hw: object) -> dict[str, str]:
     """Each knob family -> 'yes' or why not, for this machine."""
+    from fluxtune.tuning.nf4 import available as nf4_available
+
     has_cuda = getattr(hw, "has_cuda", False)
     no_gpu = "no (needs a CUDA GPU)"
     cc = getattr(hw, "compute_capability", None)
@@ -23,8 +24,7 @@ def knob_support(hw: object) -> dict[str, str]:
         "offload (model/sequential/group/partial)": "yes" if has_cuda else no_gpu,
         "quantize int8_weight / int8_dynamic": "yes",
         "quantize int4_weight": "yes" if has_cuda else no_gpu,
-        "quantize nf4 (bitsandbytes)": "yes" if importlib.util.find_spec("bitsandbytes") is not None
-        else "no (pip install 'fluxtune[nf4]')",
+        "quantize nf4 (bitsandbytes)": "yes" if nf4_available() else "no (pip install 'fluxtune[nf4]')",
         "quantize fp8_weight / fp8_dynamic tensorwise": "yes" if getattr(hw, "supports_fp8", False)
         else f"no (needs SM 8.9, this is {cc_text})",
         "quantize fp8_dynamic rowwise": "yes" if getattr(hw, "supports_fp8_rowwise", False)

@@ -267,9 +267,8 @@ class Search:
                 # share the memory model admits (first under --no-warm-start; a recipe already queued
                 # with the same parameters keeps its label), then one-knob moves from the incumbent.
                 start = plain_start(self.space, self._fits)
-                # Optuna's skip_if_exists does not see still-waiting trials (their parameters are fixed
-                # params, not params yet): compare with the queue here.
-                # Dimensions with one value (size "default") may be left out of a recipe's parameters.
+                # Optuna's skip_if_exists does not see waiting trials (their parameters are still fixed
+                # params), and a recipe may leave out one-value dimensions (size "default"): compare here.
                 fixed = {d.name for d in self.space.dims if d.categorical and len(d.choices) == 1}
 
                 def key(params: dict[str, Any]) -> dict[str, Any]:

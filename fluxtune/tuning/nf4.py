@@ -28,6 +28,13 @@ def bytes_per_weight(numel: int) -> float:
     return numel * 0.5 + blocks + (-(-blocks // 256)) * 8
 
 
+def available() -> bool:
+    """Whether bitsandbytes is installed (without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
 def _bnb() -> Any:
     try:
         import bitsandbytes

@@ -11,6 +11,7 @@ from typing import Any
 
 from fluxtune.errors import MissingDependencyError
 from fluxtune.knobs import Quantize
+from fluxtune.tuning import nf4
 from fluxtune.tuning.base import QUANTIZE, Context, Handler, register
 from fluxtune.tuning.state import set_weight_plan, weight_plan
 
@@ -58,9 +59,7 @@ def quantized_linear_count(module: Any) -> tuple[int, int]:
 def _is_subclass_weight(weight: Any) -> bool:
     import torch
 
-    from fluxtune.tuning.nf4 import is_nf4
-
-    if is_nf4(weight):
+    if nf4.is_nf4(weight):
         return True
     data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
     return type(data) is not torch.Tensor
@@ -106,13 +105,11 @@ def quantize_module(module: Any, q: Quantize, *, on_cuda: bool, device: Any = No
     keep = linear_filter(q, excluded)
     done: list[str] = []
     if q.method == "nf4":
-        from fluxtune.tuning.nf4 import is_nf4, quantize_linear
-
         for fqn, mod in list(module.named_modules()):
-            if (only is None or only(fqn)) and keep(mod, fqn) and not is_nf4(mod.weight):
+            if (only is None or only(fqn)) and keep(mod, fqn) and not nf4.is_nf4(mod.weight):
                 if device is not None:
                     mod.to(device)
-                quantize_linear(mod)
+                nf4.quantize_linear(mod)
                 done.append(fqn)
         return done, excluded
 
@@ -144,15 +141,13 @@ class QuantizeHandler(Handler):
                 continue
             if q.method == "int4_weight" and not ctx.on_gpu:
                 problems.append(f"{name}.quantize.method=int4_weight needs a CUDA GPU here; use int8_weight on CPU")
-            mode = getattr(ctx.profile.component(name).offload, "mode", "none")
-            if q.method == "nf4" and mode not in ("none", "model"):
-                problems.append(f"{name}.quantize.method=nf4 with {name}.offload.mode={mode}: bitsandbytes keeps "
-                                "its scales beside the weight, where streaming does not move them; use offload "
-                                "none or model, or int4_weight")
             if q.method == "nf4":
-                import importlib.util
-
-                if importlib.util.find_spec("bitsandbytes") is None:
+                mode = getattr(ctx.profile.component(name).offload, "mode", "none")
+                if mode not in ("none", "model"):
+                    problems.append(f"{name}.quantize.method=nf4 with {name}.offload.mode={mode}: bitsandbytes "
+                                    "keeps its scales beside the weight, where streaming does not move them; use "
+                                    "offload none or model, or int4_weight")
+                if not nf4.available():
                     problems.append(f"{name}.quantize.method=nf4 needs bitsandbytes: pip install 'fluxtune[nf4]'")
         return problems
 
