@@ -167,7 +167,7 @@ class Quantize(Knob):
 
     method: Literal["int8_weight", "int8_dynamic", "fp8_dynamic", "fp8_weight", "int4_weight", "nf4"]
     granularity: Literal["row", "tensor"] = "row"
-    group_size: int = Field(default=128, ge=16, description="int4_weight only")
+    group_size: int = Field(default=128, ge=16, description="inputs per scale: int4_weight, and int8_weight where it tiles a layer's inputs")
     exclude: tuple[str, ...] = ()
 
     @model_validator(mode="after")

@@ -213,10 +213,11 @@ class SensitivityResult:
             raise ProfileError(f"{path}: not a sensitivity result ({e})") from e
 
 
-def check_method(method: str, device: torch.device) -> Quantize:
+def check_method(method: str, device: torch.device, group_size: int | None = None) -> Quantize:
     if method not in METHODS:
         raise ProfileError(f"sensitivity method {method!r} is not one of {', '.join(METHODS)}")
-    q = Quantize(method=method)  # type: ignore[arg-type]
+    extra = {} if group_size is None else {"group_size": group_size}
+    q = Quantize(method=method, **extra)  # type: ignore[arg-type]
     need = q.min_compute_capability
     if need is not None:
         have = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
@@ -297,6 +298,7 @@ def scan(
     model: str = "",
     progress: Callable[[int, int, str], None] | None = None,
     call: dict[str, Any] | None = None,
+    group_size: int | None = None,
 ) -> SensitivityResult:
     """Quantize one group at a time and rank the groups by the harm to the images.
 
@@ -315,6 +317,7 @@ def scan(
         reference: the unquantized images of the same workload, if already rendered.
         model: a label stored in the result.
         progress: called as ``progress(i, n, group)`` before each trial.
+        group_size: int8_weight's inputs per scale, as the profile's ``quantize.group_size`` (None: its default).
 
     Returns:
         The groups ranked most sensitive first (lowest PSNR; ties by higher rel_mse, then name).
@@ -339,7 +342,7 @@ def scan(
     if quantized_linear_count(pristine)[0]:
         raise PipelineError("the transformer is already quantized; scan an unquantized pipeline")
     device = next(pristine.parameters()).device
-    q = check_method(method, device)
+    q = check_method(method, device, group_size)
     on_cuda = device.type == "cuda"
     groups = groups if groups is not None else layer_groups(pristine, per_block=per_block)
     t0 = time.perf_counter()

@@ -5,7 +5,7 @@
 
 batch (images per call: 8, 16, 32, 64, two class labels) x transformer quantization (none, int8 weight,
 int8 dynamic, fp8) x offload (none, partial: half the blocks resident, the rest streamed) x compile (off,
-regional). Each (quantization, compile) pair gets a freshly built pipeline; offload and batch are
+regional; inductor flags off unless --inductor-flags). Each (quantization, compile) pair gets a freshly built pipeline; offload and batch are
 re-applied on it (reversible knobs), so a compile is paid once per shape. The workload is the search's
 DiT workload (class labels 207 and 360 cycled to the batch, seed 0) at ``--steps``; the warm-up runs 2 steps (same shapes,
 so compilation happens there) and each timed call is pruned when its first warm steps project it past
@@ -39,13 +39,15 @@ def cell_key(quant: str, comp: str, off: str, batch: int) -> str:
     return f"{quant}/{comp}/{off}/{batch}"
 
 
-def profile_for(quant: str, comp: str, off: str, batch: int, budget: str, blocks: int) -> dict[str, Any]:
+def profile_for(quant: str, comp: str, off: str, batch: int, budget: str, blocks: int,
+                inductor_flags: bool = False) -> dict[str, Any]:
     t: dict[str, Any] = {"offload": {"mode": "none"} if off == "none" else
                          {"mode": "partial", "resident_blocks": blocks // 2}}
     if quant != "none":
         t["quantize"] = {"method": quant}
     return {"name": cell_key(quant, comp, off, batch).replace("/", "-"), "family": "dit",
-            "budget": {"vram": budget}, "transformer": t, "compile": {"mode": comp},
+            "budget": {"vram": budget}, "transformer": t,
+            "compile": {"mode": comp, "inductor_flags": inductor_flags},
             "generation": {"images_per_prompt": batch}}
 
 
@@ -60,6 +62,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--stop-above", type=float, default=8.0)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--inductor-flags", action="store_true",
+                    help="flux-fast's inductor flags (coordinate-descent tuning of every kernel: a much longer compile)")
     a = ap.parse_args()
     done = {}
     if a.out.exists():
@@ -83,7 +87,7 @@ def main() -> None:
                                        "steps": a.steps, "budget": a.budget, "build_s": round(built, 1)}
                 try:
                     t1 = time.perf_counter()
-                    fluxtune.apply(profile_for(quant, comp, off, batch, a.budget, blocks), pipe, device=a.device)
+                    fluxtune.apply(profile_for(quant, comp, off, batch, a.budget, blocks, a.inductor_flags), pipe, device=a.device)
                     row["apply_s"] = round(time.perf_counter() - t1, 2)
                     # As the search's worker does: a DiT call's batch is its labels, the two cycled.
                     labels = tuple((207, 360)[i % 2] for i in range(batch))

@@ -147,8 +147,10 @@ def test_layerwise_casting_matches_diffusers(flux: ModelFacts) -> None:
 def test_quantize_exclude_keeps_bf16(flux: ModelFacts) -> None:
     plain = predict(profile(transformer={"quantize": "int8_weight"}), flux)
     excl = predict(profile(transformer={"quantize": {"method": "int8_weight", "exclude": [r"norm1\.linear"]}}), flux)
-    # 19 double blocks x 56.6 M AdaLN params stay in bf16: one more byte each.
-    assert excl.breakdown["transformer"] - plain.breakdown["transformer"] == pytest.approx(19 * 56_641_536, rel=0.02)
+    # 19 double blocks x 56.6 M AdaLN params stay in bf16: one more byte each, less int8's fp32 scale per
+    # 128 inputs.
+    assert excl.breakdown["transformer"] - plain.breakdown["transformer"] == pytest.approx(
+        19 * 56_641_536 * (1 - 4 / 128), rel=0.005)
 
 
 def test_partial_residency_is_monotone(flux: ModelFacts) -> None:

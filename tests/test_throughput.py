@@ -97,9 +97,14 @@ def test_throughput_search_with_sensitivity_scan_on_tiny_dit(tmp_path: Path):
     home = tmp_path / "ft"
     code, out = cli("search", "--model", "tiny-dit", "--steps", "2", "--objective", "throughput", "--trials", "5",
                     "--pin", "batch=[2,4]", "--pin", "transformer.quantize=[int8_weight]", "--pin", "cache=none",
+                    "--pin", "transformer.keep_sensitive=[2]",
                     "--min-psnr", "0", "--runs", "1", "--home", home, "--seed", "1")
     assert code == 0, out
     folder = home / "tiny-dit-nobudget-throughput"
+    # Scanned when the first trial kept sensitive layers, then used: every quantized trial keeps 2 groups.
+    assert "sensitivity: a trial keeps int8_weight's most sensitive layers" in out
+    assert all("t.keep_sensitive=2" in r["config"] for r in json.loads((folder / "trials.json").read_text()))
+    assert len(load_profile(folder / "best.yaml").transformer.quantize.exclude) == 2
     scan = json.loads((folder / "sensitivity-int8_weight.json").read_text())
     assert scan["groups"] and scan["method"] == "int8_weight"
     rows = json.loads((folder / "trials.json").read_text())
@@ -120,8 +125,21 @@ def test_throughput_search_with_sensitivity_scan_on_tiny_dit(tmp_path: Path):
     stamp = (folder / "sensitivity-int8_weight.json").stat().st_mtime_ns
     code, _ = cli("search", "--model", "tiny-dit", "--steps", "2", "--objective", "throughput", "--trials", "6",
                   "--pin", "batch=[2,4]", "--pin", "transformer.quantize=[int8_weight]", "--pin", "cache=none",
+                  "--pin", "transformer.keep_sensitive=[2]",
                   "--min-psnr", "0", "--runs", "1", "--home", home, "--seed", "1")
     assert code == 0 and (folder / "sensitivity-int8_weight.json").stat().st_mtime_ns == stamp
+
+
+def test_no_scan_until_a_trial_keeps_sensitive_layers(tmp_path: Path):
+    """The DiT default --sensitivity auto scans lazily: trials that quantize every layer need no ranking."""
+    home = tmp_path / "ft"
+    code, out = cli("search", "--model", "tiny-dit", "--steps", "2", "--objective", "throughput", "--trials", "3",
+                    "--pin", "batch=[2]", "--pin", "transformer.quantize=[int8_weight]", "--pin", "cache=none",
+                    "--pin", "transformer.keep_sensitive=[0]", "--retime", "0", "--min-psnr", "0", "--runs", "1",
+                    "--home", home)
+    assert code == 0, out
+    assert "sensitivity:" not in out
+    assert not list((home / "tiny-dit-nobudget-throughput").glob("sensitivity-*.json"))
 
 
 def test_a_prompted_search_scans_with_its_prompts(tmp_path: Path):
@@ -129,7 +147,7 @@ def test_a_prompted_search_scans_with_its_prompts(tmp_path: Path):
     home = tmp_path / "ft"
     code, out = cli("search", "--model", "tiny-flux", "--sensitivity", "auto", "--trials", "2", "--runs", "1",
                     "--pin", "transformer.quantize=[int8_weight]", "--pin", "cache=none", "--retime", "0",
-                    "--prompt", "a red circle", "--home", home)
+                    "--pin", "transformer.keep_sensitive=[1]", "--prompt", "a red circle", "--home", home)
     assert code == 0, out
     scan = json.loads((home / "tiny-flux-nobudget-latency" / "sensitivity-int8_weight.json").read_text())
     assert scan["prompts"] == ["a red circle"] and scan["class_labels"] == [] and scan["groups"]

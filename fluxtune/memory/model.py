@@ -109,6 +109,8 @@ def quantized_bytes(weight_numel: int, rows: int, q: Quantize) -> float:
         from fluxtune.tuning.nf4 import bytes_per_weight
 
         return bytes_per_weight(weight_numel)
+    if q.method == "int8_weight" and (weight_numel // max(rows, 1)) % q.group_size == 0:
+        return weight_numel * (1.0 + 4 / q.group_size)  # an fp32 scale per group (quantize.torchao_config)
     scales = 4 if q.method.endswith("dynamic") and q.granularity == "tensor" else rows * 4
     return weight_numel * 1.0 + scales
 

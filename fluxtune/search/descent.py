@@ -73,7 +73,9 @@ def neighbours(space: SearchSpace, params: dict[str, Any], after: str | None = N
     (the knob moved last) the cycle continues from the knob after it, as coordinate descent does, instead
     of starting over at every new incumbent.
 
-    A move that switches on new dimensions leaves them out: the sampler fills them in when the trial asks.
+    A move that switches on new categorical dimensions sets them to their plain value (compile=regional
+    comes without flux-fast's inductor flags, whose autotuning made a DiT compile 100 s longer), so a move
+    changes one knob; numeric ones are left to the sampler.
     """
     base = _active(space, params)
     rank = {name: i for i, name in enumerate(ORDER)}
@@ -90,6 +92,10 @@ def neighbours(space: SearchSpace, params: dict[str, Any], after: str | None = N
     for dim, value in moves:
         moved = _active(space, {**base, dim.name: value})
         moved[dim.name] = value
+        for new in space.dims:
+            plain = [v for v in (*_PLAIN, 0) if any(c == v and type(c) is type(v) for c in new.choices)]
+            if plain and new.name not in moved and new.name not in base and new.when(moved):
+                moved[new.name] = plain[0]
         out.append((f"{dim.name}={value}", moved))
     return out
 

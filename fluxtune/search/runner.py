@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +142,7 @@ class Search:
         self.cfg = cfg
         self.say = progress
         self.lock = threading.Lock()
+        self._scan_local = threading.local()  # the worker of this thread's trial (lazy sensitivity scans)
         self.started = time.monotonic()
         self.hardware: HardwareInfo = detect_hardware()
         self.on_gpu = any(d.startswith("cuda") for d in cfg.devices)
@@ -340,11 +341,11 @@ class Search:
         self.say(line)
         retime.record(self.study, finalists, baseline, winner, line, done, finished)
 
-    def _sensitivity(self, worker: Worker) -> dict[str, list[str]]:
-        """Ranked exclude patterns per quantization method: given, or scanned once per study and kept
-        in its folder (a resumed study reads them back instead of scanning again)."""
-        import json
-
+    def _sensitivity(self, worker: Worker) -> Mapping[str, Sequence[str]]:
+        """Ranked exclude patterns per quantization method: given, or (``auto``) scanned when a trial first
+        keeps sensitive layers of that method, once per study, and kept in its folder (a resumed study
+        reads them back instead of scanning again)."""
+        from fluxtune.search.space import LazyRankings
         from fluxtune.sensitivity import METHODS, SensitivityResult
 
         if isinstance(self.cfg.sensitivity, dict):
@@ -352,24 +353,39 @@ class Search:
         if self.cfg.sensitivity != "auto":
             return {}
         quant = next(d for d in self.space.dims if d.name == "transformer.quantize")
-        out: dict[str, list[str]] = {}
-        steps = min(10, self.cfg.base.generation.steps)
-        for method in (m for m in METHODS if m in quant.choices):
+        methods = [m for m in METHODS if m in quant.choices]
+        done = {}
+        for method in methods:
             path = self.dir / f"sensitivity-{method}.json"
-            if not path.exists():
-                self.say(f"sensitivity: scanning {method} one layer group at a time ({steps} steps) ...")
-                t0 = time.monotonic()
-                res = worker.scan(ScanRequest(method, steps), self.cfg.trial_timeout_s)
-                if res.status != Status.OK or res.result is None:
-                    self.say(f"sensitivity: {method} scan failed ({res.error}); searching it without exclusions")
-                    continue
-                path.write_text(json.dumps(res.result, indent=2) + "\n")
-                groups = res.result["groups"]
-                self.say(f"sensitivity: {method}: {len(groups)} groups in {time.monotonic() - t0:.0f}s, "
-                         f"most sensitive {', '.join(g['name'] for g in groups[:3])}")
-            scan = SensitivityResult.load(path)
-            out[method] = list(scan.exclude_patterns(len(scan.groups)))
-        return out
+            if path.exists():
+                scan = SensitivityResult.load(path)
+                done[method] = list(scan.exclude_patterns(len(scan.groups)))
+        self._scan_local.worker = worker
+        return LazyRankings(methods, self._scan, done)
+
+    def _scan(self, method: str) -> list[str]:
+        """One sensitivity scan in the worker about to run the trial that asked for it."""
+        import json
+
+        from fluxtune.sensitivity import SensitivityResult
+
+        steps = min(10, self.cfg.base.generation.steps)
+        self.say(f"sensitivity: a trial keeps {method}'s most sensitive layers: scanning {method} one layer group "
+                 f"at a time ({steps} steps) ...")
+        t0 = time.monotonic()
+        res = self._scan_local.worker.scan(ScanRequest(method, steps), self.cfg.trial_timeout_s)
+        if res.status != Status.OK or res.result is None:
+            self.say(f"sensitivity: {method} scan failed ({res.error}); its trials keep no layers unquantized")
+            return []
+        path = self.dir / f"sensitivity-{method}.json"
+        from fluxtune.presets import write_atomic
+
+        write_atomic(path, json.dumps(res.result, indent=2) + "\n")
+        groups = res.result["groups"]
+        self.say(f"sensitivity: {method}: {len(groups)} groups in {time.monotonic() - t0:.0f}s, "
+                 f"most sensitive {', '.join(g['name'] for g in groups[:3])}")
+        scan = SensitivityResult.load(path)
+        return list(scan.exclude_patterns(len(scan.groups)))
 
     def _check_budget_reachable(self) -> None:
         """Refuse a budget below anything the space can do, naming the smallest predicted peak."""
@@ -606,6 +622,7 @@ class Search:
     def _one(self, worker: Worker, trial: Any) -> None:
         import optuna
 
+        self._scan_local.worker = worker  # a scan the trial's profile needs runs here, before the trial
         profile = self.space.suggest(trial)
         desc = self.space.describe(trial.params)
         trial.set_user_attr("profile", profile.to_dict(exclude_defaults=True))

@@ -7,6 +7,7 @@ Users pin or narrow any dimension from a YAML space file or ``--pin KEY=VALUE``.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -157,6 +158,36 @@ def default_dims(hardware: HardwareInfo, family: str) -> list[Dim]:
 _ACCELERATE = ("model", "sequential")
 
 
+class LazyRankings(Mapping[str, Sequence[str]]):
+    """Sensitivity rankings scanned only when a trial first keeps sensitive layers of that method.
+
+    A scan costs minutes on a large model (113 DiT-XL groups in 70-90 s per method on an H200), and most
+    searches never reach a trial that keeps layers unquantized; ``scan(method)`` runs once per method
+    and returns its exclude patterns, most sensitive first (empty if the scan failed).
+    """
+
+    def __init__(self, methods: Sequence[str], scan: Callable[[str], Sequence[str]],
+                 done: Mapping[str, Sequence[str]] | None = None) -> None:
+        self.methods = tuple(methods)
+        self._scan = scan
+        self._done: dict[str, tuple[str, ...]] = {m: tuple(p) for m, p in (done or {}).items()}
+        self._lock = threading.Lock()  # workers on several GPUs ask from their own threads
+
+    def __getitem__(self, method: str) -> Sequence[str]:
+        if method not in self.methods:
+            raise KeyError(method)
+        with self._lock:
+            if method not in self._done:
+                self._done[method] = tuple(self._scan(method))
+            return self._done[method]
+
+    def __iter__(self) -> Any:
+        return iter(self.methods)
+
+    def __len__(self) -> int:
+        return len(self.methods)
+
+
 @dataclass
 class SearchSpace:
     """The dimensions of a search plus the fixed parts of every profile it proposes."""
@@ -188,11 +219,15 @@ class SearchSpace:
         dims = default_dims(hardware, family)
         steps = base.generation.steps
         dims[0] = replace(dims[0], low=steps, high=steps)
-        sens = {m: tuple(p) for m, p in (sensitivity or {}).items() if p}
+        sens: Mapping[str, Sequence[str]] = (
+            sensitivity if isinstance(sensitivity, LazyRankings)
+            else {m: tuple(p) for m, p in (sensitivity or {}).items() if p})
         by_name = {d.name: d for d in dims}
         by_name["batch"] = replace(by_name["batch"], choices=(base.generation.images_per_prompt,))
         keep = by_name["transformer.keep_sensitive"]
-        if sens:
+        if isinstance(sens, LazyRankings):  # counts beyond a scan's groups keep them all (to_profile)
+            by_name[keep.name] = replace(keep, when=lambda p: _q(p) in sens.methods)
+        elif sens:
             longest = max(len(p) for p in sens.values())
             by_name[keep.name] = replace(keep, choices=tuple(n for n in keep.choices if n <= longest),
                                          when=lambda p: _q(p) in sens)
@@ -250,10 +285,13 @@ class SearchSpace:
             keep = int(params.get("transformer.keep_sensitive", 0))
             if keep:
                 ranked = self.sensitivity.get(q, ())
+                if isinstance(self.sensitivity, LazyRankings):
+                    keep = min(keep, len(ranked))
                 if keep > len(ranked):
                     raise ProfileError(f"transformer.keep_sensitive={keep}: the {q} sensitivity scan ranks only "
                                        f"{len(ranked)} groups")
-                t["quantize"]["exclude"] = list(ranked[:keep])
+                if keep:
+                    t["quantize"]["exclude"] = list(ranked[:keep])
         elif params.get("transformer.layerwise_fp8"):
             t["layerwise_casting"] = {"storage": "float8_e4m3fn"}
         off = _off(params)
