@@ -57,6 +57,34 @@ def test_int8_dynamic_runs_on_cpu(tiny_dit):
     assert out.shape[0] == 1
 
 
+def test_int8_dynamic_multiplies_few_rows_by_the_dequantized_weight(tiny_flux):
+    """torch._int_mm on CUDA refuses <= 16 rows (an AdaLN linear at batch 1): those calls take the
+    dequantized weight; larger ones keep the int8 kernel (the same dispatch on CPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.ops.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    fluxtune.apply({"transformer": {"quantize": "int8_dynamic"}}, tiny_flux)
+    lin = tiny_flux.transformer.transformer_blocks[0].norm1.linear
+    used = {}
+    for rows in (1, 16, 17, 64):
+        x = torch.randn(rows, lin.in_features, dtype=lin.bias.dtype)
+        with Ops() as mode:
+            y = lin(x)
+        used[rows] = "_int_mm" in mode.ops
+        ref = torch.nn.functional.linear(x, lin.weight.dequantize().to(x.dtype), lin.bias)
+        assert (y - ref).abs().max() < 0.1 * ref.abs().max()
+    assert used == {1: False, 16: False, 17: True, 64: True}
+    assert run(tiny_flux).shape[0] == 1
+
+
 def test_first_block_cache_skips_blocks(tiny_flux):
     calls = block_calls(tiny_flux)
     run(tiny_flux)

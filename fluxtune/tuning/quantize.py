@@ -133,6 +133,8 @@ def quantize_module(module: Any, q: Quantize, *, on_cuda: bool, device: Any = No
 
     if q.method != "int8_weight":
         quantize_(module, torchao_config(q, on_cuda=on_cuda), filter_fn=chosen, device=device)
+        if q.method == "int8_dynamic":
+            _route_few_rows(module, done)
         return done, excluded
     # int8 weight-only: per-group scales where the groups tile the inputs, per-row scales elsewhere.
     for grouped in (True, False):
@@ -142,6 +144,43 @@ def quantize_module(module: Any, q: Quantize, *, on_cuda: bool, device: Any = No
 
         quantize_(module, torchao_config(q, on_cuda=on_cuda, grouped=grouped), filter_fn=tiled, device=device)
     return done, excluded
+
+
+FEW_ROWS_HOOK = "fluxtune_int8_few_rows"
+INT_MM_MAX_ROWS = 16
+"""torch._int_mm on CUDA needs more than 16 rows; int8 W8A8 layers called with fewer multiply by their
+dequantized weight (:func:`_route_few_rows`)."""
+
+
+def _few_rows_class() -> type:
+    from diffusers.hooks import ModelHook
+
+    class FewRowsInt8(ModelHook):
+        """AdaLN and embedder linears see one row per image (FLUX at batch 1: one; DiT at batch 8 with
+        guidance: 16), which torch._int_mm refuses on CUDA ("self.size(0) needs to be greater than 16"):
+        those calls multiply by the dequantized weight; token-sized calls keep the int8 kernel."""
+
+        def new_forward(self, module: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+            import torch
+
+            if x.numel() // max(x.shape[-1], 1) <= INT_MM_MAX_ROWS:
+                bias = None if module.bias is None else module.bias.to(x.dtype)
+                return torch.nn.functional.linear(x, module.weight.dequantize().to(x.dtype), bias)
+            return self.fn_ref.original_forward(x, *args, **kwargs)  # type: ignore[misc]
+
+    return FewRowsInt8
+
+
+def _route_few_rows(module: Any, names: list[str]) -> None:
+    """Give each int8 W8A8 layer in ``names`` the few-rows path (once: LoRA re-quantization calls again)."""
+    from diffusers.hooks import HookRegistry
+
+    cls = _few_rows_class()
+    for name in names:
+        linear = module.get_submodule(name) if name else module
+        registry = HookRegistry.check_if_exists_or_initialize(linear)
+        if registry.get_hook(FEW_ROWS_HOOK) is None:
+            registry.register_hook(cls(), FEW_ROWS_HOOK)
 
 
 @register
