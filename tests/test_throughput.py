@@ -119,7 +119,8 @@ def test_throughput_search_with_sensitivity_scan_on_tiny_dit(tmp_path: Path):
     assert best.measured is not None and best.measured.trial is not None
     chosen = next(r for r in ok if r["trial"] == best.measured.trial)
     assert best.measured.throughput == pytest.approx(chosen["throughput"])
-    assert chosen["throughput"] >= sorted((r["throughput"] for r in ok), reverse=True)[:3][-1]
+    distinct = [r for r in ok if r.get("duplicate_of") is None]  # a repeat returns its original's result
+    assert chosen["throughput"] >= sorted((r["throughput"] for r in distinct), reverse=True)[:3][-1]
     assert "images/s at batch" in out
     # A scan already in the study folder is reused on resume, not redone.
     stamp = (folder / "sensitivity-int8_weight.json").stat().st_mtime_ns
