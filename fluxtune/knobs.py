@@ -181,6 +181,11 @@ class Quantize(Knob):
             raise ValueError(f"granularity=tensor applies to int8_dynamic and fp8_dynamic, not {self.method}")
         return self
 
+    def tiles(self, inputs: int) -> bool:
+        """Whether ``group_size`` divides a layer's inputs: int4 quantizes only such layers, int8 weight-only
+        scales them per group (and per row otherwise)."""
+        return inputs % self.group_size == 0
+
     @property
     def needs_fp8(self) -> bool:
         return self.method.startswith("fp8")

@@ -109,7 +109,7 @@ def quantized_bytes(weight_numel: int, rows: int, q: Quantize) -> float:
         from fluxtune.tuning.nf4 import bytes_per_weight
 
         return bytes_per_weight(weight_numel)
-    if q.method == "int8_weight" and (weight_numel // max(rows, 1)) % q.group_size == 0:
+    if q.method == "int8_weight" and q.tiles(weight_numel // max(rows, 1)):
         return weight_numel * (1.0 + 4 / q.group_size)  # an fp32 scale per group (quantize.torchao_config)
     scales = 4 if q.method.endswith("dynamic") and q.granularity == "tensor" else rows * 4
     return weight_numel * 1.0 + scales
@@ -132,7 +132,7 @@ def _leaf_bytes(comp: Component, facts: ComponentFacts) -> dict[str, float]:
         skip = _compiled(patterns)
     for leaf in facts.leaves:
         if q is not None and leaf.kind == "linear" and not any(p.search(leaf.name) for p in excl) and not (
-            q.method == "int4_weight" and leaf.cols % q.group_size
+            q.method == "int4_weight" and not q.tiles(leaf.cols)
         ):
             out[leaf.name] = _quant_weight_bytes(leaf, q) + leaf.bias * cb
         elif lc is not None and not _lc_skipped(leaf.name, skip):

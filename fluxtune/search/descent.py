@@ -42,6 +42,12 @@ _MEMORY = ("transformer.offload", "transformer.group_level", "transformer.use_st
 
 _PLAIN = ("none", False, "off", "native", "default")
 """Lossless, hook-free values, in the order a categorical dimension is searched for one."""
+def _plain(choices: Sequence[Any]) -> list[Any]:
+    """The lossless, hook-free values among a dimension's choices, in :data:`_PLAIN`'s order (0 for a count,
+    such as how many sensitive layer groups stay unquantized); compared by type too, since False == 0."""
+    return [v for v in (*_PLAIN, 0) if any(c == v and type(c) is type(v) for c in choices)]
+
+
 _RESIDENT_SHARES = (0.95, 0.85, 0.75, 0.65, 0.55, 0.45, 0.35, 0.25, 0.15, 0.05)
 
 
@@ -93,7 +99,7 @@ def neighbours(space: SearchSpace, params: dict[str, Any], after: str | None = N
         moved = _active(space, {**base, dim.name: value})
         moved[dim.name] = value
         for new in space.dims:
-            plain = [v for v in (*_PLAIN, 0) if any(c == v and type(c) is type(v) for c in new.choices)]
+            plain = _plain(new.choices)
             if plain and new.name not in moved and new.name not in base and new.when(moved):
                 moved[new.name] = plain[0]
         out.append((f"{dim.name}={value}", moved))
@@ -156,8 +162,8 @@ def plain_start(space: SearchSpace, fits: Callable[[dict[str, Any]], bool]) -> t
         if not dim.when(params):
             continue
         if dim.categorical:
-            plain = [v for v in _PLAIN if v in dim.choices]
-            # Full steps are the lossless ones; other numeric choices (keep_sensitive) start at their first.
+            plain = _plain(dim.choices)
+            # Full steps are the lossless ones; other numeric choices start at their first.
             params[dim.name] = plain[0] if plain else max(dim.choices) if dim.name == "steps" else dim.choices[0]
         else:
             assert dim.low is not None and dim.high is not None

@@ -367,6 +367,7 @@ class Search:
         """One sensitivity scan in the worker about to run the trial that asked for it."""
         import json
 
+        from fluxtune.presets import write_atomic
         from fluxtune.sensitivity import SensitivityResult
 
         steps = min(10, self.cfg.base.generation.steps)
@@ -378,8 +379,6 @@ class Search:
             self.say(f"sensitivity: {method} scan failed ({res.error}); its trials keep no layers unquantized")
             return []
         path = self.dir / f"sensitivity-{method}.json"
-        from fluxtune.presets import write_atomic
-
         write_atomic(path, json.dumps(res.result, indent=2) + "\n")
         groups = res.result["groups"]
         self.say(f"sensitivity: {method}: {len(groups)} groups in {time.monotonic() - t0:.0f}s, "

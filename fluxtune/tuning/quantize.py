@@ -87,7 +87,7 @@ def linear_filter(q: Quantize, excluded: list[str]) -> Any:
         if any(p.search(fqn) for p in patterns):
             excluded.append(fqn)
             return False
-        if q.method == "int4_weight" and mod.in_features % q.group_size:
+        if q.method == "int4_weight" and not q.tiles(mod.in_features):
             excluded.append(fqn)  # int4 groups must tile the input features
             return False
         return True
@@ -140,7 +140,7 @@ def quantize_module(module: Any, q: Quantize, *, on_cuda: bool, device: Any = No
     for grouped in (True, False):
         def tiled(mod: Any, fqn: str, grouped: bool = grouped) -> bool:
             inputs = getattr(mod, "in_features", None)
-            return inputs is not None and (inputs % q.group_size == 0) == grouped and chosen(mod, fqn)
+            return inputs is not None and q.tiles(inputs) == grouped and chosen(mod, fqn)
 
         quantize_(module, torchao_config(q, on_cuda=on_cuda, grouped=grouped), filter_fn=tiled, device=device)
     return done, excluded
