@@ -1115,3 +1115,25 @@ def test_a_streamed_move_keeps_the_largest_resident_share_that_fits():
         label, params = next_move(space, incumbent, tried, fits)
         tried.append(params)
     assert params["transformer.resident_fraction"] == 0.55 and "55% resident: the most that fits" in label
+
+
+def test_a_dynamic_quantization_move_comes_compiled():
+    """fp8/int8 dynamic activation quantization runs as separate eager kernels per linear (pruned on the
+    H200 as slower than streamed bf16), so from an uncompiled incumbent its move also compiles, without
+    flux-fast's autotuning flags; a weight-only move stays one knob."""
+    from fluxtune.search.descent import neighbours
+
+    space = _space(H200, {"transformer.quantize": ["none", "fp8_dynamic", "int8_weight"]})
+    incumbent = {"steps": 28, "size": "default", "batch": 1, "transformer.quantize": "none",
+                 "transformer.layerwise_fp8": False, "transformer.keep_sensitive": 0, "transformer.offload": "none",
+                 "text_encoders.offload": "none", "text_encoder_2.quantize": "none", "vae.tiling": False,
+                 "cache": "none", "attention": "native", "compile": "off"}
+    moves = dict(neighbours(space, incumbent))
+    fp8 = moves["transformer.quantize=fp8_dynamic with compile=regional"]
+    assert fp8["compile"] == "regional" and fp8["compile.inductor_flags"] is False
+    assert space.profile(fp8).compile.enabled
+    int8 = moves["transformer.quantize=int8_weight"]
+    assert int8["compile"] == "off"
+    compiled = dict(neighbours(space, {**incumbent, "compile": "regional", "compile.fullgraph": False,
+                                       "compile.fuse_qkv": False, "compile.inductor_flags": False}))
+    assert "transformer.quantize=fp8_dynamic" in compiled
