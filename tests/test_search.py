@@ -1137,3 +1137,23 @@ def test_a_dynamic_quantization_move_comes_compiled():
     compiled = dict(neighbours(space, {**incumbent, "compile": "regional", "compile.fullgraph": False,
                                        "compile.fuse_qkv": False, "compile.inductor_flags": False}))
     assert "transformer.quantize=fp8_dynamic" in compiled
+
+
+def test_a_trial_may_not_outlast_the_time_limit_by_more_than_a_grace(tmp_path):
+    """On the H200 a trial started near a 375 s limit (group offload under regional compile) stalled in
+    recompiles, and the search wrote nothing before it was killed: a trial now gets the time left plus a
+    grace (a typical trial, at least a minute), after which it is abandoned and the search ends."""
+    from fluxtune.profile import Profile
+    from fluxtune.search.runner import Search, SearchConfig
+
+    cfg = SearchConfig(model="tiny-flux", base=Profile(), workload={}, budget_bytes=None, timeout_s=300.0,
+                       home=tmp_path)
+    search = Search(cfg, progress=lambda _m: None)
+    assert 355 <= search._run_timeout() <= 361  # 300 s left + 60 s grace
+    search.started -= 290
+    search.durations = [100.0, 120.0, 140.0]
+    assert 125 <= search._run_timeout() <= 131  # 10 s left + a typical trial (120 s)
+    search.started -= 1000
+    assert search._run_timeout() == 1.0 and search._past_deadline()
+    assert Search(SearchConfig(model="tiny-flux", base=Profile(), workload={}, budget_bytes=None, home=tmp_path),
+                  progress=lambda _m: None)._run_timeout() == cfg.trial_timeout_s

@@ -526,6 +526,19 @@ class Search:
             self.stop_reason = f"no improvement in the last {self.cfg.patience} trials"
         return bool(self.stop_reason)
 
+    def _run_timeout(self) -> float:
+        """How long a trial may run: ``trial_timeout_s``, and under ``--timeout`` no longer than the time
+        left plus a grace (a typical trial, at least a minute). A trial that stalls near the end (seen on
+        the H200: group offload under regional compile hit dynamo's recompile limit) is abandoned, so the
+        search still ends near its limit and writes its results."""
+        if self.cfg.timeout_s is None:
+            return self.cfg.trial_timeout_s
+        left = self.cfg.timeout_s - (time.monotonic() - self.started)
+        return max(1.0, min(self.cfg.trial_timeout_s, left + max(60.0, self._typical_trial_s())))
+
+    def _past_deadline(self) -> bool:
+        return self.cfg.timeout_s is not None and time.monotonic() - self.started > self.cfg.timeout_s
+
     def _typical_trial_s(self) -> float:
         """Median wall time of the trials that ran here, so the last one started still ends in time."""
         import statistics
@@ -599,6 +612,17 @@ class Search:
                     trial.set_user_attr("status", "interrupted")
                     self.study.tell(trial, state=TrialState.FAIL)
                     return
+                if e.timed_out and self._past_deadline():
+                    # Abandoned at the search's time limit: not the configuration's fault, so it is not
+                    # recorded as a result (a rerun may try it again), and no new worker starts.
+                    trial.set_user_attr("status", "abandoned")
+                    trial.set_user_attr("error", "abandoned at the search's time limit")
+                    self.study.tell(trial, state=TrialState.FAIL)
+                    with self.lock:
+                        self.stop_reason = (f"reached the time limit ({self.cfg.timeout_s:.0f}s); trial "
+                                            f"{trial.number + 1} was still running and was abandoned")
+                    self.say(f"trial {trial.number + 1}: still running past the time limit: abandoned")
+                    return
                 trial.set_user_attr("status", Status.CRASHED.value)
                 trial.set_user_attr("error", str(e))
                 self.study.tell(trial, state=TrialState.FAIL)
@@ -648,7 +672,7 @@ class Search:
         trial.set_user_attr("images_per_call", images)
         limit = None if self.pruner is None else self.pruner.threshold(self.study, images)
         t0 = time.monotonic()
-        result = worker.run(RunRequest(profile, trial=n, prune_above_s=limit), self.cfg.trial_timeout_s)
+        result = worker.run(RunRequest(profile, trial=n, prune_above_s=limit), self._run_timeout())
         self.durations.append(time.monotonic() - t0)
         trial.set_user_attr("wall_s", round(time.monotonic() - t0, 2))
         self.ran += 1
