@@ -1157,3 +1157,13 @@ def test_a_trial_may_not_outlast_the_time_limit_by_more_than_a_grace(tmp_path):
     assert search._run_timeout() == 1.0 and search._past_deadline()
     assert Search(SearchConfig(model="tiny-flux", base=Profile(), workload={}, budget_bytes=None, home=tmp_path),
                   progress=lambda _m: None)._run_timeout() == cfg.trial_timeout_s
+
+
+def test_descent_keeps_the_resident_share_within_the_users_pin():
+    """A pinned resident share (here 0.5) bounds the plain start and the moves' refills: before, they set
+    0.95 and Optuna ran a fixed value outside the pinned range (with a warning)."""
+    from fluxtune.search.descent import plain_start
+
+    space = _space(H200, {"transformer.resident_fraction": 0.5})
+    _, params = plain_start(space, lambda p: p.get("transformer.offload") == "partial")
+    assert params["transformer.resident_fraction"] == 0.5

@@ -339,6 +339,10 @@ def measure(
         first = calls[0][1]
         m.images_per_call = len(first["class_labels"]) if "class_labels" in first else int(
             first.get("num_images_per_prompt") or 1)
+        if device is not None:
+            # A pruned call stops in the warm-up: its peak must not be the worker's earlier ones (the
+            # H200 search printed 34 GB "allocated" under a 12 GB cap: the replica's build on the GPU).
+            torch.cuda.reset_peak_memory_stats(device)
         with Sampler(device.index if device is not None else None) as sampler, _Instrument(pipe) as inst:
             try:
                 seed, kwargs = calls[0]

@@ -58,6 +58,16 @@ def _plain(choices: Sequence[Any]) -> list[Any]:
 _RESIDENT_SHARES = (0.95, 0.85, 0.75, 0.65, 0.55, 0.45, 0.35, 0.25, 0.15, 0.05)
 
 
+def _shares(space: SearchSpace) -> list[float]:
+    """The resident shares to try, largest first, within the range the user left the dimension (a pin such
+    as ``transformer.resident_fraction=0.5`` is that one value)."""
+    dim = next((d for d in space.dims if d.name == "transformer.resident_fraction"), None)
+    if dim is None or dim.low is None or dim.high is None:
+        return list(_RESIDENT_SHARES)
+    low, high = float(dim.low), float(dim.high)
+    return sorted({min(max(s, low), high) for s in _RESIDENT_SHARES}, reverse=True)
+
+
 def _active(space: SearchSpace, params: dict[str, Any]) -> dict[str, Any]:
     """``params`` restricted to the dimensions active under them (in the space's order)."""
     out: dict[str, Any] = {}
@@ -130,7 +140,7 @@ def next_move(space: SearchSpace, incumbent: Any, tried: list[dict[str, Any]],
     share that fits: quantizing a streamed transformer halves its blocks, so twice as many can stay."""
     for label, params in neighbours(space, dict(incumbent.params), after):
         if fits is not None and params.get("transformer.offload") == "partial":
-            params, label = _fill_residency(params, label, fits)
+            params, label = _fill_residency(params, label, fits, _shares(space))
         if not any(all(t.get(k) == v for k, v in params.items()) for t in tried):
             return f"descent from trial {incumbent.number + 1}: {label}", params
     return None
@@ -144,10 +154,10 @@ def last_moved(sources: Sequence[str]) -> str | None:
     return None
 
 
-def _fill_residency(params: dict[str, Any], label: str,
-                    fits: Callable[[dict[str, Any]], bool]) -> tuple[dict[str, Any], str]:
+def _fill_residency(params: dict[str, Any], label: str, fits: Callable[[dict[str, Any]], bool],
+                    shares: list[float]) -> tuple[dict[str, Any], str]:
     current = params.get("transformer.resident_fraction")
-    for share in sorted({*_RESIDENT_SHARES, *([current] if current is not None else [])}, reverse=True):
+    for share in sorted({*shares, *([current] if current is not None else [])}, reverse=True):
         candidate = {**params, "transformer.resident_fraction": share}
         if fits(candidate):
             if share != params.get("transformer.resident_fraction"):
@@ -191,7 +201,7 @@ def plain_start(space: SearchSpace, fits: Callable[[dict[str, Any]], bool]) -> t
         enc = next((d for d in space.dims if d.name == "text_encoders.offload"), None)
         stream_enc = {"text_encoders.offload": "partial"} if enc is not None and "partial" in enc.choices else {}
         placements += [{"transformer.offload": "partial", "transformer.resident_fraction": share, **stream_enc}
-                       for share in _RESIDENT_SHARES]
+                       for share in _shares(space)]
     for size in sorted(sizes, key=_size_px, reverse=True):
         for batch in sorted(batches, reverse=True):
             for place in placements:
