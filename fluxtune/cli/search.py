@@ -471,6 +471,13 @@ def _no_feasible(search: Any, cfg: Any) -> int:
         print(f"no trial reached --min-psnr {cfg.min_psnr} dB within the budget; the best quality found was "
               f"{min(top.get('psnr') or 0, 100):.1f} dB (trial {top['trial']}); lower the floor or raise the budget")
         return 1
+    pruned = [r for r in table if r.get("status") == Status.PRUNED]
+    if pruned and not measured:
+        ref = search.study.user_attrs.get("fluxtune_reference") or {}
+        print(f"every trial that ran was pruned: its first warm steps projected it more than {cfg.prune_margin:g}x "
+              f"slower than the lossless reference ({ref.get('latency_s') or 0:.2f}s per call), so nothing "
+              "here beats it; run more trials, or raise --prune-margin")
+        return 1
     peaks = [int(p) for p in (r.get("predicted_peak") or r.get("peak") for r in table) if p]
     smallest = min(peaks) if peaks else None
     hint = f"; the smallest peak the memory model predicts among the trials is {format_bytes(smallest)}" if smallest else ""

@@ -449,7 +449,8 @@ class Search:
                               "raise --budget or lower --size")
         m = result.measurement
         ref = {"profile": profile.to_dict(exclude_defaults=True), "latency_s": m.latency_s,
-               "peak": obj.peak_of(m, self.on_gpu), "noise_floor": result.noise_floor or {}}
+               "images_per_call": m.images_per_call, "peak": obj.peak_of(m, self.on_gpu),
+               "noise_floor": result.noise_floor or {}}
         if self.cfg.floor_compiled:
             compiled = profile.replace(compile={"mode": "regional"})
             self.say("reference: the same run compiled, for the compiled noise floor ...")
