@@ -146,6 +146,40 @@ def next_move(space: SearchSpace, incumbent: Any, tried: list[dict[str, Any]],
     return None
 
 
+def incumbent(study: Any) -> Any | None:
+    """The trial descent moves from: the best one, unless a trial of better quality is within the runs'
+    noise of it (then that one, the lossless one first). A lossy knob that gains less than the noise is no
+    gain, and following it by chance narrows the search: on a busy 2-core machine int8 weights came out 3 %
+    ahead of bf16, descent moved from them, and the cache that wins beyond noise was never tried."""
+    from fluxtune.search.results import best_trial, feasible_trials, objective_of, spread
+
+    best = best_trial(study)
+    objective = objective_of(study)
+    if best is None or objective not in ("latency", "throughput"):
+        return best
+
+    def cost(t: Any) -> float | None:  # seconds per call (latency) or per image (throughput)
+        a = t.user_attrs
+        if objective == "throughput":
+            return 1.0 / a["throughput"] if a.get("throughput") else None
+        return a.get("latency_s")
+
+    def noise(t: Any) -> float:  # the runs' spread, relative to the call's latency
+        m = t.user_attrs.get("measurement") or {}
+        s, lat = spread(m.get("latency_runs")), m.get("latency_s") or t.user_attrs.get("latency_s")
+        return s / lat if s and lat else 0.0
+
+    def psnr(t: Any) -> float:
+        return min(float((t.user_attrs.get("quality") or {}).get("psnr") or 0.0), 100.0)
+
+    top = cost(best)
+    if not top:
+        return best
+    near = [t for t in feasible_trials(study)
+            if (c := cost(t)) is not None and (c - top) / top <= max(noise(t), noise(best))]
+    return max(near, key=lambda t: (psnr(t), -(cost(t) or 0.0)), default=best)
+
+
 def last_moved(sources: Sequence[str]) -> str | None:
     """The knob of the latest descent move among trial sources ("descent from trial N: KNOB=VALUE ...")."""
     for source in reversed(sources):

@@ -27,7 +27,7 @@ def rows(study: Any) -> list[dict[str, Any]]:
             "config": a.get("config", ""),
             "feasible": bool(cons) and all(v <= 0 for v in cons.values()) if t.state.name == "COMPLETE" else False,
             "latency_s": a.get("latency_s"),
-            "latency_spread": _spread(m.get("latency_runs")),
+            "latency_spread": spread(m.get("latency_runs")),
             "images_per_call": m.get("images_per_call"),
             "throughput": a.get("throughput"),
             "first_call_s": m.get("first_call_s"),
@@ -56,7 +56,12 @@ def rows(study: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _spread(runs: Any) -> float | None:
+def objective_of(study: Any) -> str:
+    """The objective a study was created for (latency for studies that did not record one)."""
+    return str(study.user_attrs.get(CONFIG_KEY, {}).get("objective", "latency"))
+
+
+def spread(runs: Any) -> float | None:
     """Slowest minus fastest timed run: the noise a difference between two trials must exceed."""
     if not isinstance(runs, list) or len(runs) < 2:
         return None
@@ -79,7 +84,7 @@ def best_trial(study: Any) -> Any | None:
     feas = feasible_trials(study)
     if not feas:
         return None
-    objective = study.user_attrs.get(CONFIG_KEY, {}).get("objective", "latency")
+    objective = objective_of(study)
     from optuna.trial import TrialState
 
     from fluxtune.search.retime import recorded_winner
@@ -126,7 +131,7 @@ def knee(front: list[Any]) -> Any | None:
 def best_so_far(study: Any) -> list[tuple[int, float | None]]:
     """(Optuna trial number, from 0; best feasible objective so far) for the progress curve (first objective)."""
     feas = {t.number for t in feasible_trials(study)}
-    objective = study.user_attrs.get(CONFIG_KEY, {}).get("objective", "latency")
+    objective = objective_of(study)
     sign = -1.0 if objective in ("quality", "throughput") else 1.0
     best: float | None = None
     out = []
