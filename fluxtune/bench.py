@@ -202,14 +202,23 @@ def _with_cap(profile: Profile, cap: Cap) -> Profile:
     return validate_profile(data)
 
 
-def _weight_floor(profile: Profile, facts: Any) -> tuple[int, str] | None:
-    from fluxtune.memory import predict
+def _cannot_fit(profile: Profile, cap: Cap, facts: Any, host_ram_budget: int | None) -> str | None:
+    """Why a candidate certainly does not fit, before a worker loads it: its weights alone exceed the cap,
+    or its host copies exceed this machine's memory (FLUX.2 [dev] in bf16 offloaded needs ~112 GB of the
+    H200 host's 128 GB; the worker would be killed by the OS after minutes of loading). None: run it."""
+    from fluxtune.memory import check_host_ram, predict
 
+    if facts is None:
+        return None
     try:
         pred = predict(profile, facts)
     except Exception:  # a model the memory model does not know: run it and see
         return None
-    return pred.weights_floor, pred.weights_floor_phase
+    if cap is not None and pred.weights_floor > cap:
+        return (f"its weights alone need {format_bytes(pred.weights_floor)} on the GPU at once (during "
+                f"{pred.weights_floor_phase}) > cap {cap_label(cap)}; not run")
+    host = check_host_ram(pred, profile.budget.host_ram or host_ram_budget)
+    return f"{host}; not run" if host else None
 
 
 def run_bench(
@@ -226,6 +235,7 @@ def run_bench(
     time_box_s: float | None = None,
     samples: int = 0,
     resume: bool = True,
+    host_ram_budget: int | None = None,
     say: Callable[[str], None] = print,
 ) -> list[BenchRow]:
     """Run every candidate in a fresh worker process; the first is the quality reference.
@@ -243,6 +253,8 @@ def run_bench(
             labels and seeds, and its row gets their distribution shift from the reference's (FD and KID
             in :mod:`fluxtune.distribution`'s random-feature space; not FID).
         resume: keep the rows of a previous run of the same model and workload in ``folder``.
+        host_ram_budget: host memory a candidate may need (its process and the host copies of offloaded
+            weights); one the memory model puts above it is not run (status ``no_fit``).
     """
     from fluxtune.worker import RunOutcome, RunRequest, Worker, WorkerDied, WorkerSpec
 
@@ -273,11 +285,9 @@ def run_bench(
                     break
                 continue
             profile = _with_cap(cand.profile, cap)
-            floor = _weight_floor(profile, facts) if cap is not None and facts is not None else None
-            if floor is not None and floor[0] > cap:  # type: ignore[operator]
-                r = BenchRow(cand.name, cand.kind, Status.NO_FIT, cap=cap, key=key, error=(
-                    f"its weights alone need {format_bytes(floor[0])} on the GPU at once (during {floor[1]}) "
-                    f"> cap {cap_label(cap)}; not run"))
+            why = _cannot_fit(profile, cap, facts, host_ram_budget)
+            if why is not None:
+                r = BenchRow(cand.name, cand.kind, Status.NO_FIT, cap=cap, key=key, error=why)
                 say(f"{label}: does not fit: {r.error}")
                 rows.append(r)
                 _write(folder, meta, rows, previous)

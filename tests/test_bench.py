@@ -96,3 +96,20 @@ def test_bench_rejects_a_profile_budget_outside_the_list_in_one_line(tmp_path: P
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err := io.StringIO()):
         code = main(["bench", str(prof), "--budget", "8GB,lots", "--model", "tiny-flux"])
     assert code == 2 and "'none' for no cap" in err.getvalue() and len(err.getvalue().strip().splitlines()) == 1
+
+
+def test_a_candidate_whose_host_copies_exceed_the_host_is_not_run() -> None:
+    """FLUX.2 [dev] offloaded in bf16 needs ~112 GB of the H200 host's 128 GB: a worker would load for
+    minutes and be killed by the OS. The bench says so in its row instead (as for weights over the cap)."""
+    from fluxtune.bench import _cannot_fit
+    from fluxtune.memory.facts import ModelFacts
+    from fluxtune.presets import load_profile
+
+    facts = ModelFacts.for_builtin("tiny-flux")
+    plain = load_profile({"name": "plain"})
+    assert _cannot_fit(plain, None, facts, 10**12) is None
+    why = _cannot_fit(plain, None, facts, 10**6)
+    assert why is not None and "of host memory" in why and why.endswith("not run")
+    own = load_profile({"name": "own", "budget": {"host_ram": "1MB"}})  # a profile's own host budget wins
+    assert _cannot_fit(own, None, facts, 10**12) is not None
+    assert _cannot_fit(plain, None, None, 10**6) is None  # no facts yet (before the first worker): run it

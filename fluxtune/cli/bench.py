@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from fluxtune.cli.search import default_workload
     from fluxtune.errors import ProfileError
     from fluxtune.hardware import detect_hardware, emulation_note
+    from fluxtune.memory import default_host_budget
     from fluxtune.presets import load_profile
     from fluxtune.units import parse_duration, parse_image_size
 
@@ -165,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
         raise ProfileError(f"--samples {args.samples}: use 0 (off) or at least 2, typically a few hundred")
     rows = run_bench(candidates, model=args.model, device=device, workload=workload, folder=folder, dtype=dtype,
                      recipe_workload=recipe_workload, total_timeout_s=total, time_box_s=args.recipe_time_box,
-                     samples=args.samples, resume=not args.fresh)
+                     samples=args.samples, resume=not args.fresh,
+                     host_ram_budget=default_host_budget(hw.host_ram_bytes) if hw.host_ram_bytes else None)
     console = Console(width=200)
     title = f"{args.model}, {device}, {hw.gpu_name or 'cpu'}" + (f" EMULATED on {hw.emulated_on}" if hw.emulated_on else "")
     console.print(results_table(rows, title, samples=bool(args.samples)))
