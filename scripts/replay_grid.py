@@ -7,7 +7,7 @@ On the GPU each arm could run once (a 30-minute device session); this replays bo
 grid measured (batch x quantization x offload x compile, 8 GB cap, 50 steps), so the comparison has a
 spread. Both arms use the search's own pieces: the space narrowed to the grid's dimensions, the memory
 model's admission (a trial predicted over the budget is skipped, as the search does, and counts as a
-trial), ``descent.plain_start`` and ``descent.next_move``, and Optuna's default ``TPESampler`` with a
+trial), ``descent.plain_start``, ``descent.incumbent`` and ``descent.next_move``, and Optuna's default ``TPESampler`` with a
 different seed per replay. A cell's value is its measured images/s; a cell the grid pruned (projected
 far slower than the best at the time) gets its projected images/s; out-of-memory and failed cells fail.
 No GPU is needed: this says how many trials each strategy needs on these measurements, not how long
@@ -28,9 +28,10 @@ from fluxtune.hardware import HardwareInfo
 from fluxtune.memory import predict
 from fluxtune.memory.facts import ModelFacts
 from fluxtune.presets import load_profile
-from fluxtune.search.descent import last_moved, next_move, plain_start
+from fluxtune.search.descent import incumbent, last_moved, next_move, plain_start
 from fluxtune.search.runner import SKIP_MARGIN, _block_bytes
 from fluxtune.search.space import SearchSpace
+from fluxtune.search.study import CONFIG_KEY
 from fluxtune.units import parse_bytes
 
 H200 = HardwareInfo(gpu_index=0, gpu_name="NVIDIA H200", total_memory_bytes=150754820096, compute_capability=(9, 0),
@@ -83,6 +84,7 @@ def replay(space: SearchSpace, facts: Any, grid: Grid, seed: int, trials: int, s
             return False
 
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    study.set_user_attr(CONFIG_KEY, {"objective": "throughput"})  # what descent.incumbent reads
     if structured:
         start = plain_start(space, fits)
         if start is not None:
@@ -92,11 +94,10 @@ def replay(space: SearchSpace, facts: Any, grid: Grid, seed: int, trials: int, s
     for _ in range(trials):
         done = study.get_trials(deepcopy=False)
         if structured and not any(t.state == optuna.trial.TrialState.WAITING for t in done):
-            complete = [t for t in done if t.state == optuna.trial.TrialState.COMPLETE]
-            if complete:
-                incumbent = max(complete, key=lambda t: t.value)
+            current = incumbent(study)
+            if current is not None:
                 after = last_moved([str(t.user_attrs.get("source", "")) for t in done])
-                move = next_move(space, incumbent, [dict(t.params) for t in done], fits, after)
+                move = next_move(space, current, [dict(t.params) for t in done], fits, after)
                 if move is not None:
                     study.enqueue_trial(move[1], user_attrs={"source": move[0]})
         trial = study.ask()
@@ -110,6 +111,9 @@ def replay(space: SearchSpace, facts: Any, grid: Grid, seed: int, trials: int, s
             if value is None:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
             else:
+                # The attributes the search's own readers (best_trial, feasible_trials) look at.
+                for k, v in {"status": "ok", "throughput": value, "constraints": {}}.items():
+                    trial.set_user_attr(k, v)
                 study.tell(trial, value)
         values = [t.value for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
         curve.append(max(values) if values else 0.0)

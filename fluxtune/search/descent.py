@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from fluxtune.search.results import best_trial, feasible_trials, objective_of, spread
 from fluxtune.search.space import SearchSpace
 
 ORDER = ("attention", "transformer.quantize", "transformer.granularity", "compile", "batch", "transformer.offload",
@@ -151,8 +152,6 @@ def incumbent(study: Any) -> Any | None:
     noise of it (then that one, the lossless one first). A lossy knob that gains less than the noise is no
     gain, and following it by chance narrows the search: on a busy 2-core machine int8 weights came out 3 %
     ahead of bf16, descent moved from them, and the cache that wins beyond noise was never tried."""
-    from fluxtune.search.results import best_trial, feasible_trials, objective_of, spread
-
     best = best_trial(study)
     objective = objective_of(study)
     if best is None or objective not in ("latency", "throughput"):
