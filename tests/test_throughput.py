@@ -137,7 +137,7 @@ def test_no_scan_until_a_trial_keeps_sensitive_layers(tmp_path: Path):
     code, out = cli("search", "--model", "tiny-dit", "--steps", "2", "--objective", "throughput", "--trials", "3",
                     "--pin", "batch=[2]", "--pin", "transformer.quantize=[int8_weight]", "--pin", "cache=none",
                     "--pin", "transformer.keep_sensitive=[0]", "--retime", "0", "--min-psnr", "0", "--runs", "1",
-                    "--home", home)
+                    "--no-prune", "--home", home)
     assert code == 0, out
     assert "sensitivity:" not in out
     assert not list((home / "tiny-dit-nobudget-throughput").glob("sensitivity-*.json"))
@@ -148,7 +148,7 @@ def test_a_prompted_search_scans_with_its_prompts(tmp_path: Path):
     home = tmp_path / "ft"
     code, out = cli("search", "--model", "tiny-flux", "--sensitivity", "auto", "--trials", "2", "--runs", "1",
                     "--pin", "transformer.quantize=[int8_weight]", "--pin", "cache=none", "--retime", "0",
-                    "--pin", "transformer.keep_sensitive=[1]", "--prompt", "a red circle", "--home", home)
+                    "--pin", "transformer.keep_sensitive=[1]", "--prompt", "a red circle", "--no-prune", "--home", home)
     assert code == 0, out
     scan = json.loads((home / "tiny-flux-nobudget-latency" / "sensitivity-int8_weight.json").read_text())
     assert scan["prompts"] == ["a red circle"] and scan["class_labels"] == [] and scan["groups"]
