@@ -460,9 +460,10 @@ def emulation_note(hw: HardwareInfo) -> str | None:
     memory = f"{spec.memory_gib:g} GiB" if spec is not None else "its memory"
     return (f"EMULATED {hw.gpu_name} on {hw.emulated_on}: emulated are its memory ({memory}: the budget), its "
             f"capability class ({hw.capability}: only knobs that run on it) and its host->device rate "
-            f"({hw.h2d_gbs:g} GB/s: fluxtune's streamed blocks and diffusers' group offload are paced); NOT emulated: "
-            f"compute speed and memory bandwidth (the {hw.emulated_on}'s, much faster), host RAM, accelerate's "
-            "model/sequential offload copies, driver and OS behaviour. Use `fluxtune predict` for the card's latency.")
+            f"({hw.h2d_gbs:g} GB/s: fluxtune's streamed blocks, diffusers' group offload and accelerate's model "
+            f"offload are paced); NOT emulated: compute speed and memory bandwidth (the {hw.emulated_on}'s, much "
+            "faster), host RAM, sequential offload's copies, driver and OS behaviour. Use `fluxtune predict` for the "
+            "card's latency.")
 
 
 @functools.cache

@@ -3,14 +3,19 @@
 #   python scripts/family_candidates.py OUTDIR/candidates          # memory-model-sized candidates (CPU, seconds)
 #   bash scripts/h200_issue19.sh OUTDIR NAME [LIMIT]               # e.g. flux2-klein-4b-8gb 9m
 # Each candidate runs 10 timed generations (after one warm-up) under its tier's cap in one bench beside the
-# diffusers recipes that fit the same cap (NF4 + model offload included when bitsandbytes is installed);
+# diffusers recipes that fit the same cap (NF4 + model offload included when bitsandbytes is installed), under
+# the emulation of the tier's card where the H200 can emulate it;
 # re-running continues the bench, nothing measured is lost. Wheels: ../shared/tools/gpu-wheels.sh bitsandbytes==0.50.2
 set -uo pipefail
 out=${1:?OUTDIR}; name=${2:?NAME}; limit=${3:-9m}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 cand="$out/candidates/$name.yaml"
 [ -f "$cand" ] || python3 scripts/family_candidates.py "$out/candidates" "$name" || exit 2
-read -r model budget < <(python3 scripts/family_candidates.py --which "$name") || exit 2
-python3 -m fluxtune bench --model "$model" --budget "$budget" --baselines --runs 10 --recipe-runs 2 \
-    --recipe-warmup-steps 2 --recipe-time-box 90 --no-reference --timeout "$limit" --out "$out/$name" "$cand" 2>&1 \
-    | grep --line-buffered -v -e Warning -e warnings.warn | tee -a "$out/$name.log"
+read -r model budget card < <(python3 scripts/family_candidates.py --which "$name") || exit 2
+# Under the tier card's emulation (its memory, capability class and PCIe rate; compute is the H200's),
+# else under the cap alone. RECIPES picks the diffusers recipes (sequential offload is left out: it moves
+# the same bytes as leaf-level group offload without overlapping them, so it is never the faster).
+emu=(); [ "$card" != none ] && emu=(--emulate "$card")
+python3 -m fluxtune bench --model "$model" --budget "$budget" "${emu[@]}" --recipes "${RECIPES:-bf16,leaf,block,model}" \
+    --runs 10 --recipe-runs 2 --recipe-warmup-steps 2 --recipe-time-box 90 --no-reference --timeout "$limit" \
+    --out "$out/$name" "$cand" 2>&1 | grep --line-buffered -v -e Warning -e warnings.warn | tee -a "$out/$name.log"

@@ -117,6 +117,35 @@ def test_full_size_replicas_have_the_published_sizes(model: str, transformer_b: 
     assert facts.components["text_encoder"].shape["max_tokens"] is None
 
 
+@pytest.mark.parametrize("model", ["tiny-flux2-klein", "tiny-flux2-dev"])
+def test_the_language_model_head_of_a_text_encoder_is_never_quantized(model: str) -> None:
+    """Pipelines read the encoder's hidden states: its lm_head keeps its dtype (int8's dequantization made a
+    float32 copy of Qwen3-4B's vocabulary matrix and ran the 8 GB klein profile out of memory on the H200),
+    stays tied to the input embedding where it was, and the memory model charges it so."""
+    from fluxtune.memory import ModelFacts
+    from fluxtune.memory.model import _leaf_bytes
+    from fluxtune.presets import load_profile
+
+    pipe = pipelines.load(model)
+    encoder = pipe.text_encoder
+    dtype = encoder.get_output_embeddings().weight.dtype
+    head, embedding = encoder.get_output_embeddings(), encoder.get_input_embeddings()
+    tied = head.weight is embedding.weight
+    assert tied == (model == "tiny-flux2-klein")  # Qwen3 ties them, Mistral-3 does not
+    facts = ModelFacts.from_pipeline(pipe, name=model).components["text_encoder"]
+    assert facts.output_embedding == "lm_head"
+    profile = load_profile({"family": "flux2", "text_encoder": {"quantize": {"method": "int8_weight"}}})
+    fluxtune.apply(profile, pipe)
+    assert type(head.weight.data) is torch.Tensor and head.weight.dtype == dtype
+    assert head.weight is embedding.weight if tied else head.weight is not embedding.weight
+    assert sum(type(m.weight.data) is not torch.Tensor for m in encoder.modules() if isinstance(m, torch.nn.Linear)) > 0
+    per_leaf = _leaf_bytes(profile.text_encoder, facts)
+    if not tied:  # a tied head is the embedding's leaf, already at its dtype
+        assert per_leaf["lm_head"] == head.weight.numel() * head.weight.element_size()
+    assert all(size < head.weight.element_size() * next(x for x in facts.leaves if x.name == name).params
+               for name, size in per_leaf.items() if name.endswith("mlp.down_proj"))
+
+
 def test_the_memory_model_sizes_klein_4b_for_an_8gb_card() -> None:
     """Predicted, not measured: bf16 klein 4B needs about 20 GB; fp8 weights with the Qwen3 encoder in int8
     and streamed bring it near 8 GB, with the transformer partly streamed under it."""
@@ -154,3 +183,22 @@ def test_latency_prediction_for_the_new_families(tmp_path: Path, capsys: pytest.
     out = json.loads(capsys.readouterr().out)
     assert out["predicted"] and out["steps"] == 4 and 0 < out["total_s"] < 30
     assert any("no flux2 run is in the fit" in a for a in out["assumptions"])
+
+
+def test_vae_tiles_of_a_given_size_on_the_qwen_image_vae() -> None:
+    """The Qwen-Image VAE tiles by height/width with strides, not by one square size (the 24 GB preset
+    tiles it): the size lands in its attributes, the decode tiles, and a plain profile restores them."""
+    pipe = pipelines.load("tiny-qwen-image")
+    vae = pipe.vae
+    before = {a: getattr(vae, a) for a in ("tile_sample_min_height", "tile_sample_min_width", "tile_sample_stride_height")}
+    seen: list[int] = []
+    original = vae.tiled_decode
+    vae.tiled_decode = lambda *a, **k: (seen.append(1), original(*a, **k))[1]
+    report = fluxtune.apply({"family": "qwenimage", "vae": {"tiling": True, "tile_size": 64}}, pipe)
+    assert vae.use_tiling and (vae.tile_sample_min_height, vae.tile_sample_min_width, vae.tile_sample_stride_height) == (64, 64, 48)
+    assert "tiles of 64px" in str(report)
+    image = pipe(prompt="a red circle", height=128, width=128, num_inference_steps=2, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert seen and image.shape[-2:] == (128, 128) and torch.isfinite(image).all()
+    fluxtune.apply({"family": "qwenimage"}, pipe)
+    assert not vae.use_tiling and {a: getattr(vae, a) for a in before} == before

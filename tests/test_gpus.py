@@ -182,3 +182,16 @@ def test_the_allocator_cap_leaves_room_for_context_workspaces_and_display() -> N
 
     assert allocator_cap(12 * 10**9, 500 * 2**20, None) == 12 * 10**9 - 500 * 2**20 - FIRST_CALL_GROWTH
     assert allocator_cap(12 * 10**9, 0, 10**9) == 11 * 10**9 - FIRST_CALL_GROWTH
+
+
+def test_expandable_segments_switch_and_report_what_was_there_before() -> None:
+    from fluxtune.tuning.budget import set_expandable_segments
+
+    first = set_expandable_segments(True)
+    try:
+        assert first is not None, "this torch cannot switch expandable segments at run time"
+        assert set_expandable_segments(True) is True
+        assert set_expandable_segments(False) is True
+        assert set_expandable_segments(False) is False
+    finally:
+        set_expandable_segments(bool(first))

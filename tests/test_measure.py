@@ -179,8 +179,27 @@ def test_failure_in_text_encoder_restores_pipeline(flux: object, monkeypatch: py
 
     monkeypatch.setattr(flux.text_encoder_2, "forward", boom)  # type: ignore[attr-defined]
     m = measure(flux, Workload(prompts=("a cat",), steps=1, runs=1, warmup=0))
-    assert m.status == "oom"
+    assert m.status == "oom" and (m.error or "").startswith("during text encoding: OutOfMemoryError")
     assert "encode_prompt" not in vars(flux)
+
+
+@pytest.mark.parametrize(("component", "nth", "where"), [("transformer", 2, "denoising step 2"),
+                                                         ("vae", 1, "VAE decoding")])
+def test_an_out_of_memory_error_says_where_in_the_call_it_ran_out(
+        flux: object, monkeypatch: pytest.MonkeyPatch, component: str, nth: int, where: str) -> None:
+    module = getattr(flux, component)
+    method = "decode" if component == "vae" else "forward"
+    original, calls = getattr(module, method), []
+
+    def fails_on_nth(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == nth:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 640.00 MiB")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, method, fails_on_nth)
+    m = measure(flux, Workload(prompts=("a cat",), steps=3, runs=1, warmup=0))
+    assert m.status == "oom" and (m.error or "").startswith(f"during {where}: OutOfMemoryError"), m.error
 
 
 def test_workload_the_pipeline_cannot_take_is_an_error(dit: object) -> None:

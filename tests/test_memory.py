@@ -111,7 +111,11 @@ def test_group_offload_leaf_and_block(flux: ModelFacts) -> None:
     leaf = predict(profile(**every(offload={"mode": "group", "level": "leaf"})), flux)
     assert leaf.peak_vram < 5e9
     assert near(leaf.peak_allocated, 2.4 * GIB, 0.15)
-    assert leaf.host_ram - HOST_PROCESS == pytest.approx(31.42 * GIB, rel=0.01)  # pinned copies of everything
+    # A pinned copy of every tensor, each rounded up to a power of two by torch's host allocator (a 72 MiB
+    # 3072x12288 bf16 weight takes 128 MiB): 1.4-1.7x the weights, as measured for FLUX.2 and Qwen-Image.
+    assert 1.4 * 31.42 * GIB < leaf.host_ram - HOST_PROCESS < 1.8 * 31.42 * GIB
+    unpinned = predict(profile(**every(offload={"mode": "group", "level": "leaf", "low_cpu_mem_usage": True})), flux)
+    assert unpinned.host_ram - HOST_PROCESS == pytest.approx(31.42 * GIB, rel=0.01)
     block = predict(profile(**every(offload={"mode": "group", "level": "block"})), flux)
     assert near(block.peak_allocated, 9.1 * GIB, 0.10)
     assert block.peak_phase == "text_encoder_2"  # T5 has no block list: it is onloaded whole
@@ -379,3 +383,9 @@ def test_weights_floor_says_which_caps_a_recipe_certainly_cannot_fit(flux: Model
     assert floors["bf16"].weights_floor > 31 * gb
     for p in floors.values():  # a floor, never above the predicted peak
         assert p.weights_floor <= p.peak_allocated
+
+
+def test_pinned_copies_are_rounded_up_to_a_power_of_two() -> None:
+    from fluxtune.memory.model import _pinned_bytes
+
+    assert _pinned_bytes(72 * 2**20) == 128 * 2**20 and _pinned_bytes(2**20) == 2**20 and _pinned_bytes(0) == 0

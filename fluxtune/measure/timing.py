@@ -161,11 +161,10 @@ class _Instrument:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             if self.timeline is not None:
                 self.timeline.mark("encode_start")
-            try:
-                return encode(*args, **kwargs)
-            finally:
-                if self.timeline is not None:
-                    self.timeline.mark("encode_end")
+            out = encode(*args, **kwargs)  # no end mark when it raises: the failure is in the encoding
+            if self.timeline is not None:
+                self.timeline.mark("encode_end")
+            return out
 
         return wrapper
 
@@ -238,7 +237,11 @@ def _one_call(
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         timeline.mark("start")
-        out = pipe(**call)
+        try:
+            out = pipe(**call)
+        except Exception as exc:
+            exc.fluxtune_phase = _phase(timeline, kwargs.get("num_inference_steps"))  # type: ignore[attr-defined]
+            raise
         timeline.mark("end")
         if device is not None:
             torch.cuda.synchronize(device)
@@ -283,6 +286,19 @@ def _one_call(
     return _CallResult(latency=latency, text_encode=encode if "encode_start" in {m[0] for m in marks} else None,
                        steps=steps, denoise=denoise, decode=decode, images=images, latents=latents)
 
+
+
+def _phase(timeline: _Timeline, steps: Any) -> str:
+    """Where in a call it stopped, from the marks it had put down (for an out-of-memory message)."""
+    labels = [label for label, _ in timeline.marks]
+    done = labels.count("step")
+    if "encode_start" in labels and "encode_end" not in labels:
+        return "text encoding"
+    if done == 0:
+        return "denoising step 1" if "encode_end" in labels else "the call's start (text encoding or before)"
+    if isinstance(steps, int) and done >= steps:
+        return "VAE decoding"
+    return f"denoising step {done + 1}"
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -389,7 +405,8 @@ def measure(
         return m
     except Exception as exc:
         m.status = Status.OOM if _is_oom(exc) else Status.ERROR
-        m.error = one_line(exc)
+        phase = getattr(exc, "fluxtune_phase", None)
+        m.error = (f"during {phase}: " if phase else "") + one_line(exc)
         failed = True
     if m.first_call_s is None and m.warmup_s:
         m.first_call_s = m.warmup_s[0]

@@ -66,6 +66,9 @@ class ComponentFacts:
     stream_blocks: dict[str, tuple[int, ...]] | None = None
     """The block lists partial residency streams (outermost ModuleLists: T5's ``encoder.block`` too),
     with each block's parameters; None means the same as ``blocks``."""
+    output_embedding: str | None = None
+    """A text encoder's language-model head (``get_output_embeddings()``), when it is a Linear of its
+    own: kept in the load dtype (see :func:`fluxtune.tuning.quantize.output_embedding`)."""
 
     @property
     def bytes(self) -> int:
@@ -239,7 +242,8 @@ def _builtin_facts(name: str) -> ModelFacts:
     from fluxtune.pipelines import BUILTINS
 
     if name in BUILTINS and BUILTINS[name].needs_gpu:  # the replicas: seconds to build, remembered on disk
-        return remembered("facts", name, lambda: _count_facts(name), ModelFacts.to_dict, ModelFacts.from_dict)
+        # ".v2": facts gained output_embedding; facts stored by an older fluxtune lack it.
+        return remembered("facts", f"{name}.v2", lambda: _count_facts(name), ModelFacts.to_dict, ModelFacts.from_dict)
     return _count_facts(name)
 
 
@@ -328,6 +332,7 @@ def _component_facts(name: str, module: torch.nn.Module) -> ComponentFacts:
         lc_class = tuple(getattr(module, "_keep_in_fp32_modules", None) or ()) + tuple(
             getattr(module, "_skip_layerwise_casting_patterns", None) or ()
         )
+    from fluxtune.tuning.quantize import output_embedding
     from fluxtune.tuning.streaming import repeated_blocks
 
     streamed: dict[str, list[int]] = {}
@@ -337,7 +342,7 @@ def _component_facts(name: str, module: torch.nn.Module) -> ComponentFacts:
     return ComponentFacts(
         name=name, class_name=type(module).__name__, params=n_params, dtype_bytes=dtype_bytes,
         buffer_bytes=buffer_bytes, leaves=tuple(leaves), blocks=blocks, lc_default_skip=lc_default,
-        lc_class_skip=lc_class, shape=_shape_facts(name, module),
+        lc_class_skip=lc_class, shape=_shape_facts(name, module), output_embedding=output_embedding(module),
         stream_blocks=None if stream_blocks == blocks else stream_blocks,
     )
 

@@ -9,6 +9,8 @@ handles), plus the display reserve.
 
 from __future__ import annotations
 
+import os
+
 from fluxtune.tuning.base import BUDGET, Context, Handler, register
 from fluxtune.units import format_bytes
 
@@ -38,6 +40,26 @@ def outside_allocator(index: int) -> tuple[int, str]:
     if nvml is None:
         return CONTEXT_FALLBACK, "assumed (NVML cannot see this process)"
     return max(0, nvml - int(torch.cuda.memory_reserved(index))), "measured (NVML process memory - allocator)"
+
+
+def set_expandable_segments(on: bool) -> bool | None:
+    """Switch the CUDA caching allocator's expandable segments; returns the previous state (None: unknown,
+    e.g. a torch without the runtime setting). Segments already made keep their kind."""
+    import torch
+
+    get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    set_ = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if set_ is None:
+        return None
+    conf = (get() if get is not None else "") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + os.environ.get(
+        "PYTORCH_ALLOC_CONF", "")
+    before = "expandable_segments:true" in conf.replace(" ", "").lower()
+    set_(f"expandable_segments:{on}")
+    return before
+
+
+def _fixed_segments() -> None:
+    set_expandable_segments(False)
 
 
 def allocator_cap(vram: int, outside: int, display_reserve: int | None) -> int:
@@ -80,6 +102,15 @@ class BudgetHandler(Handler):
             return
         index = ctx.device.index or 0
         total = torch.cuda.get_device_properties(index).total_memory
+        expandable = ""
+        if b.expandable_segments:
+            before = set_expandable_segments(True)
+            if before is None:
+                expandable = "; expandable segments NOT set (this torch cannot switch them at run time)"
+            else:
+                expandable = "; allocator segments expandable"
+                if not before:
+                    ctx.undo.append((self.name, _fixed_segments))
         torch.cuda.empty_cache()
         outside, how = outside_allocator(index)
         cap = allocator_cap(b.vram, outside, b.display_reserve)
@@ -102,4 +133,5 @@ class BudgetHandler(Handler):
         ctx.report.add(
             self.name, "pipeline",
             f"whole process within {format_bytes(b.vram)}: allocator capped at {format_bytes(cap)} = budget - "
-            f"context {format_bytes(outside)} {how} - first-call margin {format_bytes(FIRST_CALL_GROWTH)}{reserve}")
+            f"context {format_bytes(outside)} {how} - first-call margin {format_bytes(FIRST_CALL_GROWTH)}{reserve}"
+            f"{expandable}")

@@ -118,12 +118,12 @@ class Materializer:
         """A unit's bytes once brought: quantized sizes for the layers the deferred quantization will
         convert (partial residency picks its resident blocks by these, before any weight is read)."""
         from fluxtune.memory.model import quantized_bytes
-        from fluxtune.tuning.quantize import linear_filter
+        from fluxtune.tuning.quantize import linear_filter, output_embedding
 
         q = self.plan.quantize
         converted: dict[int, float] = {}
         if q is not None:
-            keep = linear_filter(q, [])
+            keep = linear_filter(q, [], output_embedding(self.component))
             root = self.blocks[unit] if unit != REST else self.component
             for fqn, m in root.named_modules(prefix=unit if unit != REST else ""):
                 if unit == REST and self._unit_of(fqn + ".") != REST:

@@ -164,6 +164,8 @@ class PlacementHandler(Handler):
             model_hooks.append(hook)
             ctx.undo.append((self.name, partial(_remove_accelerate, module)))
             detail = "model offload (on the GPU only while it runs)"
+            if ctx.hardware.emulated_on and ctx.hardware.h2d_gbs and ctx.on_gpu:
+                detail += f"; {_pace_model_offload(module, ctx.hardware.h2d_gbs, ctx.device)}"
         elif isinstance(off, SequentialOffload):
             from accelerate import cpu_offload
 
@@ -185,7 +187,7 @@ class PlacementHandler(Handler):
             ctx.undo.append((self.name, streamer.remove))
             set_streamer(module, streamer)
             detail = f"partial residency: {streamer.describe()}"
-        if ctx.hardware.emulated_on and isinstance(off, ModelOffload | SequentialOffload):
+        if ctx.hardware.emulated_on and isinstance(off, SequentialOffload):
             detail += f" (copies NOT paced to the emulated {ctx.hardware.h2d_gbs:g} GB/s: accelerate's hooks run at this link's rate)"
         return detail
 
@@ -246,6 +248,37 @@ def _pace_groups(module: Any, gbs: float, device: Any) -> str:
         group.onload_ = onload
     if not groups:
         return "copies NOT paced (diffusers' group layout not recognised)"
+    return pacer.describe()
+
+
+def _pace_model_offload(module: Any, gbs: float, device: Any) -> str:
+    """Pace accelerate's model-offload onload (the whole component's ``.to(device)``) under card emulation.
+
+    The wait is enqueued on the current stream after the copy, so the component's forward starts when
+    the copy would have ended on the emulated card. The native rate it is paced from is the page-locked
+    one, while accelerate copies from pageable memory (slower): the paced recipe is, if anything, faster
+    than on the card. Reaches into accelerate's ``_hf_hook``: if that changes, the copies run unpaced
+    and the report says so.
+    """
+    from fluxtune.tuning.streaming import CopyPacer, tensor_bytes
+
+    hook: Any = getattr(module, "_hf_hook", None)
+    original = getattr(hook, "pre_forward", None)
+    if original is None:
+        return "copies NOT paced (accelerate's offload hook not recognised)"
+    pacer = CopyPacer(gbs, device)
+    nbytes = sum(tensor_bytes(t) for t in [*module.parameters(), *module.buffers()])
+
+    def pre_forward(mod: Any, *args: Any, **kwargs: Any) -> Any:
+        # Looked up per call: .to() may replace a tensor subclass's Parameter object.
+        first = next(mod.parameters(), None)
+        moved = first is not None and first.device.type == "cpu"
+        out = original(mod, *args, **kwargs)
+        if moved:
+            pacer.pace(nbytes)
+        return out
+
+    hook.pre_forward = pre_forward
     return pacer.describe()
 
 

@@ -73,14 +73,36 @@ def _is_subclass_weight(weight: Any) -> bool:
     return type(data) is not torch.Tensor
 
 
-def linear_filter(q: Quantize, excluded: list[str]) -> Any:
-    """quantize_'s filter: Linear layers not matching ``exclude`` (skipped names go to ``excluded``)."""
+def output_embedding(module: Any) -> str | None:
+    """The qualified name of a text encoder's language-model head (``lm_head``), which no layer quantizes.
+
+    Diffusion pipelines read the encoder's hidden states, never its logits, but transformers still
+    computes them. Quantized, the head costs more than it saves: tied to the input embedding (Qwen3)
+    it becomes a second copy, and int8's per-group dequantization makes a float32 copy of the whole
+    vocabulary matrix on every call (1.6 GB for Qwen3-4B, 2.7 GB for Mistral-Small: it ran the 8 GB
+    FLUX.2 [klein] profile out of memory on the H200). None when there is no such Linear.
+    """
+    import torch
+
+    get = getattr(module, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, torch.nn.Linear):
+        return None
+    return next((name for name, m in module.named_modules() if m is head), None)
+
+
+def linear_filter(q: Quantize, excluded: list[str], head: str | None = None) -> Any:
+    """quantize_'s filter: Linear layers not matching ``exclude`` (skipped names go to ``excluded``),
+    nor the output embedding ``head`` (see :func:`output_embedding`)."""
     import torch
 
     patterns = [re.compile(p) for p in q.exclude]
 
     def keep(mod: torch.nn.Module, fqn: str) -> bool:
         if not isinstance(mod, torch.nn.Linear):
+            return False
+        if fqn == head:
+            excluded.append(fqn)
             return False
         if {"lora_A", "lora_B"} & set(fqn.split(".")):
             return False  # peft's LoRA factors stay high precision: a hot-swap copies new weights into them
@@ -110,7 +132,7 @@ def quantize_module(module: Any, q: Quantize, *, on_cuda: bool, device: Any = No
         The qualified names of the layers quantized, and of those ``q`` kept in higher precision.
     """
     excluded: list[str] = []
-    keep = linear_filter(q, excluded)
+    keep = linear_filter(q, excluded, output_embedding(module))
     done: list[str] = []
     if q.method == "nf4":
         for fqn, mod in list(module.named_modules()):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from fluxtune.tuning.base import VAE, Context, Handler, register
 
+_TILE_ATTRS = ("tile_sample_min_size", "tile_latent_min_size", "tile_sample_min_height", "tile_sample_min_width",
+               "tile_sample_stride_height", "tile_sample_stride_width")
+
 
 @register
 class VaeHandler(Handler):
@@ -27,20 +30,30 @@ class VaeHandler(Handler):
         if vae is None:
             return
         if v.tiling:
-            saved = (vae.tile_sample_min_size, vae.tile_latent_min_size)
+            # Two tiling APIs in diffusers 0.42: square tiles (tile_sample_min_size: the FLUX, SD and DiT
+            # VAEs) and height/width tiles with strides (the Qwen-Image and video VAEs).
+            attrs = [a for a in _TILE_ATTRS if hasattr(vae, a)]
+            saved = {a: getattr(vae, a) for a in attrs}
             vae.enable_tiling()
             if v.tile_size is not None:
-                # diffusers 0.42 enable_tiling() takes no size: the sizes are plain attributes.
-                scale = 2 ** (len(vae.config.block_out_channels) - 1)
-                vae.tile_sample_min_size = v.tile_size
-                vae.tile_latent_min_size = max(1, v.tile_size // scale)
+                # enable_tiling() takes no size for the square API: its sizes are plain attributes.
+                scale = 2 ** (len(vae.config.block_out_channels) - 1) if hasattr(vae.config, "block_out_channels") else 8
+                sizes = {"tile_sample_min_size": v.tile_size, "tile_latent_min_size": max(1, v.tile_size // scale),
+                         "tile_sample_min_height": v.tile_size, "tile_sample_min_width": v.tile_size,
+                         # diffusers' default overlap: stride 3/4 of the tile (192 of 256 px)
+                         "tile_sample_stride_height": v.tile_size * 3 // 4,
+                         "tile_sample_stride_width": v.tile_size * 3 // 4}
+                for a in attrs:
+                    setattr(vae, a, sizes[a])
 
             def undo_tiling() -> None:
                 vae.disable_tiling()
-                vae.tile_sample_min_size, vae.tile_latent_min_size = saved
+                for a, value in saved.items():
+                    setattr(vae, a, value)
 
             ctx.undo.append((self.name, undo_tiling))
-            ctx.report.add(self.name, "vae", f"tiling, tiles of {vae.tile_sample_min_size}px")
+            size = getattr(vae, "tile_sample_min_size", None) or getattr(vae, "tile_sample_min_height", None)
+            ctx.report.add(self.name, "vae", f"tiling, tiles of {size}px")
         if v.slicing:
             vae.enable_slicing()
             ctx.undo.append((self.name, vae.disable_slicing))

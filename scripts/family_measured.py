@@ -1,0 +1,127 @@
+"""Turn issue 19's benches (scripts/h200_issue19.sh) into shipped presets with their measured blocks.
+
+    python scripts/family_measured.py BENCHDIR VERSIONS.json NAME[=BENCH.json] ... [--date 2026-12-04]
+
+BENCHDIR holds ``candidates/NAME.yaml`` and ``NAME/bench.json`` for each candidate. ``NAME=PATH`` reads the
+profile's row from another bench.json (a re-run of the candidate alone, e.g. with less resident, given as
+``--set NAME:KEY=VALUE`` overrides of the candidate) and the recipes' rows still from ``NAME/bench.json``. The preset is written to ``profiles/NAME.yaml``: the
+candidate's knobs, a description, and the measurement in the variant the emulated card runs (the base for
+an unemulated run), with the fastest diffusers recipe that fitted the same cap in the same bench. A row
+that did not finish is written with its status, so a failure is never hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fluxtune.gpus import find_gpu
+from fluxtune.hardware import HardwareInfo, emulated, emulation_note
+from fluxtune.presets import load_profile, save_profile
+
+H200 = HardwareInfo(gpu_index=0, gpu_name="NVIDIA H200", total_memory_bytes=150754820096, compute_capability=(9, 0),
+                    driver="580.159.04", cuda_version="13.0", torch_version="2.11.0", host_ram_bytes=0, cpu_count=16)
+
+DESCRIPTIONS = {
+    "flux2-klein-4b-8gb": "FLUX.2 [klein] 4B on 8 GB cards (RTX 4060, 3070): fp8 transformer 3 GB resident, the rest "
+                          "streamed; Qwen3-4B encoder int8 and streamed; regional compile (first call ~22 s)",
+    "flux2-klein-9b-12gb": "FLUX.2 [klein] 9B on 12 GB cards (RTX 4070, 3060 12GB): fp8 transformer 5 GB resident, "
+                           "the rest streamed; Qwen3-8B encoder int8 and streamed; regional compile",
+    "flux2-dev-24gb": "FLUX.2 [dev] on 24 GB cards (RTX 4090, 3090): fp8 transformer 12.5 GB resident, the rest "
+                      "streamed; Mistral-Small-3.1 encoder int8 and streamed; regional compile",
+    "qwen-image-24gb": "Qwen-Image on 24 GB cards (RTX 4090, 3090): fp8 transformer 18 GB resident, the rest "
+                       "streamed; Qwen2.5-VL-7B encoder int8 and streamed; VAE tiled; regional compile",
+}
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    data = json.loads(path.read_text())
+    return list(data["rows"] if isinstance(data, dict) else data)
+
+
+def measured_block(name: str, rows: list[dict[str, Any]], recipes: list[dict[str, Any]], *, card: str, model: str,
+                   versions: dict[str, str], date: str, generation: dict[str, Any]) -> dict[str, Any]:
+    """The measured block of one candidate's row, with the fastest recipe that fitted the same cap."""
+    row = next(r for r in rows if r["kind"] == "profile")
+    hw = H200 if card == "none" else emulated(H200, card)
+    ok = row.get("status") == "ok"
+    fitted = [r for r in recipes if r.get("status") == "ok" and r.get("latency_s")]
+    best = min(fitted, key=lambda r: r["latency_s"], default=None)
+    vs = ""
+    if best is not None and ok:
+        vs = (f"; fastest diffusers recipe that fitted the same cap in the same bench: {best['name']}, "
+              f"{best['latency_s']:.2f} s over {best.get('runs')} timed run(s) ({best['latency_s'] / row['latency_s']:.2f}x "
+              f"slower)")
+    where = card if card != "none" else "H200"
+    return {
+        "status": "measured", "source": "fluxtune bench --baselines" + (f' --emulate "{card}"' if card != "none" else ""),
+        "date": date, "hardware": hw.fingerprint(),
+        "versions": {k: versions[k] for k in ("torch", "diffusers", "torchao", "transformers") if k in versions},
+        "model": model,
+        "workload": {"prompts": ["a photo of a red fox in the snow, detailed fur, morning light"], "seeds": [0],
+                     "runs": row.get("runs"), "warmup": 1, "height": generation.get("height"),
+                     "width": generation.get("width"), "steps": generation.get("steps")},
+        "latency_s": round(row["latency_s"], 3) if ok and row.get("latency_s") else None,
+        "first_call_s": round(row["first_call_s"], 2) if row.get("first_call_s") else None,
+        "peak_allocated": row.get("peak_allocated"), "peak_reserved": row.get("peak_reserved"),
+        "peak_nvml": row.get("peak_nvml"),
+        "peak_host_rss": (row.get("extra") or {}).get("host_ram_peak"),
+        "notes": (f"{row.get('generations', 0)} generations back to back under the {where} budget, status "
+                  f"{row.get('status')}" + (f": {row.get('error')}" if row.get("error") else "")
+                  + (f"; apply {row['apply_s']:.2f} s" if row.get("apply_s") else "")
+                  + "; host RSS is the bench worker's, on the replica built on the GPU (not a save_pretrained load)"
+                  + vs),
+        "emulation": emulation_note(hw),
+    }
+
+
+def main() -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from family_candidates import CANDIDATES
+
+    from fluxtune.presets import apply_overrides
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("benchdir", type=Path)
+    ap.add_argument("versions", type=Path)
+    ap.add_argument("names", nargs="+")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME:KEY=VALUE")
+    ap.add_argument("--date", default=dt.date.today().isoformat())
+    ap.add_argument("--out", type=Path, default=Path("profiles"))
+    args = ap.parse_args()
+    versions = json.loads(args.versions.read_text())
+    for item in args.names:
+        name, _, row_path = item.partition("=")
+        replica, _budget, card = CANDIDATES[name]
+        cand = yaml.safe_load((args.benchdir / "candidates" / f"{name}.yaml").read_text())
+        cand = apply_overrides(cand, [s.split(":", 1)[1] for s in args.set if s.split(":", 1)[0] == name])
+        cand["description"] = DESCRIPTIONS[name]
+        bench_rows = _rows(args.benchdir / name / "bench.json")
+        rows = _rows(Path(row_path)) if row_path else bench_rows
+        recipes = [r for r in bench_rows if r["kind"] == "recipe"]
+        block = measured_block(name, rows, recipes, card=card, model=replica, versions=versions, date=args.date,
+                               generation=cand.get("generation", {}))
+        profile = load_profile(cand)
+        variant = profile.for_class(find_gpu(card).capability if card != "none" else "hopper").variant
+        data = profile.to_dict(exclude_defaults=True)
+        if variant == "base":
+            data["measured"] = block
+        else:
+            for v in data["variants"]:
+                if v["name"] == variant:
+                    v["measured"] = block
+        path = args.out / f"{name}.yaml"
+        save_profile(load_profile(data), path)
+        print(f"{name} [{variant}]: {block['latency_s']} s, NVML peak {(block['peak_nvml'] or 0) / 1e9:.2f} GB -> {path}")
+        print(f"    {block['notes']}")
+
+
+if __name__ == "__main__":
+    main()
