@@ -771,3 +771,46 @@ def resolve_for_card(profile: Profile, gpu: GpuSpec) -> Profile:
             raise
         return resolved if resolved is not None else profile
     return profile
+
+
+@dataclass(frozen=True)
+class EmulatedCheck:
+    """One shipped preset's emulated measurement beside its prediction on the lab GPU with the card's link."""
+
+    preset: str
+    variant: str
+    card: str
+    model: str
+    measured_s: float
+    predicted_s: float
+
+    @property
+    def error(self) -> float:
+        return (self.predicted_s - self.measured_s) / self.measured_s
+
+
+def check_against_emulated() -> list[EmulatedCheck]:
+    """Predict every emulated measured block of the shipped presets and pair it with its measurement.
+
+    An emulated run computes at the lab GPU's speed with the card's host->device rate, so it is predicted
+    on the lab GPU's table row with the card's ``h2d_gbs``: a check of the work counting and the copy /
+    compute overlap on every family, not of the per-card efficiencies.
+    """
+    from fluxtune.gpus import find_gpu
+    from fluxtune.presets import list_presets, load_profile
+
+    out: list[EmulatedCheck] = []
+    for name in sorted(list_presets()):
+        for variant, _classes, resolved in load_profile(name).variant_table():
+            m = resolved.measured
+            hw = m.hardware if m is not None else None
+            if m is None or m.latency_s is None or not hw or not hw.get("emulated_on"):
+                continue
+            card = find_gpu(str(hw["name"]))
+            lab = find_gpu(str(hw["emulated_on"]).removeprefix("NVIDIA "))
+            lab = lab.model_copy(update={"h2d_gbs": float(hw.get("h2d_gbs") or card.h2d_gbs)})
+            wl = m.workload or {}
+            p = predict_latency(resolved, lab, model=m.model, height=wl.get("height"), width=wl.get("width"),
+                                steps=wl.get("steps"))
+            out.append(EmulatedCheck(name, variant, card.name, str(m.model), float(m.latency_s), p.total_s))
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fluxtune.tuning.streaming import BlockStreamer, choose_streamed, module_bytes, repeated_blocks
@@ -184,3 +185,35 @@ def test_fault_in_touches_every_page_of_a_fresh_mapping():
     stride = _page_stride()
     assert stride in (mmap.PAGESIZE, 2 << 20)
     assert int(buf[::stride].sum()) == 0 and int(buf[1]) == 7  # one byte written per page, nothing else
+
+
+def test_model_offload_onloads_are_paced_when_the_component_moves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under card emulation accelerate's model-offload onload waits as long as the card's link would take;
+    a call that finds the component already on the device waits for nothing."""
+    from fluxtune.tuning import placement
+
+    paced: list[int] = []
+
+    class Pacer:  # the GPU sleep kernel, recorded instead
+        def __init__(self, gbs: float, device: object) -> None:
+            self.gbs = gbs
+
+        def pace(self, nbytes: int) -> None:
+            paced.append(nbytes)
+
+        def describe(self) -> str:
+            return f"copies paced to {self.gbs:g} GB/s"
+
+    class OffloadHook:  # accelerate's CpuOffload: moves the module to its execution device
+        def pre_forward(self, module: torch.nn.Module, *args: object, **kwargs: object) -> tuple:
+            module.to("meta")
+            return args, kwargs
+
+    monkeypatch.setattr("fluxtune.tuning.streaming.CopyPacer", Pacer)
+    module = torch.nn.Linear(4, 8)
+    assert "NOT paced" in placement._pace_model_offload(module, 12.6, torch.device("cpu"))
+    module._hf_hook = OffloadHook()  # type: ignore[assignment]
+    assert placement._pace_model_offload(module, 12.6, torch.device("cpu")) == "copies paced to 12.6 GB/s"
+    module._hf_hook.pre_forward(module, torch.ones(4))
+    module._hf_hook.pre_forward(module, torch.ones(4))
+    assert paced == [(4 * 8 + 8) * 4]
