@@ -16,6 +16,14 @@ read -r model budget card < <(python3 scripts/family_candidates.py --which "$nam
 # else under the cap alone. RECIPES picks the diffusers recipes (sequential offload is left out: it moves
 # the same bytes as leaf-level group offload without overlapping them, so it is never the faster).
 emu=(); [ "$card" != none ] && emu=(--emulate "$card")
+# EXTRA="name=NAME2 KEY=VALUE ..." benches a second profile beside the candidate (an A/B in the same bench),
+# e.g. EXTRA="name=flux2-dev-24gb-es transformer.offload.resident=15GB budget.expandable_segments=true".
+profiles=("$cand")
+if [ -n "${EXTRA:-}" ]; then
+    # shellcheck disable=SC2086
+    python3 -m fluxtune show "$cand" $EXTRA > "$out/candidates/$name-extra.yaml" || exit 2
+    profiles+=("$out/candidates/$name-extra.yaml")
+fi
 python3 -m fluxtune bench --model "$model" --budget "$budget" "${emu[@]}" --recipes "${RECIPES:-bf16,leaf,block,model}" \
     --runs 10 --recipe-runs 2 --recipe-warmup-steps 2 --recipe-time-box 90 --no-reference --timeout "$limit" \
-    --out "$out/$name" "$cand" 2>&1 | grep --line-buffered -v -e Warning -e warnings.warn | tee -a "$out/$name.log"
+    --out "$out/$name" "${profiles[@]}" 2>&1 | grep --line-buffered -v -e Warning -e warnings.warn | tee -a "$out/$name.log"
