@@ -4,7 +4,8 @@
 
 BENCHDIR holds ``candidates/NAME.yaml`` and ``NAME/bench.json`` for each candidate. ``NAME=PATH`` reads the
 profile's row from another bench.json (a re-run of the candidate alone, e.g. with less resident, given as
-``--set NAME:KEY=VALUE`` overrides of the candidate) and the recipes' rows still from ``NAME/bench.json``. The preset is written to ``profiles/NAME.yaml``: the
+``--set NAME:KEY=VALUE`` overrides of the candidate) and the recipes' rows still from ``NAME/bench.json``.
+The preset is written to ``profiles/NAME.yaml`` (blocks built as scripts/tier_measured.py builds them): the
 candidate's knobs, a description, and the measurement in the variant the emulated card runs (the base for
 an unemulated run), with the fastest diffusers recipe that fitted the same cap in the same bench. A row
 that did not finish is written with its status, so a failure is never hidden.
@@ -21,11 +22,7 @@ from typing import Any
 import yaml
 
 from fluxtune.gpus import find_gpu
-from fluxtune.hardware import HardwareInfo, emulated, emulation_note
 from fluxtune.presets import load_profile, save_profile
-
-H200 = HardwareInfo(gpu_index=0, gpu_name="NVIDIA H200", total_memory_bytes=150754820096, compute_capability=(9, 0),
-                    driver="580.159.04", cuda_version="13.0", torch_version="2.11.0", host_ram_bytes=0, cpu_count=16)
 
 DESCRIPTIONS = {
     "flux2-klein-4b-8gb": "FLUX.2 [klein] 4B on 8 GB cards (RTX 4060, 3070): fp8 transformer 3 GB resident, the rest "
@@ -44,40 +41,15 @@ def _rows(path: Path) -> list[dict[str, Any]]:
     return list(data["rows"] if isinstance(data, dict) else data)
 
 
-def measured_block(name: str, rows: list[dict[str, Any]], recipes: list[dict[str, Any]], *, card: str, model: str,
-                   versions: dict[str, str], date: str, generation: dict[str, Any]) -> dict[str, Any]:
-    """The measured block of one candidate's row, with the fastest recipe that fitted the same cap."""
-    row = next(r for r in rows if r["kind"] == "profile")
-    hw = H200 if card == "none" else emulated(H200, card)
-    ok = row.get("status") == "ok"
+def _versus(row: dict[str, Any], recipes: list[dict[str, Any]]) -> str:
+    """The notes' sentence on the fastest recipe that fitted the same cap in the same bench."""
     fitted = [r for r in recipes if r.get("status") == "ok" and r.get("latency_s")]
     best = min(fitted, key=lambda r: r["latency_s"], default=None)
-    vs = ""
-    if best is not None and ok:
-        vs = (f"; fastest diffusers recipe that fitted the same cap in the same bench: {best['name']}, "
-              f"{best['latency_s']:.2f} s over {best.get('runs')} timed run(s) ({best['latency_s'] / row['latency_s']:.2f}x "
-              f"slower)")
-    where = card if card != "none" else "H200"
-    return {
-        "status": "measured", "source": "fluxtune bench --baselines" + (f' --emulate "{card}"' if card != "none" else ""),
-        "date": date, "hardware": hw.fingerprint(),
-        "versions": {k: versions[k] for k in ("torch", "diffusers", "torchao", "transformers") if k in versions},
-        "model": model,
-        "workload": {"prompts": ["a photo of a red fox in the snow, detailed fur, morning light"], "seeds": [0],
-                     "runs": row.get("runs"), "warmup": 1, "height": generation.get("height"),
-                     "width": generation.get("width"), "steps": generation.get("steps")},
-        "latency_s": round(row["latency_s"], 3) if ok and row.get("latency_s") else None,
-        "first_call_s": round(row["first_call_s"], 2) if row.get("first_call_s") else None,
-        "peak_allocated": row.get("peak_allocated"), "peak_reserved": row.get("peak_reserved"),
-        "peak_nvml": row.get("peak_nvml"),
-        "peak_host_rss": (row.get("extra") or {}).get("host_ram_peak"),
-        "notes": (f"{row.get('generations', 0)} generations back to back under the {where} budget, status "
-                  f"{row.get('status')}" + (f": {row.get('error')}" if row.get("error") else "")
-                  + (f"; apply {row['apply_s']:.2f} s" if row.get("apply_s") else "")
-                  + "; host RSS is the bench worker's, on the replica built on the GPU (not a save_pretrained load)"
-                  + vs),
-        "emulation": emulation_note(hw),
-    }
+    if best is None or row.get("status") != "ok":
+        return ""
+    return (f"; fastest diffusers recipe that fitted the same cap in the same bench: {best['name']}, "
+            f"{best['latency_s']:.2f} s over {best.get('runs')} timed run(s) ({best['latency_s'] / row['latency_s']:.2f}x "
+            "slower)")
 
 
 def main() -> None:
@@ -85,6 +57,7 @@ def main() -> None:
 
     sys.path.insert(0, str(Path(__file__).parent))
     from family_candidates import CANDIDATES
+    from tier_measured import measured_block, store_block
 
     from fluxtune.presets import apply_overrides
 
@@ -106,17 +79,17 @@ def main() -> None:
         bench_rows = _rows(args.benchdir / name / "bench.json")
         rows = _rows(Path(row_path)) if row_path else bench_rows
         recipes = [r for r in bench_rows if r["kind"] == "recipe"]
-        block = measured_block(name, rows, recipes, card=card, model=replica, versions=versions, date=args.date,
-                               generation=cand.get("generation", {}))
+        row = next(r for r in rows if r["kind"] == "profile")
+        gen = cand.get("generation", {})
+        block = measured_block(
+            row, card=card, model=replica, source="fluxtune bench --baselines", versions=versions, date=args.date,
+            workload={k: gen.get(k) for k in ("height", "width", "steps")}, host_rss=True,
+            notes="; host RSS is the bench worker's, on the replica built on the GPU (not a save_pretrained load)"
+            + _versus(row, recipes))
         profile = load_profile(cand)
         variant = profile.for_class(find_gpu(card).capability if card != "none" else "hopper").variant
         data = profile.to_dict(exclude_defaults=True)
-        if variant == "base":
-            data["measured"] = block
-        else:
-            for v in data["variants"]:
-                if v["name"] == variant:
-                    v["measured"] = block
+        store_block(data, str(variant), block)
         path = args.out / f"{name}.yaml"
         save_profile(load_profile(data), path)
         print(f"{name} [{variant}]: {block['latency_s']} s, NVML peak {(block['peak_nvml'] or 0) / 1e9:.2f} GB -> {path}")

@@ -24,29 +24,50 @@ H200 = HardwareInfo(gpu_index=0, gpu_name="NVIDIA H200", total_memory_bytes=1507
                     driver="580.159.04", cuda_version="13.0", torch_version="2.11.0", host_ram_bytes=0, cpu_count=16)
 
 
-def _entry(case: str, row: dict[str, Any], versions: dict[str, str], date: str) -> tuple[str, str, dict[str, Any]]:
-    preset, card, size, steps = case.split("|")
-    w, h = (int(x) for x in size.split("x"))
+def measured_block(row: dict[str, Any], *, card: str, model: str, source: str, versions: dict[str, str], date: str,
+                   workload: dict[str, Any], host_rss: bool = False, notes: str = "") -> dict[str, Any]:
+    """A preset's measured block from one bench row run under ``card``'s emulation ("none": the H200 as it is).
+
+    ``host_rss`` also records the row's peak host RSS; ``notes`` is appended to the generated notes."""
     hw = H200 if card == "none" else emulated(H200, card)
-    variant = load_profile(preset).for_class(find_gpu(card).capability if card != "none" else "hopper").variant
-    note = emulation_note(hw)
     ok = row.get("status") == "ok"
-    measured: dict[str, Any] = {
-        "status": "measured", "source": "fluxtune bench" + (f' --emulate "{card}"' if card != "none" else ""),
+    block: dict[str, Any] = {
+        "status": "measured", "source": source + (f' --emulate "{card}"' if card != "none" else ""),
         "date": date, "hardware": hw.fingerprint(),
         "versions": {k: versions[k] for k in ("torch", "diffusers", "torchao", "transformers") if k in versions},
-        "model": "flux-dev-replica",
+        "model": model,
         "workload": {"prompts": ["a photo of a red fox in the snow, detailed fur, morning light"], "seeds": [0],
-                     "runs": row.get("runs"), "warmup": 1, "height": h, "width": w, "steps": int(steps)},
+                     "runs": row.get("runs"), "warmup": 1, **workload},
         "latency_s": round(row["latency_s"], 3) if ok and row.get("latency_s") else None,
         "first_call_s": round(row["first_call_s"], 2) if row.get("first_call_s") else None,
         "peak_allocated": row.get("peak_allocated"), "peak_reserved": row.get("peak_reserved"),
         "peak_nvml": row.get("peak_nvml"),
-        "notes": (f"{row.get('generations', 0)} generations back to back under the {card if card != 'none' else 'H200'}"
-                  f" budget, status {row.get('status')}" + (f": {row.get('error')}" if row.get("error") else "")
-                  + (f"; apply {row['apply_s']:.2f} s" if row.get("apply_s") else "")),
-        "emulation": note,
     }
+    if host_rss:
+        block["peak_host_rss"] = (row.get("extra") or {}).get("host_ram_peak")
+    block["notes"] = (f"{row.get('generations', 0)} generations back to back under the {card if card != 'none' else 'H200'}"
+                      f" budget, status {row.get('status')}" + (f": {row.get('error')}" if row.get("error") else "")
+                      + (f"; apply {row['apply_s']:.2f} s" if row.get("apply_s") else "") + notes)
+    block["emulation"] = emulation_note(hw)
+    return block
+
+
+def store_block(data: dict[str, Any], variant: str, block: dict[str, Any]) -> None:
+    """Put ``block`` into profile ``data`` as the measurement of ``variant`` ("base": the profile itself)."""
+    if variant == "base":
+        data["measured"] = block
+        return
+    for v in data["variants"]:
+        if v["name"] == variant:
+            v["measured"] = block
+
+
+def _entry(case: str, row: dict[str, Any], versions: dict[str, str], date: str) -> tuple[str, str, dict[str, Any]]:
+    preset, card, size, steps = case.split("|")
+    w, h = (int(x) for x in size.split("x"))
+    variant = load_profile(preset).for_class(find_gpu(card).capability if card != "none" else "hopper").variant
+    measured = measured_block(row, card=card, model="flux-dev-replica", source="fluxtune bench", versions=versions,
+                              date=date, workload={"height": h, "width": w, "steps": int(steps)})
     return preset, str(variant), measured
 
 
@@ -72,12 +93,7 @@ def main() -> None:
         block = {**main_run, "workloads": others}
         path = list_presets()[preset]
         data = load_profile(path).to_dict(exclude_defaults=True)
-        if variant == "base":
-            data["measured"] = block
-        else:
-            for v in data["variants"]:
-                if v["name"] == variant:
-                    v["measured"] = block
+        store_block(data, variant, block)
         save_profile(load_profile(data), path)
         print(f"{preset} [{variant}]: {block['latency_s']} s, NVML peak {(block['peak_nvml'] or 0) / 1e9:.2f} GB"
               f" (+{len(others)} other workload(s)) -> {path}")

@@ -51,9 +51,12 @@ def set_expandable_segments(on: bool) -> bool | None:
     set_ = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
     if set_ is None:
         return None
-    conf = (get() if get is not None else "") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + os.environ.get(
-        "PYTORCH_ALLOC_CONF", "")
-    before = "expandable_segments:true" in conf.replace(" ", "").lower()
+    # The last setting made at run time wins over the environment (which fluxtune's own pinning setting,
+    # made at run time, does not repeat): read whichever last mentions the key.
+    env = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + "," + os.environ.get("PYTORCH_ALLOC_CONF", "")
+    runtime = get() if get is not None else ""
+    conf = (runtime if "expandable_segments" in runtime else env).replace(" ", "").lower()
+    before = "expandable_segments:true" in conf
     set_(f"expandable_segments:{on}")
     return before
 

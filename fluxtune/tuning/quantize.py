@@ -88,7 +88,13 @@ def output_embedding(module: Any) -> str | None:
     head = get() if callable(get) else None
     if not isinstance(head, torch.nn.Linear):
         return None
-    return next((name for name, m in module.named_modules() if m is head), None)
+    # A direct child in transformers' models (lm_head): found without walking the whole tree, which the
+    # materializer would otherwise do once per streamed unit.
+    for walk in (module.named_children, module.named_modules):
+        name = next((n for n, m in walk() if m is head), None)
+        if name is not None:
+            return name
+    return None
 
 
 def linear_filter(q: Quantize, excluded: list[str], head: str | None = None) -> Any:
