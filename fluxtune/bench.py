@@ -27,13 +27,15 @@ from fluxtune.units import format_bytes
 
 if TYPE_CHECKING:
     from fluxtune.worker import RunOutcome
+    from fluxtune.worker.protocol import Progress
 
 GB = 1e9
 Cap = int | None
 """A memory cap in bytes; None = no cap."""
 
 FINAL = (Status.OK, Status.INVALID, Status.ERROR, Status.OOM, Status.OVER_BUDGET, Status.NO_FIT)
-"""Statuses a resumed bench keeps; the others (crashed, timeout) run again."""
+"""Statuses a resumed bench keeps; the others (crashed, timeout) run again (their rows keep what the worker
+had measured before it was stopped: ``extra["progress"]``, ``extra["partial_latency_runs"]``)."""
 
 MIN_START_S = 60.0
 """Under --timeout, a candidate starts only with at least this much time left."""
@@ -237,6 +239,7 @@ def run_bench(
     resume: bool = True,
     host_ram_budget: int | None = None,
     say: Callable[[str], None] = print,
+    session: str | None = None,
 ) -> list[BenchRow]:
     """Run every candidate in a fresh worker process; the first is the quality reference.
 
@@ -255,14 +258,19 @@ def run_bench(
         resume: keep the rows of a previous run of the same model and workload in ``folder``.
         host_ram_budget: host memory a candidate may need (its process and the host copies of offloaded
             weights); one the memory model puts above it is not run (status ``no_fit``).
+        say: where progress lines go; a profile's also says each warm-up and timed call as it ends.
+        session: the workers' session class (``module:Class``); tests swap in one that misbehaves.
     """
-    from fluxtune.worker import RunOutcome, RunRequest, Worker, WorkerDied, WorkerSpec
+    from fluxtune.worker import DEFAULT_SESSION, RunOutcome, RunRequest, Worker, WorkerDied, WorkerSpec
 
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"model": model, "workload": workload, "recipe_workload": recipe_workload or workload, "samples": samples}
     previous = _previous_rows(folder, meta) if resume else {}
     if previous:
         say(f"resuming: {len(previous)} row(s) from {folder / 'bench.json'} kept")
+    # The rows this bench can produce; a kept row with another key (a candidate no longer asked for, or a
+    # recipe whose definition changed) stays in bench.json as an earlier row, out of its tables.
+    planned = {candidate_key(c, cap) for c in candidates for cap in c.caps}
     rows: list[BenchRow] = []
     facts: Any = None
     ref_feats: list[list[float]] | None = None
@@ -274,7 +282,7 @@ def run_bench(
         for cap in cand.caps:
             key = candidate_key(cand, cap)
             label = f"[{i + 1}/{n}] {cand.name} (cap {cap_label(cap)})"
-            if key in previous:
+            if key in previous and previous[key].status in FINAL:
                 r = previous[key]
                 say(f"{label}: kept from the previous run: {r.status}"
                     + (f" {r.latency_s:.2f}s" if r.latency_s else ""))
@@ -290,7 +298,7 @@ def run_bench(
                 r = BenchRow(cand.name, cand.kind, Status.NO_FIT, cap=cap, key=key, error=why)
                 say(f"{label}: does not fit: {r.error}")
                 rows.append(r)
-                _write(folder, meta, rows, previous)
+                _write(folder, meta, rows, previous, planned)
                 continue
             left = deadline - time.monotonic() if deadline is not None else None
             if left is not None and left < MIN_START_S:
@@ -298,9 +306,12 @@ def run_bench(
                 break
             limit = min(timeout_s, left) if left is not None else timeout_s
             spec = WorkerSpec(model=model, device=device, dtype=dtype, workload=wl, budget_bytes=cap,
-                              study_dir=str(folder), fixed_workload=True)
+                              study_dir=str(folder), fixed_workload=True, session=session or DEFAULT_SESSION)
             t0 = time.monotonic()
             say(f"{label} ...")
+            # A profile's calls can take minutes each under a small cap: say each one as it ends.
+            live = _live_lines(say) if cand.kind == "profile" else None
+            partial: Progress | None = None
             try:
                 worker = Worker(spec)
                 try:
@@ -310,12 +321,15 @@ def run_bench(
                         facts = ModelFacts.from_dict(worker.info.facts)
                     request = RunRequest(profile, role="reference" if cand.kind == "reference" else "trial",
                                          samples=samples, time_box_s=None if cand.kind == "profile" else time_box_s)
-                    result = worker.run(request, max(1.0, limit - (time.monotonic() - t0)))
+                    result = worker.run(request, max(1.0, limit - (time.monotonic() - t0)), on_progress=live)
                 finally:
                     worker.stop()
-            except WorkerDied as e:
+            except WorkerDied as e:  # its message says where the worker was; its progress, what it had measured
                 result = RunOutcome(Status.TIMEOUT if e.timed_out else Status.CRASHED, error=str(e))
+                partial = e.progress
             r = _row(cand, cap, key, result, wl)
+            if partial is not None:
+                _keep_partial(r, partial)
             r.seconds = time.monotonic() - t0
             feats = result.features
             if feats is not None and cand.kind == "reference":
@@ -332,7 +346,7 @@ def run_bench(
             if result.features_error:
                 say(f"    samples failed: {result.features_error}")
             rows.append(r)
-            _write(folder, meta, rows, previous)
+            _write(folder, meta, rows, previous, planned)
             lat = f"{r.latency_s:.2f}s" if r.latency_s else "-"
             say(f"    {r.status}: {lat}, peak {format_bytes(r.peak_reserved or 0)} ({r.seconds:.0f}s)"
                 + (f" - {r.error}" if r.error and r.status != Status.OK else ""))
@@ -342,7 +356,7 @@ def run_bench(
             say(f"stopped: less than {MIN_START_S:.0f}s left of --timeout; re-run the same command to continue "
                 f"({n - i} candidate(s) to go)")
             break
-    _write(folder, meta, rows, previous)
+    _write(folder, meta, rows, previous, planned)
     return rows
 
 
@@ -357,18 +371,23 @@ def _previous_rows(folder: Path, meta: dict[str, Any]) -> dict[str, BenchRow]:
     if not isinstance(data, dict) or data.get("meta") != json.loads(json.dumps(meta, default=str)):
         return {}
     out: dict[str, BenchRow] = {}
-    for raw in data.get("rows", []):
+    for raw in [*data.get("earlier_rows", []), *data.get("rows", [])]:
         r = BenchRow.from_dict(raw)
-        if r.key and r.status in FINAL:
+        if r.key:  # all of them: a timed-out row is run again, but what it had measured stays until then
             out[r.key] = r
     return out
 
 
-def _write(folder: Path, meta: dict[str, Any], rows: list[BenchRow], previous: dict[str, BenchRow]) -> None:
+def _write(folder: Path, meta: dict[str, Any], rows: list[BenchRow], previous: dict[str, BenchRow],
+           planned: set[str]) -> None:
     # Rows of the previous run that this one did not reach (yet) are kept too: nothing measured is lost.
+    # Those it will never reach are kept as earlier rows, out of ``rows`` and the summary, so that
+    # bench.json's comparison is the one this bench printed.
     seen = {r.key for r in rows}
-    kept = rows + [r for k, r in previous.items() if k not in seen]
-    data = {"meta": meta, "rows": [asdict(r) for r in kept], "summary": summary(kept)}
+    kept = rows + [r for k, r in previous.items() if k not in seen and k in planned]
+    earlier = [r for k, r in previous.items() if k not in seen and k not in planned]
+    data = {"meta": meta, "rows": [asdict(r) for r in kept], "summary": summary(kept),
+            "earlier_rows": [asdict(r) for r in earlier]}
     tmp = folder / "bench.json.tmp"
     tmp.write_text(json.dumps(data, indent=1, default=str))
     tmp.replace(folder / "bench.json")
@@ -395,6 +414,37 @@ def _row(cand: Candidate, cap: Cap, key: str, result: RunOutcome, workload: dict
                "host_ram_peak": m.host_ram_peak, "latency_runs": list(runs) if result.measurement else None,
                "imports_s": t.imports_s, "apply_parts": t.parts},
     )
+
+
+def _keep_partial(row: BenchRow, progress: Progress) -> None:
+    """What a worker stopped (timed out, crashed) had measured, into its row: the finished calls' latencies,
+    the peaks so far, apply's time. The row keeps its status: a resumed bench runs it again."""
+    row.peak_reserved, row.peak_allocated = progress.peak_reserved, progress.peak_allocated
+    row.apply_s = progress.apply_s
+    if progress.warmup_s:
+        row.first_call_s = progress.warmup_s[0]
+    row.extra["host_ram_peak"] = progress.host_ram_peak
+    row.extra["partial_latency_runs"] = list(progress.latencies)
+    row.extra["progress"] = progress.to_dict()
+
+
+def _live_lines(say: Callable[[str], None]) -> Callable[[Progress], None]:
+    """A worker progress callback that says apply's time and each warm-up and timed call once it ended."""
+    shown = {"apply": False, "warm-up": 0, "run": 0}
+
+    def show(p: Progress) -> None:
+        from fluxtune.worker.protocol import seconds
+
+        if p.apply_s is not None and not shown["apply"]:
+            shown["apply"] = True
+            say(f"    apply: {seconds(p.apply_s)} s")
+        for i in range(shown["warm-up"], p.warmup_done):
+            say(f"    warm-up {i + 1}/{p.warmup_total}: {seconds(p.warmup_s[i])} s")
+        for i in range(shown["run"], p.runs_done):
+            say(f"    run {i + 1}/{p.runs_total}: {seconds(p.latencies[i])} s")
+        shown["warm-up"], shown["run"] = p.warmup_done, p.runs_done
+
+    return show
 
 
 def summary(rows: list[BenchRow]) -> list[dict[str, Any]]:

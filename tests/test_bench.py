@@ -84,6 +84,14 @@ def test_bench_several_budgets_climbs_caps_skips_certain_misfits_and_resumes(tmp
         assert main(args) == 0
     assert out.getvalue().count("kept from the previous run") == 4 and " ...\n" not in out.getvalue()
     assert json.loads((tmp_path / "b" / "bench.json").read_text())["rows"] == data["rows"]
+    # Another profile in the same folder: the old profile's row is no longer this bench's, so it is kept as an
+    # earlier row, out of the rows and the summary (which then say what this bench printed).
+    prof.write_text(prof.read_text().replace("name: int8", "name: int8-b"))
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert main(args) == 0
+    again = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert [r["name"] for r in again["earlier_rows"]] == ["int8"]
+    assert "int8" not in {r["name"] for r in again["rows"]} and [s["profile"] for s in again["summary"]] == ["int8-b"]
 
 
 def test_bench_rejects_a_profile_budget_outside_the_list_in_one_line(tmp_path: Path) -> None:
@@ -113,3 +121,33 @@ def test_a_candidate_whose_host_copies_exceed_the_host_is_not_run() -> None:
     own = load_profile({"name": "own", "budget": {"host_ram": "1MB"}})  # a profile's own host budget wins
     assert _cannot_fit(own, None, facts, 10**12) is not None
     assert _cannot_fit(plain, None, None, 10**6) is None  # no facts yet (before the first worker): run it
+
+
+def test_a_candidate_that_times_out_keeps_what_it_had_measured(tmp_path: Path) -> None:
+    """On an H200 two candidates of 4.5 and 9 minutes came back as "timed out", peak 0 B, and nothing else.
+    Now the row says where the worker was and keeps its finished runs (its worker here never starts its
+    third timed call, as a call far slower than the others would not end); it still runs again on resume."""
+    from fluxtune.bench import make_candidates, run_bench
+    from fluxtune.presets import load_profile
+
+    generation = {"steps": 1, "height": 64, "width": 64}
+    cands = make_candidates([load_profile({"name": "slow", "generation": generation})], "flux", None, False,
+                            generation, reference=False)
+    lines: list[str] = []
+    wl = {"prompts": ["a fox"], "steps": 1, "height": 64, "width": 64, "runs": 4, "warmup": 1}
+    # The limit covers the worker's start too; the run itself always gets at least a second, ample for a
+    # tiny model's apply, warm-up and two calls.
+    (row,) = run_bench(cands, model="tiny-flux", device="cpu", workload=wl, folder=tmp_path / "b", dtype="float32",
+                       timeout_s=3.0, say=lines.append, session="crashing:HangsAfterRun2")
+    assert row.status == "timeout" and row.error is not None
+    assert row.error.startswith("worker on cpu timed out ") and " s into run 3 of 4 (2 finished: " in row.error
+    runs = row.extra["partial_latency_runs"]
+    assert len(runs) == 2 and all(0 < s < 3 for s in runs) and row.latency_s is None
+    assert row.extra["progress"]["stage"] == "run" and row.extra["progress"]["runs_total"] == 4
+    assert row.first_call_s is not None and row.apply_s is not None and row.extra["host_ram_peak"]
+    saved = json.loads((tmp_path / "b" / "bench.json").read_text())["rows"][0]
+    assert saved["extra"]["partial_latency_runs"] == runs and saved["error"] == row.error
+    # A profile candidate is not silent while it runs: apply, the warm-up and each timed call as they end.
+    said = "\n".join(lines)
+    assert "    apply: " in said and "    warm-up 1/1: " in said and "    run 2/4: " in said
+    assert "run 3/4:" not in said and row.error in said

@@ -3,6 +3,8 @@ process around it."""
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from fluxtune.worker import RunRequest, Status, WorkerSpec
@@ -131,6 +133,83 @@ def test_an_orphaned_worker_exits_quietly(tmp_path, capsys):
     and that means exit, not error."""
     spec = WorkerSpec(model="tiny-flux", device="cpu", dtype="float32", workload=WORKLOAD, budget_bytes=None,
                       study_dir=str(tmp_path), session=f"{__name__}:_Answers")
-    worker_main(_OrphanedPipe(), spec)  # returns; nothing escapes
-    worker_main(_EofPipe(), spec)
+    # worker_main ignores SIGINT, here in pytest's own process: put it back, or every later subprocess
+    # inherits the ignored signal (the Ctrl-C test of test_search.py then never stops its search).
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        worker_main(_OrphanedPipe(), spec)  # returns; nothing escapes
+        worker_main(_EofPipe(), spec)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert capsys.readouterr().err == ""
+
+
+# -- progress: what a run sends while it runs ---------------------------------------------------------------
+def test_progress_says_where_a_run_is():
+    from fluxtune.worker import Progress
+
+    assert Progress("apply", detail="quantize").where() == "during apply (quantize)"
+    p = Progress("run", latencies=(21.31, 21.5, 21.4), runs_total=10, warmup_s=(95.2,))
+    assert p.runs_done == 3 and p.where() == "during run 4 of 10 (3 finished: 21.3, 21.5, 21.4 s)"
+    assert p.where(stuck_s=120) == "120 s into run 4 of 10 (3 finished: 21.3, 21.5, 21.4 s)"
+    assert Progress("warm-up", warmup_total=1, apply_s=312.4).where() == "during warm-up 1 of 1 (apply took 312 s)"
+    many = Progress("run", latencies=tuple(float(i) for i in range(1, 13)), runs_total=12)
+    assert many.where() == "after the timed runs (12 finished: 1, 2, 3, ..., 10, 11, 12 s)"
+    assert many.to_dict()["latencies"] == list(many.latencies)
+
+
+def _worker_spec(tmp_path, session: str | None = None, **workload) -> WorkerSpec:
+    from fluxtune.worker import DEFAULT_SESSION
+
+    return WorkerSpec(model="tiny-flux", device="cpu", dtype="float32", workload={**WORKLOAD, **workload},
+                      budget_bytes=None, study_dir=str(tmp_path), fixed_workload=True, threads=1,
+                      session=session or DEFAULT_SESSION)
+
+
+def test_progress_messages_come_before_the_outcome_and_change_nothing(tmp_path):
+    """A worker process sends where it is (apply's knobs, each warm-up and timed call) before its outcome;
+    the parent keeps the last, hands each to a callback, and the outcome is the one it always was."""
+    from fluxtune.worker import Progress, Worker
+
+    worker = Worker(_worker_spec(tmp_path, runs=3, warmup=1))
+    try:
+        seen: list[Progress] = []
+        out = worker.run(RunRequest(_profile()), 120, on_progress=seen.append)
+        assert out.status == Status.OK, out.error
+        m = out.measurement
+        assert m is not None and len(m.latency_runs) == 3
+        last = seen[-1]
+        assert worker.last_progress == last
+        # The last word is the timed calls as measured: the same latencies, to the bit.
+        assert list(last.latencies) == m.latency_runs and list(last.warmup_s) == m.warmup_s
+        assert last.runs_total == 3 and last.apply_s == out.timings.apply_s and last.host_ram_peak
+        stages = [p.stage for p in seen]
+        assert stages[0] == "apply" and {"quantize", "offload"} <= {p.detail for p in seen}
+        # In order: apply, the warm-up, then the timed calls one by one.
+        assert max(i for i, s in enumerate(stages) if s == "apply") < stages.index("warm-up") < stages.index("run")
+        assert [p.runs_done for p in seen if p.stage == "run"] == [0, 1, 1, 2, 2, 3]
+        # The next run on the same worker: int8 cannot be undone in place, so the one after it restores;
+        # nothing of the first run's messages is left on the pipe, and without a callback they are only kept.
+        out2 = worker.run(RunRequest(_profile(transformer={"quantize": {"method": "int8_weight"}})), 120)
+        assert out2.status == Status.OK, out2.error
+        assert worker.last_progress is not None and worker.last_progress.runs_done == 3
+        seen.clear()
+        assert worker.run(RunRequest(_profile()), 120, on_progress=seen.append).status == Status.OK
+        assert seen[0].stage == "restore" and seen[-1].runs_done == 3
+    finally:
+        worker.stop()
+
+
+def test_a_worker_that_dies_in_apply_says_where(tmp_path):
+    """The OOM killer ending a quantization used to leave "exited with code -9" and nothing else."""
+    from fluxtune.worker import Worker, WorkerDied
+
+    worker = Worker(_worker_spec(tmp_path, session="crashing:DiesInQuantize"))
+    try:
+        with pytest.raises(WorkerDied) as died:
+            worker.run(RunRequest(_profile(transformer={"quantize": {"method": "int8_weight"}})), 120)
+    finally:
+        worker.stop()
+    e = died.value
+    assert not e.timed_out and str(e) == "worker on cpu exited with code 3 during apply (quantize)"
+    assert e.progress is not None and e.progress.stage == "apply" and e.progress.runs_done == 0

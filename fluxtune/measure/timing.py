@@ -8,7 +8,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -25,6 +25,20 @@ if TYPE_CHECKING:
 
 PROBE_STEPS = 3
 """Warm steps (after the first) whose median a pruned call's projection is made from."""
+
+
+@dataclass(frozen=True)
+class CallMark:
+    """Where :func:`measure` is, for a caller that reports progress (its ``on_call``): before and after
+    each warm-up and timed call."""
+
+    phase: Literal["warm-up", "run"]
+    index: int
+    """The call's place in its phase, from 0."""
+    total: int
+    """Calls in the phase (timed: runs x calls per run; a time box may stop before the last)."""
+    latency_s: float | None = None
+    """None: the call is about to start; else it just ended, after this many seconds."""
 
 
 class _Pruned(Exception):
@@ -323,6 +337,7 @@ def measure(
     reference: Reference | None = None,
     time_box_s: float | None = None,
     stop_above_s: float | None = None,
+    on_call: Callable[[CallMark], None] | None = None,
 ) -> Measurement:
     """Time a pipeline on a workload and record its peak memory (and quality, given a reference).
 
@@ -339,12 +354,15 @@ def measure(
         stop_above_s: multi-fidelity. The first call with enough steps (the warm-up, else the first timed
             call) projects its latency from its first warm steps; above this many seconds the measurement
             stops there with status ``pruned`` and ``projected_latency_s`` (no images, no quality).
+        on_call: called with a :class:`CallMark` before and after each call (a worker sends its parent
+            where it is, so that a run killed at its time limit still says what it had measured).
 
     Returns:
         A :class:`Measurement`; never raises except ``KeyboardInterrupt``.
     """
     m = Measurement(workload=workload.to_dict())
     say = progress or (lambda _msg: None)
+    mark = on_call or (lambda _mark: None)
     device: torch.device | None = None
     failed = False
     try:
@@ -373,7 +391,9 @@ def measure(
                         warm_probe = None
                 for i in range(workload.warmup):
                     say(f"warm-up {i + 1}/{workload.warmup}")
+                    mark(CallMark("warm-up", i, workload.warmup))
                     m.warmup_s.append(_one_call(pipe, inst, device, seed, kwargs, keep=False, probe=warm_probe).latency)
+                    mark(CallMark("warm-up", i, workload.warmup, m.warmup_s[-1]))
                 if device is not None:
                     torch.cuda.synchronize(device)
                     torch.cuda.reset_peak_memory_stats(device)
@@ -385,8 +405,10 @@ def measure(
                     last = run == workload.runs - 1 or time_box_s is not None
                     for j, (seed, kwargs) in enumerate(calls):
                         say(f"run {run + 1}/{workload.runs}, call {j + 1}/{len(calls)}")
+                        mark(CallMark("run", len(results), workload.runs * len(calls)))
                         results.append(_one_call(pipe, inst, device, seed, kwargs, keep=keep_images and last,
                                                  probe=probe))
+                        mark(CallMark("run", len(results) - 1, workload.runs * len(calls), results[-1].latency))
                     timed = sum(r.latency for r in results)
                     if time_box_s is not None and timed * (run + 2) / (run + 1) > time_box_s:
                         break

@@ -11,7 +11,7 @@ casting, compile) must match, or the call refuses before changing anything.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +279,7 @@ def apply(
     strict: bool = False,
     loras: Sequence[Any] | None = None,
     model: str | None = None,
+    on_knob: Callable[[str], None] | None = None,
 ) -> ApplyReport:
     """Make ``pipe`` obey ``profile``.
 
@@ -292,6 +293,8 @@ def apply(
         loras: LoRAs (paths, dicts or :class:`fluxtune.knobs.Lora`) replacing the profile's ``loras``.
         model: the model spec the pipeline was loaded from, to warn when the profile was measured on
             another (default: the pipeline's ``_name_or_path``).
+        on_knob: called with each knob's name (``quantize``, ``offload``, ...) as it starts: a worker tells
+            its parent which part of a long apply it is in.
 
     Returns:
         What was done to each component, in order, with reasons for anything skipped.
@@ -359,6 +362,8 @@ def apply(
     importing = _import_beside(prof) if dev.type == "cuda" else None
     try:
         for handler in handlers:
+            if on_knob is not None:
+                on_knob(handler.name)
             handler.apply(ctx)
             done.append(handler.name)
     except BaseException as e:

@@ -1,8 +1,9 @@
 """Run a profile in an isolated process: the trial engine under ``fluxtune search`` and ``fluxtune bench``.
 
 A worker owns one pipeline on one device. The parent sends :class:`RunRequest` messages (a validated
-profile) and gets :class:`RunOutcome` messages back (a measurement, quality and timings); a worker that
-crashes or is killed takes only its current run with it (:class:`WorkerDied`).
+profile) and gets :class:`RunOutcome` messages back (a measurement, quality and timings), each after any
+number of :class:`Progress` messages (where the run is); a worker that crashes or is killed takes only
+its current run with it (:class:`WorkerDied`, which carries the last progress).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from fluxtune.worker.client import Worker, WorkerDied
 from fluxtune.worker.protocol import (
     DEFAULT_SESSION,
     ApplyTimings,
+    Progress,
     Ready,
     Role,
     RunOutcome,
@@ -21,5 +23,5 @@ from fluxtune.worker.protocol import (
     WorkerSpec,
 )
 
-__all__ = ["DEFAULT_SESSION", "ApplyTimings", "Ready", "Role", "RunOutcome", "RunRequest", "ScanOutcome", "ScanRequest", "Status",
-           "Worker", "WorkerDied", "WorkerSpec"]
+__all__ = ["DEFAULT_SESSION", "ApplyTimings", "Progress", "Ready", "Role", "RunOutcome", "RunRequest", "ScanOutcome",
+           "ScanRequest", "Status", "Worker", "WorkerDied", "WorkerSpec"]

@@ -3,11 +3,13 @@
 The parent validates a profile once and sends the :class:`~fluxtune.profile.Profile` itself (a frozen
 pydantic model pickles); the worker answers with a :class:`RunOutcome` whose measurement is a
 :class:`~fluxtune.measure.Measurement` without its tensors (images stay in the worker's folder).
+While it runs, it sends any number of :class:`Progress` messages before that outcome: a run killed at
+its time limit (or dying) still says where it was and what it had measured.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from fluxtune.profile import Profile
@@ -16,8 +18,8 @@ from fluxtune.status import Status
 if TYPE_CHECKING:
     from fluxtune.measure import Measurement
 
-__all__ = ["ApplyTimings", "Fatal", "Ready", "Role", "RunOutcome", "RunRequest", "ScanOutcome", "ScanRequest",
-           "Status", "Stop", "WorkerSpec"]
+__all__ = ["ApplyTimings", "Fatal", "Progress", "Ready", "Role", "RunOutcome", "RunRequest", "ScanOutcome",
+           "ScanRequest", "Stage", "Status", "Stop", "WorkerSpec"]
 
 DEFAULT_SESSION = "fluxtune.worker.session:TrialSession"
 
@@ -119,6 +121,91 @@ class RunOutcome:
         if self.measurement is None:
             return None
         return {**self.measurement.to_dict(), **self.tensor_shapes}
+
+
+Stage = Literal["restore", "apply", "warm-up", "run", "noise floor", "quality", "samples"]
+"""What a run is doing: ``restore`` (pristine weights for other irreversible knobs), ``apply`` (its
+``detail`` names the knob), the warm-up and the timed calls, then what follows them (a reference's
+second call for its noise floor, a trial's quality call at the study's batch, class-conditional samples)."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a worker is in a :class:`RunRequest`, sent as it moves on (apply starts and ends, each knob of
+    apply, before and after each call); plain numbers only, so a message costs microseconds."""
+
+    stage: Stage
+    detail: str | None = None
+    """``apply``: the knob being applied (``quantize``, ``offload``, ...) or ``imports``."""
+    latencies: tuple[float, ...] = ()
+    """Seconds of each timed call finished so far (what becomes ``Measurement.latency_runs``)."""
+    runs_total: int = 0
+    """Timed calls planned (runs x calls per run; a time box may stop earlier); 0: not known yet."""
+    warmup_s: tuple[float, ...] = ()
+    """Seconds of each warm-up call finished so far (the first one compiles, autotunes, fills caches)."""
+    warmup_total: int = 0
+    apply_s: float | None = None
+    """Seconds apply took, once it finished."""
+    peak_reserved: int | None = None
+    """The allocator's reserved peak so far (over the timed calls once they began, as the measurement
+    counts it; before them, the warm-up's, and before that the process's); None on CPU."""
+    peak_allocated: int | None = None
+    host_ram_peak: int | None = None
+    """The worker process's peak RSS so far."""
+    elapsed_s: float = 0.0
+    """Seconds since the worker received the request."""
+
+    @property
+    def runs_done(self) -> int:
+        return len(self.latencies)
+
+    @property
+    def warmup_done(self) -> int:
+        return len(self.warmup_s)
+
+    def where(self, stuck_s: float | None = None) -> str:
+        """``during run 4 of 10 (3 finished: 21.3, 21.5, 21.4 s)``; with ``stuck_s``, the seconds since this
+        message came, ``120 s into run 4 of 10 (...)``: whether one call, or the stage, took the time."""
+        after = None
+        if self.stage == "apply":
+            what = "apply" + (f" ({self.detail})" if self.detail else "")
+        elif self.stage == "warm-up" and self.warmup_total and self.warmup_done >= self.warmup_total:
+            after = "the warm-up"
+        elif self.stage == "warm-up":
+            what = f"warm-up {self.warmup_done + 1}" + (f" of {self.warmup_total}" if self.warmup_total else "")
+        elif self.stage == "run" and self.runs_total and self.runs_done >= self.runs_total:
+            after = "the timed runs"
+        elif self.stage == "run":
+            what = f"run {self.runs_done + 1}" + (f" of {self.runs_total}" if self.runs_total else "")
+        elif self.stage == "restore":
+            what = "the restore of pristine weights"
+        else:
+            what = f"the {self.stage} call" if self.stage != "samples" else "the samples"
+        stuck = f"{seconds(stuck_s)} s " if stuck_s is not None else ""
+        if after is not None:
+            text = f"{stuck}after {after}"
+        else:
+            text = f"{stuck}into {what}" if stuck else f"during {what}"
+        done = []
+        if self.apply_s is not None and not self.warmup_s and not self.latencies:
+            done.append(f"apply took {seconds(self.apply_s)} s")
+        if self.warmup_s and not self.latencies:
+            done.append(f"warm-up {', '.join(seconds(s) for s in self.warmup_s)} s")
+        if self.latencies:
+            shown = [seconds(s) for s in self.latencies]
+            if len(shown) > 8:  # one line: the first and the last few
+                shown = [*shown[:3], "...", *shown[-3:]]
+            done.append(f"{self.runs_done} finished: {', '.join(shown)} s")
+        return text + (f" ({'; '.join(done)})" if done else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe data (a bench row keeps it)."""
+        return {**asdict(self), "latencies": list(self.latencies), "warmup_s": list(self.warmup_s)}
+
+
+def seconds(s: float) -> str:
+    """A duration for a line of text: three significant digits, whole seconds from 100 s."""
+    return f"{s:.0f}" if s >= 100 else f"{s:.3g}"
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """The worker's side: a process that owns one pipeline on one device and runs the profiles sent to it.
 
 The parent (the search, the bench) sends :class:`~fluxtune.worker.protocol.RunRequest` messages over a
-pipe and gets :class:`~fluxtune.worker.protocol.RunOutcome` messages back; a worker that crashes or is
-killed takes only its current run with it (the parent records it and starts a new worker).
+pipe and gets :class:`~fluxtune.worker.protocol.RunOutcome` messages back, each after any number of
+:class:`~fluxtune.worker.protocol.Progress` messages; a worker that crashes or is killed takes only its
+current run with it (the parent records it, with the last progress, and starts a new worker).
 Inside, trials reuse the loaded pipeline: reversible knobs are re-applied in place, and a trial that
 needs different irreversible knobs (quantization, casting, fused QKV, compile) starts from pristine
 weights: a loaded model is a skeleton (:func:`fluxtune.loading.skeleton`) whose weights each apply reads
@@ -11,6 +12,7 @@ from the checkpoint, so no host copy of the model is kept between trials; built-
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import os
@@ -18,23 +20,29 @@ import signal
 import time
 import traceback
 import weakref
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fluxtune.profile import Profile
 from fluxtune.worker.protocol import (
     ApplyTimings,
     Fatal,
+    Progress,
     Ready,
     RunOutcome,
     RunRequest,
     ScanOutcome,
     ScanRequest,
+    Stage,
     Status,
     Stop,
     WorkerSpec,
 )
+
+if TYPE_CHECKING:
+    from fluxtune.measure.timing import CallMark
 
 
 def _one_line(e: BaseException) -> str:
@@ -43,6 +51,11 @@ def _one_line(e: BaseException) -> str:
 
 class TrialSession:
     """Holds the pipeline between trials and runs one profile at a time; never raises."""
+
+    send_progress: Callable[[Progress], None] | None = None
+    """Where :meth:`report` sends (the pipe, in a worker process); None: nowhere (a session in a test)."""
+    _progress: Progress = Progress("apply")
+    _run_t0: float = 0.0
 
     def __init__(self, spec: WorkerSpec) -> None:
         import torch
@@ -119,8 +132,41 @@ class TrialSession:
         state = call_state(self.pipe)
         if self.dirty or (state is not None
                           and irreversible_signature(state.profile) != irreversible_signature(profile)):
+            self._moved("restore")
             self._restore()
         return self.pipe
+
+    # -- progress ------------------------------------------------------------------------------
+    def report(self, progress: Progress) -> None:
+        """Tell the parent where the current run is. Never raises: a parent that is gone is found by the
+        outcome's send (which ends the worker), and the run itself must not depend on being watched."""
+        if self.send_progress is None:
+            return
+        with contextlib.suppress(OSError, ValueError):  # BrokenPipeError; a closed connection
+            self.send_progress(progress)
+
+    def _moved(self, stage: Stage, **changes: Any) -> None:
+        """The current run moved on: note it, with the peaks so far, and report it."""
+        from fluxtune.measure.sampler import lifetime_peak_rss
+
+        reserved = allocated = None
+        if self.device.type == "cuda":  # allocator statistics: host-side counters, no sync
+            reserved = int(self.torch.cuda.max_memory_reserved(self.device))
+            allocated = int(self.torch.cuda.max_memory_allocated(self.device))
+        self._progress = replace(self._progress, stage=stage, elapsed_s=time.perf_counter() - self._run_t0,
+                                 peak_reserved=reserved, peak_allocated=allocated,
+                                 host_ram_peak=lifetime_peak_rss(), **changes)
+        self.report(self._progress)
+
+    def _on_call(self, mark: CallMark) -> None:
+        """``measure``'s marks as progress: before and after each warm-up and timed call."""
+        p = self._progress
+        if mark.phase == "warm-up":
+            warm = p.warmup_s if mark.latency_s is None else (*p.warmup_s, mark.latency_s)
+            self._moved("warm-up", warmup_s=warm, warmup_total=mark.total)
+        else:
+            runs = p.latencies if mark.latency_s is None else (*p.latencies, mark.latency_s)
+            self._moved("run", latencies=runs, runs_total=mark.total)
 
     # -- running -------------------------------------------------------------------------------
     def run(self, req: RunRequest) -> RunOutcome:
@@ -132,6 +178,7 @@ class TrialSession:
 
         profile = req.profile
         timings: dict[str, Any] = {}
+        self._run_t0, self._progress = time.perf_counter(), Progress("apply")  # nothing sent until it moves
 
         def failed(status: Status, error: str, tb: str | None = None) -> RunOutcome:
             return RunOutcome(status, trial=req.trial, error=error, traceback=tb, timings=ApplyTimings(**timings))
@@ -144,10 +191,12 @@ class TrialSession:
             timings["held_after_restore"] = self.held_after_restore
             timings["left_after_restore"] = self.left_after_restore
             # First use of torchao/TorchDynamo in this process: imports, reported apart from apply.
+            self._moved("apply", detail="imports")
             timings["imports_s"] = preload(profile)
             self.dirty = True  # until apply finished cleanly
             t0 = time.perf_counter()
-            report = apply(profile, pipe, hardware=self.hardware, device=str(self.device))
+            report = apply(profile, pipe, hardware=self.hardware, device=str(self.device),
+                           on_knob=lambda knob: self._moved("apply", detail=knob))
             timings["apply_s"] = time.perf_counter() - t0
             timings["quantize_s"] = report.seconds("quantize")
             timings["placement_s"] = report.seconds("offload")
@@ -169,8 +218,11 @@ class TrialSession:
             # its speed: no warm-up and one call, then the second identical call below gives both the
             # noise floor and a warm latency (a streamed bf16 FLUX call is 15 s: two calls, not four).
             workload = replace(workload, runs=1, warmup=0)
+        self._moved("warm-up" if workload.warmup else "run", detail=None, apply_s=timings["apply_s"],
+                    warmup_total=workload.warmup)
         m = measure(pipe, workload, budget_bytes=self.spec.budget_bytes, device_index=index, time_box_s=req.time_box_s,
-                    stop_above_s=req.prune_above_s if req.role == "trial" else None, keep_images=req.role != "retime")
+                    stop_above_s=req.prune_above_s if req.role == "trial" else None, keep_images=req.role != "retime",
+                    on_call=self._on_call)
         if self.spec.fixed_workload:
             # A bench worker runs one candidate in its own process: its host peak covers the load and
             # the apply too (a search's workers run many trials, so their process peak would not be one trial's).
@@ -186,6 +238,7 @@ class TrialSession:
 
                 # A second identical run gives the noise floor quality is judged against; its images
                 # are all that is used, so one untimed call does (a streamed replica call is 15 s).
+                self._moved("noise floor")
                 second = measure(pipe, replace(self.workload, runs=1, warmup=0), device_index=index)
                 if not self.spec.fixed_workload and second.status == Status.OK:
                     # The first call was cold (no warm-up): report the second, warm one as the latency.
@@ -207,6 +260,7 @@ class TrialSession:
 
                 if workload is not self.workload:
                     # Another batch draws other noise: judge quality on one call of the reference's workload.
+                    self._moved("quality")
                     qm = measure(pipe, replace(self.workload, runs=1, warmup=0), device_index=index)
                     if qm.status == Status.OK:
                         m.images = qm.images
@@ -217,6 +271,7 @@ class TrialSession:
                 self._save_images(m.images, f"trial_{req.trial:04d}.pt")
             if req.samples and self.workload.class_labels:
                 try:
+                    self._moved("samples")
                     extra["features"] = self._sample_features(pipe, profile, req.samples)
                 except Exception as e:  # extra evidence: its failure is reported, the run stays measured
                     extra["features_error"] = _one_line(e)
@@ -334,6 +389,7 @@ def _serve(conn: Any, spec: WorkerSpec) -> None:
 
             torch.set_num_threads(spec.threads)
         session = session_class(spec.session)(spec)
+        session.send_progress = conn.send
         have_ref = session.load_reference()
         ready = Ready(facts=session.facts(), hardware=session.hardware.fingerprint(), load_s=session.load_s,
                       reference=have_ref)
