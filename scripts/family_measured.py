@@ -1,6 +1,6 @@
 """Turn issue 19's benches (scripts/h200_issue19.sh) into shipped presets with their measured blocks.
 
-    python scripts/family_measured.py BENCHDIR VERSIONS.json NAME[=BENCH.json] ... [--date 2026-12-04]
+    python scripts/family_measured.py BENCHDIR VERSIONS.json NAME[=BENCH.json] ... [--date 2026-12-04] [--note NAME:TEXT]
 
 BENCHDIR holds ``candidates/NAME.yaml`` and ``NAME/bench.json`` for each candidate. ``NAME=PATH`` reads the
 profile's row from another bench.json (a re-run of the candidate alone, e.g. with less resident, given as
@@ -31,6 +31,8 @@ DESCRIPTIONS = {
                            "the rest streamed; Qwen3-8B encoder int8 and streamed; regional compile",
     "flux2-dev-24gb": "FLUX.2 [dev] on 24 GB cards (RTX 4090, 3090): fp8 transformer 12.5 GB resident, the rest "
                       "streamed; Mistral-Small-3.1 encoder int8 and streamed; regional compile",
+    "flux2-dev-32gb": "FLUX.2 [dev] on 32 GB cards (RTX 5090): fp8 transformer 20 GB resident, the rest streamed; "
+                      "Mistral-Small-3.1 encoder int8 and streamed; regional compile",
     "qwen-image-24gb": "Qwen-Image on 24 GB cards (RTX 4090, 3090): fp8 transformer 18 GB resident, the rest "
                        "streamed; Qwen2.5-VL-7B encoder int8 and streamed; VAE tiled; regional compile",
 }
@@ -66,6 +68,7 @@ def main() -> None:
     ap.add_argument("versions", type=Path)
     ap.add_argument("names", nargs="+")
     ap.add_argument("--set", action="append", default=[], metavar="NAME:KEY=VALUE")
+    ap.add_argument("--note", action="append", default=[], metavar="NAME:TEXT", help="appended to NAME's notes")
     ap.add_argument("--date", default=dt.date.today().isoformat())
     ap.add_argument("--out", type=Path, default=Path("profiles"))
     args = ap.parse_args()
@@ -79,13 +82,15 @@ def main() -> None:
         bench_rows = _rows(args.benchdir / name / "bench.json")
         rows = _rows(Path(row_path)) if row_path else bench_rows
         recipes = [r for r in bench_rows if r["kind"] == "recipe"]
-        row = next(r for r in rows if r["kind"] == "profile")
+        # The candidate's own row (a bench may hold an A/B profile beside it), else its first profile row.
+        profiles = [r for r in rows if r["kind"] == "profile"]
+        row = next((r for r in profiles if r["name"] == name), profiles[0])
         gen = cand.get("generation", {})
         block = measured_block(
             row, card=card, model=replica, source="fluxtune bench --baselines", versions=versions, date=args.date,
             workload={k: gen.get(k) for k in ("height", "width", "steps")}, host_rss=True,
             notes="; host RSS is the bench worker's, on the replica built on the GPU (not a save_pretrained load)"
-            + _versus(row, recipes))
+            + _versus(row, recipes) + "".join(f"; {n.split(':', 1)[1]}" for n in args.note if n.split(":", 1)[0] == name))
         profile = load_profile(cand)
         variant = profile.for_class(find_gpu(card).capability if card != "none" else "hopper").variant
         data = profile.to_dict(exclude_defaults=True)

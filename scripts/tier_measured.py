@@ -45,8 +45,9 @@ def measured_block(row: dict[str, Any], *, card: str, model: str, source: str, v
     }
     if host_rss:
         block["peak_host_rss"] = (row.get("extra") or {}).get("host_ram_peak")
-    block["notes"] = (f"{row.get('generations', 0)} generations back to back under the {card if card != 'none' else 'H200'}"
-                      f" budget, status {row.get('status')}" + (f": {row.get('error')}" if row.get("error") else "")
+    where = (f"the {card} budget" if card != "none" else
+             f"a {row['cap'] / 1e9:g} GB cap on the H200 (no card emulated)" if row.get("cap") else "the H200's memory")
+    block["notes"] = (f"{row.get('generations', 0)} generations back to back under {where}, status {row.get('status')}" + (f": {row.get('error')}" if row.get("error") else "")
                       + (f"; apply {row['apply_s']:.2f} s" if row.get("apply_s") else "") + notes)
     block["emulation"] = emulation_note(hw)
     return block

@@ -195,3 +195,12 @@ def test_expandable_segments_switch_and_report_what_was_there_before() -> None:
         assert set_expandable_segments(False) is False
     finally:
         set_expandable_segments(bool(first))
+
+
+def test_expandable_segments_are_switched_before_weights_are_quantized_or_placed() -> None:
+    # Segments keep the kind they were made with: switched after placement, the resident weights and the
+    # holes between them stay in fixed segments (the H200 run that this ordering answers).
+    from fluxtune.tuning.base import HANDLERS
+
+    order = [h.name for h in HANDLERS]
+    assert order.index("allocator") < min(order.index(n) for n in ("precision", "quantize", "layerwise", "offload"))

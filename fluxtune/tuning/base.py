@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import torch
 
 # Phases, in the order the constraints demand (diffusers-knobs.md §11):
+ALLOCATOR = 5  # process-wide allocator settings, before any weight is cast, quantized or moved
 PRECISION = 10  # cast before quantizing
 FUSE = 20  # fuse QKV before quantizing (quantize_ then fuse raises)
 LORA = 25  # load LoRAs; fused ones go into the base weights before quantization

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from fluxtune.tuning.base import BUDGET, Context, Handler, register
+from fluxtune.tuning.base import ALLOCATOR, BUDGET, Context, Handler, register
 from fluxtune.units import format_bytes
 
 FIRST_CALL_GROWTH = 320 * 2**20
@@ -105,15 +105,6 @@ class BudgetHandler(Handler):
             return
         index = ctx.device.index or 0
         total = torch.cuda.get_device_properties(index).total_memory
-        expandable = ""
-        if b.expandable_segments:
-            before = set_expandable_segments(True)
-            if before is None:
-                expandable = "; expandable segments NOT set (this torch cannot switch them at run time)"
-            else:
-                expandable = "; allocator segments expandable"
-                if not before:
-                    ctx.undo.append((self.name, _fixed_segments))
         torch.cuda.empty_cache()
         outside, how = outside_allocator(index)
         cap = allocator_cap(b.vram, outside, b.display_reserve)
@@ -136,5 +127,34 @@ class BudgetHandler(Handler):
         ctx.report.add(
             self.name, "pipeline",
             f"whole process within {format_bytes(b.vram)}: allocator capped at {format_bytes(cap)} = budget - "
-            f"context {format_bytes(outside)} {how} - first-call margin {format_bytes(FIRST_CALL_GROWTH)}{reserve}"
-            f"{expandable}")
+            f"context {format_bytes(outside)} {how} - first-call margin {format_bytes(FIRST_CALL_GROWTH)}{reserve}")
+
+
+@register
+class AllocatorHandler(Handler):
+    """``budget.expandable_segments``: switched before any weight is quantized or placed.
+
+    Segments keep the kind they were made with, so switching after placement (as the budget's cap is) left
+    the resident weights and the holes between them in fixed segments: on the H200 FLUX.2 [dev] ran out of
+    memory with the same allocator numbers, byte for byte, with the switch as without it."""
+
+    name = "allocator"
+    phase = ALLOCATOR
+
+    def check(self, ctx: Context) -> list[str]:
+        return []
+
+    def apply(self, ctx: Context) -> None:
+        if not ctx.profile.budget.expandable_segments:
+            return
+        if not ctx.on_gpu:
+            ctx.skip(self.name, "pipeline", "no CUDA device: expandable segments are a CUDA allocator setting")
+            return
+        before = set_expandable_segments(True)
+        if before is None:
+            ctx.report.add(self.name, "pipeline", "expandable segments NOT set (this torch cannot switch them at run time)")
+            return
+        if not before:
+            ctx.undo.append((self.name, _fixed_segments))
+        ctx.report.add(self.name, "pipeline", "allocator segments expandable from here on (process-wide; segments "
+                       "made before keep their kind)")
