@@ -389,3 +389,20 @@ def test_pinned_copies_are_rounded_up_to_a_power_of_two() -> None:
     from fluxtune.memory.model import _pinned_bytes
 
     assert _pinned_bytes(72 * 2**20) == 128 * 2**20 and _pinned_bytes(2**20) == 2**20 and _pinned_bytes(0) == 0
+
+
+def test_text_encoding_charges_the_dequantized_copy_of_int8_group_weights() -> None:
+    # H200, 2026-12-04: FLUX.2 [dev] with 15 GB of its transformer resident ran out of memory during text
+    # encoding, asking 640 MiB (one Mistral MLP weight dequantized to float32) with 18.62 GiB allocated: the
+    # text encoder's phase reached at least 20.67 GB. Without the dequantized copy the model said 19.8 GB.
+    from fluxtune.memory.facts import ModelFacts
+    from fluxtune.presets import apply_overrides, load_profile
+
+    facts = ModelFacts.for_builtin("flux2-dev-replica")
+    base = load_profile("flux2-dev-24gb").for_class("ada").to_dict(exclude_defaults=True)
+    prof = load_profile(apply_overrides(base, ["transformer.offload.resident=15GB"]))
+    phases = predict(prof, facts).phases
+    assert phases["text_encoder"] >= 18.62 * 2**30 + 640 * 2**20
+    bf16_encoder = load_profile(apply_overrides(base, ["transformer.offload.resident=15GB",
+                                                       "text_encoder.quantize=null"]))
+    assert predict(bf16_encoder, facts).phases["text_encoder"] > phases["text_encoder"]  # bf16 streams more

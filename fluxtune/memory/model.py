@@ -48,6 +48,12 @@ TEXT_ACT_HIDDEN, TEXT_ACT_FFN = 8.0, 3.0
 """Text encoder activations per token: 8 hidden-size and 3 FFN-size tensors, plus fp32 attention scores
 (T5 computes them eagerly). Fit: block-level offload peaks in the T5 phase at 9.1 GiB = 8.87 + 0.2."""
 
+DEQUANT_BYTES = 6
+"""Bytes per weight of the transient copy an eagerly run int8 per-group weight makes at each call: the float32
+dequantized weight and its cast to the compute dtype. On the H200 (2026-12-04) these were the allocations
+that failed: 1.45 GiB for Qwen3-4B's head (151936 x 2560 x 4 B) and 640 MiB for a Mistral-Small MLP
+projection (32768 x 5120 x 4 B). Compiled components fuse it away; the text encoders run eager."""
+
 STREAM_IN_FLIGHT = 2
 """Groups on the GPU at once with streams: the one computing and the one being prefetched."""
 
@@ -114,6 +120,17 @@ def quantized_bytes(weight_numel: int, rows: int, q: Quantize) -> float:
         return weight_numel * (1.0 + 4 / q.group_size)  # an fp32 scale per group (quantize.torchao_config)
     scales = 4 if q.method.endswith("dynamic") and q.granularity == "tensor" else rows * 4
     return weight_numel * 1.0 + scales
+
+
+def _dequant_transient(comp: Component, facts: ComponentFacts) -> float:
+    """The largest dequantized copy an eager int8 per-group component makes during its call (see DEQUANT_BYTES)."""
+    q = comp.quantize
+    if q is None or q.method != "int8_weight":
+        return 0.0
+    excl = _compiled(tuple(q.exclude))
+    sizes = [leaf.weight for leaf in facts.leaves if leaf.kind == "linear" and leaf.name != facts.output_embedding
+             and not any(p.search(leaf.name) for p in excl) and q.tiles(leaf.cols)]
+    return float(DEQUANT_BYTES * max(sizes, default=0))
 
 
 def _quant_weight_bytes(leaf: Leaf, q: Quantize) -> float:
@@ -355,7 +372,7 @@ def predict(
         cb = _compute_bytes(c, cf)
         if n.startswith("text_encoder"):
             tokens = cf.shape.get("max_tokens") or g.max_sequence_length
-            acts[n] = _text_activations(cf.shape, int(tokens), batch, cb)
+            acts[n] = _text_activations(cf.shape, int(tokens), batch, cb) + _dequant_transient(c, cf)
         elif n == "transformer":
             th, tw = h, w
             if profile.tiling.mode == "regional":
