@@ -18,6 +18,8 @@ read -r model budget card < <(python3 scripts/family_candidates.py --which "$nam
 emu=(); [ "$card" != none ] && emu=(--emulate "$card")
 # EXTRA="name=NAME2 KEY=VALUE ..." benches a second profile beside the candidate (an A/B in the same bench),
 # e.g. EXTRA="name=flux2-dev-24gb-es transformer.offload.resident=15GB budget.expandable_segments=true".
+# RUNS=2 times a candidate twice instead of ten times: a speed probe, not a preset's run, e.g. torchao int4:
+#   RUNS=2 RECIPES=bf16 EXTRA="name=qwen-image-16gb-int4 transformer.quantize.method=int4_weight transformer.offload=none variants=[]"
 profiles=("$cand")
 if [ -n "${EXTRA:-}" ]; then
     # shellcheck disable=SC2086
@@ -25,5 +27,5 @@ if [ -n "${EXTRA:-}" ]; then
     profiles+=("$out/candidates/$name-extra.yaml")
 fi
 python3 -m fluxtune bench --model "$model" --budget "$budget" "${emu[@]}" --recipes "${RECIPES:-bf16,leaf,block,model}" \
-    --runs 10 --recipe-runs 2 --recipe-warmup-steps 2 --recipe-time-box 90 --no-reference --timeout "$limit" \
+    --runs "${RUNS:-10}" --recipe-runs 2 --recipe-warmup-steps 2 --recipe-time-box 90 --no-reference --timeout "$limit" \
     --out "$out/$name" "${profiles[@]}" 2>&1 | grep --line-buffered -v -e Warning -e warnings.warn | tee -a "$out/$name.log"
