@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from fluxtune.profile import COMPONENTS, Profile, validate_profile
 from fluxtune.status import Status
-from fluxtune.units import format_bytes
+from fluxtune.units import format_bytes, format_seconds
 
 if TYPE_CHECKING:
     from fluxtune.worker import RunOutcome
@@ -433,15 +433,13 @@ def _live_lines(say: Callable[[str], None]) -> Callable[[Progress], None]:
     shown = {"apply": False, "warm-up": 0, "run": 0}
 
     def show(p: Progress) -> None:
-        from fluxtune.worker.protocol import seconds
-
         if p.apply_s is not None and not shown["apply"]:
             shown["apply"] = True
-            say(f"    apply: {seconds(p.apply_s)} s")
+            say(f"    apply: {format_seconds(p.apply_s)} s")
         for i in range(shown["warm-up"], p.warmup_done):
-            say(f"    warm-up {i + 1}/{p.warmup_total}: {seconds(p.warmup_s[i])} s")
+            say(f"    warm-up {i + 1}/{p.warmup_total}: {format_seconds(p.warmup_s[i])} s")
         for i in range(shown["run"], p.runs_done):
-            say(f"    run {i + 1}/{p.runs_total}: {seconds(p.latencies[i])} s")
+            say(f"    run {i + 1}/{p.runs_total}: {format_seconds(p.latencies[i])} s")
         shown["warm-up"], shown["run"] = p.warmup_done, p.runs_done
 
     return show

@@ -63,6 +63,11 @@ def format_bytes(n: int | float) -> str:
     return f"{int(n)}B"
 
 
+def format_seconds(s: float) -> str:
+    """A duration for a line of text, without its unit: three significant digits, whole seconds from 100 s."""
+    return f"{s:.0f}" if s >= 100 else f"{s:.3g}"
+
+
 def parse_image_size(value: str, *, field: str = "size") -> tuple[int, int]:
     """Parse ``"1024x768"`` (width x height) into ``(height, width)``."""
     m = re.match(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$", str(value))

@@ -122,14 +122,19 @@ def quantized_bytes(weight_numel: int, rows: int, q: Quantize) -> float:
     return weight_numel * 1.0 + scales
 
 
+def _quantizes(q: Quantize, excl: tuple[re.Pattern[str], ...], leaf: Leaf, facts: ComponentFacts) -> bool:
+    """Whether ``q`` converts this leaf (quantize.linear_filter's rule, and int4 only where its groups tile)."""
+    return (leaf.kind == "linear" and leaf.name != facts.output_embedding
+            and not any(p.search(leaf.name) for p in excl) and not (q.method == "int4_weight" and not q.tiles(leaf.cols)))
+
+
 def _dequant_transient(comp: Component, facts: ComponentFacts) -> float:
     """The largest dequantized copy an eager int8 per-group component makes during its call (see DEQUANT_BYTES)."""
     q = comp.quantize
     if q is None or q.method != "int8_weight":
         return 0.0
     excl = _compiled(tuple(q.exclude))
-    sizes = [leaf.weight for leaf in facts.leaves if leaf.kind == "linear" and leaf.name != facts.output_embedding
-             and not any(p.search(leaf.name) for p in excl) and q.tiles(leaf.cols)]
+    sizes = [leaf.weight for leaf in facts.leaves if _quantizes(q, excl, leaf, facts) and q.tiles(leaf.cols)]
     return float(DEQUANT_BYTES * max(sizes, default=0))
 
 
@@ -149,8 +154,7 @@ def _leaf_bytes(comp: Component, facts: ComponentFacts) -> dict[str, float]:
         patterns = (user if user is not None else facts.lc_default_skip) + facts.lc_class_skip
         skip = _compiled(patterns)
     for leaf in facts.leaves:
-        if q is not None and leaf.kind == "linear" and leaf.name != facts.output_embedding \
-                and not any(p.search(leaf.name) for p in excl) and not (q.method == "int4_weight" and not q.tiles(leaf.cols)):
+        if q is not None and _quantizes(q, excl, leaf, facts):
             out[leaf.name] = _quant_weight_bytes(leaf, q) + leaf.bias * cb
         elif lc is not None and not _lc_skipped(leaf.name, skip):
             out[leaf.name] = leaf.params * 1.0  # fp8 storage of weight and bias

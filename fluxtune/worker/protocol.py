@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from fluxtune.profile import Profile
 from fluxtune.status import Status
+from fluxtune.units import format_seconds
 
 if TYPE_CHECKING:
     from fluxtune.measure import Measurement
@@ -181,18 +182,18 @@ class Progress:
             what = "the restore of pristine weights"
         else:
             what = f"the {self.stage} call" if self.stage != "samples" else "the samples"
-        stuck = f"{seconds(stuck_s)} s " if stuck_s is not None else ""
+        stuck = f"{format_seconds(stuck_s)} s " if stuck_s is not None else ""
         if after is not None:
             text = f"{stuck}after {after}"
         else:
             text = f"{stuck}into {what}" if stuck else f"during {what}"
         done = []
         if self.apply_s is not None and not self.warmup_s and not self.latencies:
-            done.append(f"apply took {seconds(self.apply_s)} s")
+            done.append(f"apply took {format_seconds(self.apply_s)} s")
         if self.warmup_s and not self.latencies:
-            done.append(f"warm-up {', '.join(seconds(s) for s in self.warmup_s)} s")
+            done.append(f"warm-up {', '.join(format_seconds(s) for s in self.warmup_s)} s")
         if self.latencies:
-            shown = [seconds(s) for s in self.latencies]
+            shown = [format_seconds(s) for s in self.latencies]
             if len(shown) > 8:  # one line: the first and the last few
                 shown = [*shown[:3], "...", *shown[-3:]]
             done.append(f"{self.runs_done} finished: {', '.join(shown)} s")
@@ -201,11 +202,6 @@ class Progress:
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe data (a bench row keeps it)."""
         return {**asdict(self), "latencies": list(self.latencies), "warmup_s": list(self.warmup_s)}
-
-
-def seconds(s: float) -> str:
-    """A duration for a line of text: three significant digits, whole seconds from 100 s."""
-    return f"{s:.0f}" if s >= 100 else f"{s:.3g}"
 
 
 @dataclass(frozen=True)
