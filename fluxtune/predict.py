@@ -87,6 +87,19 @@ CONSTANTS: dict[str, float] = {
     #   (dequantizing to bf16 before the matmul): fitted on torchao Int8WeightOnly eager, 6.64 s vs
     #   5.00 s bf16 (11.9 G params): 16.3. Compiled: assumed a quarter (Inductor fuses the dequant; unfitted).
     "weight_only_bytes_per_param": 16.3,
+    # NF4 (bitsandbytes): bytes moved per weight parameter per forward to dequantize it to bf16 before the
+    #   GEMM, eager or compiled (bitsandbytes' kernels are opaque to Inductor). Measured with
+    #   scripts/quant_kernels.py on the H200 (docs/results/2026-12-04/session15/kernels.jsonl): three Linear
+    #   layers of a 3072-wide block (84.9 M params) at 4096 rows took 1.166 ms against bf16's 0.905 ms;
+    #   0.261 ms at the H200's modelled bandwidth (4.8 TB/s x bw_eff) is 10.2 bytes per parameter.
+    "nf4_bytes_per_param": 10.2,
+    # torchao int4 weight-only (tinygemm, tile-packed): its GEMMs run at this fraction of the card's dense
+    #   bf16 rate. Same kernel bench: 24.4 ms at 4096 rows against bf16's 0.905 ms, 28.5 TFLOP/s = 0.029 of
+    #   989 (compiled: 24.37 ms, the same kernel). tinygemm is made for a few rows (LLM decoding: at 64 rows
+    #   it reads its 4-bit weights 5x slower than bf16 reads its own); a DiT's thousands of image tokens
+    #   make it the slowest method fluxtune has. Measured on the H200 only: other cards get the non-Hopper
+    #   scale like every efficiency.
+    "gemm_eff_int4_weight": 0.029,
     # Dynamic activation quantization (fp8_dynamic / int8_dynamic): bytes per GEMM input element to
     #   compute the scale and write the quantized copy (read 2 + amax pass 2 + write 1; halved when
     #   compiled). Not fitted separately: the fp8 fit above was made with it in place.
@@ -549,19 +562,26 @@ class LatencyPrediction:
                 f"{self.decode_s:.2f} s; compute floor {self.floor_s:.2f} s")
 
 
-def _phase(name: str, w: ComponentWork, gpu: GpuSpec, precision: str, *, compiled: bool, weight_only: bool,
+def _gemm_eff_key(precision: str, method: str | None) -> str:
+    """The efficiency constant of a phase's GEMMs: int4 weight-only has its own kernel (tinygemm)."""
+    return "gemm_eff_int4_weight" if method == "int4_weight" else f"gemm_eff_{precision}"
+
+
+def _phase(name: str, w: ComponentWork, gpu: GpuSpec, precision: str, *, compiled: bool, method: str | None,
            dynamic: bool, transfer_bytes: float, transfer_rate: float, overlapped: bool,
            k: dict[str, float]) -> PhaseTime:
     bf16 = gpu.rate("bf16") or 1.0
     rate = gpu.rate(precision) or bf16
     scale = 1.0 if gpu.capability == "hopper" else k["non_hopper_scale"]
-    eff = min(1.0, scale * k.get(f"gemm_eff_{precision}", k["gemm_eff_bf16"]))
+    eff = min(1.0, scale * k.get(_gemm_eff_key(precision, method), k["gemm_eff_bf16"]))
     conv_eff = min(1.0, scale * k["conv_eff"])
     gemm = (w.gemm_flops - w.conv_flops) / (rate * 1e12 * eff) + w.conv_flops / (bf16 * 1e12 * conv_eff)
     attn = w.attn_flops / (bf16 * 1e12 * min(1.0, scale * k["attn_eff"]))
     bw = (gpu.memory_bandwidth_gbs or 500.0) * 1e9 * k["bw_eff"] * scale
     other = w.other_bytes * (k["compiled_traffic"] if compiled else 1.0)
-    if weight_only:
+    if method == "nf4":
+        other += w.weight_params * k["nf4_bytes_per_param"]
+    elif method in ("int8_weight", "fp8_weight"):
         other += w.weight_params * k["weight_only_bytes_per_param"] * (0.25 if compiled else 1.0)
     if dynamic:
         other += w.gemm_input_elems * k["dynamic_quant_bytes_per_input"] * (0.5 if compiled else 1.0)
@@ -668,7 +688,7 @@ def predict_latency(
         phases[name] = _phase(
             name, tiled_work if (name == "transformer" and tiled_work is not None) else cw, gpu, prec,
             compiled=compiled and name == "transformer",
-            weight_only=method in ("int8_weight", "fp8_weight", "int4_weight", "nf4"),
+            method=method,
             dynamic=method in ("fp8_dynamic", "int8_dynamic") and prec != "bf16",
             transfer_bytes=per_phase, transfer_rate=rate, overlapped=overlapped, k=k)
         if name == "transformer" and tiles > 1:
@@ -678,6 +698,8 @@ def predict_latency(
                                    memory_s=p.memory_s * tiles, launch_s=p.launch_s * tiles,
                                    transfer_s=p.transfer_s * tiles)
     step = phases["transformer"]
+    t_q = profile.component("transformer").quantize
+    t_method = t_q.method if t_q is not None else None
     text = sum(p.seconds for n, p in phases.items() if n.startswith("text_encoder")) + k["call_overhead_s"]
     decode = phases["vae"].seconds if "vae" in phases else 0.0
     steps_s = n_steps * step.seconds
@@ -685,7 +707,9 @@ def predict_latency(
     scale = 1.0 if cls == "hopper" else k["non_hopper_scale"]
     assumptions += [
         f"GEMMs at {step.precision} ({gpu.rate(step.precision) or gpu.rate('bf16'):g} TFLOPS dense x "
-        f"{min(1.0, scale * k.get('gemm_eff_' + step.precision, k['gemm_eff_bf16'])):.2f}), attention at bf16 x "
+        f"{min(1.0, scale * k.get(_gemm_eff_key(step.precision, t_method), k['gemm_eff_bf16'])):.2f})"
+        + (" (torchao int4 weight-only: tinygemm, made for few rows)" if t_method == "int4_weight" else "")
+        + ", attention at bf16 x "
         f"{min(1.0, scale * k['attn_eff']):.2f}, memory-bound ops at {gpu.memory_bandwidth_gbs or 500:g} GB/s x "
         f"{scale * k['bw_eff']:.2f}"
         + (f" (compiled: x{k['compiled_traffic']:.2f} of eager bytes)" if compiled else " (eager)"),
@@ -732,12 +756,15 @@ def _regional(profile: Profile, model: str, height: int, width: int, batch: int)
 
 
 def fastest_gemm_precision(gpu: GpuSpec) -> str:
-    """fp8 if the card's class computes fp8 (and the table lists a rate), else int8 if listed, else bf16."""
-    if gpu.capability in _FP8_CLASSES and gpu.rate("fp8"):
-        return "fp8"
-    if gpu.rate("int8"):
-        return "int8"
-    return "bf16"
+    """The precision fluxtune computes GEMMs in that has the card's highest dense rate: fp8 (fp8_dynamic,
+    where the class computes fp8), int8 (int8_dynamic) or bf16; fp8 on a tie.
+
+    Not always fp8: a GeForce card accumulates fp8 in fp32 at half its fp8 marketing rate, while int8
+    accumulates in int32 at the full rate, so on an RTX 4060 int8 (120.9 TOPS) is twice fp8 (60.5).
+    """
+    rates = {"bf16": gpu.rate("bf16") or 0.0, "int8": gpu.rate("int8") or 0.0,
+             "fp8": (gpu.rate("fp8") or 0.0) if gpu.capability in _FP8_CLASSES else 0.0}
+    return max(("fp8", "int8", "bf16"), key=lambda p: rates[p])
 
 
 def compute_floor(gpu: GpuSpec, model: str, *, height: int, width: int, steps: int, batch: int = 1,
@@ -745,8 +772,8 @@ def compute_floor(gpu: GpuSpec, model: str, *, height: int, width: int, steps: i
     """The compute floor of a generation: no card runs it faster with fluxtune's precisions.
 
     Counted as: every component's GEMM FLOPs (text encoders once, the transformer ``steps`` times,
-    the VAE decode once) at the card's fastest GEMM rate (fp8 if its class computes fp8, else int8 if
-    the table lists an int8 rate, else bf16), plus all attention FLOPs at the bf16 rate, both at 100 %
+    the VAE decode once) at the card's fastest GEMM rate (:func:`fastest_gemm_precision`: fp8, int8 or
+    bf16, whichever the table lists fastest), plus all attention FLOPs at the bf16 rate, both at 100 %
     efficiency; memory-bound work, launches and transfers count zero. 4-bit (W4A4) is left out: no
     fluxtune knob computes in it.
     """

@@ -20,10 +20,10 @@ def main() -> None:
     ):
         pipe = load("tiny-flux", device="cuda", dtype="bfloat16")
         pipe.to("cuda")
-        ref = pipe("a red circle", num_inference_steps=3, generator=g(), output_type="pt").images
+        ref = pipe(prompt="a red circle", num_inference_steps=3, generator=g(), output_type="pt").images
         report = fluxtune.apply(profile, pipe)
-        out = pipe("a red circle", num_inference_steps=3, generator=g(), output_type="pt").images
-        out2 = pipe("a red circle", num_inference_steps=3, generator=g(), output_type="pt").images
+        out = pipe(prompt="a red circle", num_inference_steps=3, generator=g(), output_type="pt").images
+        out2 = pipe(prompt="a red circle", num_inference_steps=3, generator=g(), output_type="pt").images
         diff = (out.float() - ref.float()).abs().max().item()
         print(f"SMOKE {list(profile)} diff {diff:.4f} repeat {(out2 - out).abs().max().item():.4f}")
         print(report)

@@ -18,8 +18,11 @@ read -r model budget card < <(python3 scripts/family_candidates.py --which "$nam
 emu=(); [ "$card" != none ] && emu=(--emulate "$card")
 # EXTRA="name=NAME2 KEY=VALUE ..." benches a second profile beside the candidate (an A/B in the same bench),
 # e.g. EXTRA="name=flux2-dev-24gb-es transformer.offload.resident=15GB budget.expandable_segments=true".
-# RUNS=2 times a candidate twice instead of ten times: a speed probe, not a preset's run, e.g. torchao int4:
-#   RUNS=2 RECIPES=bf16 EXTRA="name=qwen-image-16gb-int4 transformer.quantize.method=int4_weight transformer.offload=none variants=[]"
+# Qwen-Image 16 GB's A/B (fp8 streamed, right for a real RTX 4080, against NF4 kept whole, which only the H200's
+# compute favours; README "Qwen-Image at 16 GB"):
+#   EXTRA="name=qwen-image-16gb-nf4 transformer.quantize.method=nf4 transformer.offload=none variants=[]" RECIPES=bf16,model
+# RUNS=2 times a candidate twice instead of ten times: a speed probe, not a preset's run. (torchao int4 needs no
+# probe any more: scripts/quant_kernels.py measured its kernel at 27x bf16 at a DiT's rows.)
 profiles=("$cand")
 if [ -n "${EXTRA:-}" ]; then
     # shellcheck disable=SC2086

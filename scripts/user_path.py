@@ -1,6 +1,6 @@
 """The real user path on a CUDA machine (issue 15): a pipeline from a save_pretrained directory.
 
-    python scripts/user_path.py save DIR                 # the FLUX.1-dev replica, built on the GPU, saved
+    python scripts/user_path.py save DIR [MODEL]         # a replica (FLUX.1-dev by default), built on the GPU, saved
     python scripts/user_path.py case KIND PRESET DIR N OUT.jsonl [--cold] [--size=WxH]
 
 KIND is ``load`` (``fluxtune.load(DIR, PRESET)``), ``plain`` (``DiffusionPipeline.from_pretrained`` then
@@ -24,15 +24,15 @@ import psutil
 T_START = psutil.Process().create_time()
 
 
-def _save(directory: str) -> None:
+def _save(directory: str, model: str = "flux-dev-replica") -> None:
     from fluxtune import pipelines
 
     t0 = time.time()
-    pipe = pipelines.load("flux-dev-replica")
+    pipe = pipelines.load(model)
     built = time.time() - t0
     pipe.save_pretrained(directory)
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(directory) for f in fs)
-    print(json.dumps({"saved": directory, "bytes": size, "build_s": round(built, 1),
+    print(json.dumps({"saved": directory, "model": model, "bytes": size, "build_s": round(built, 1),
                       "save_s": round(time.time() - t0 - built, 1)}))
 
 
@@ -89,7 +89,7 @@ def _case(kind: str, preset: str, directory: str, n: int, out: str, cold: bool, 
     lat = []
     for i in range(n):
         t1 = time.time()
-        pipe("a photo of a cat", generator=torch.Generator().manual_seed(i), **kwargs)
+        pipe(prompt="a photo of a cat", generator=torch.Generator().manual_seed(i), **kwargs)
         torch.cuda.synchronize()
         lat.append(round(time.time() - t1, 2))
         if i == 0:
@@ -106,7 +106,7 @@ def _case(kind: str, preset: str, directory: str, n: int, out: str, cold: bool, 
 
 if __name__ == "__main__":
     if sys.argv[1] == "save":
-        _save(sys.argv[2])
+        _save(*sys.argv[2:4])
     else:
         _, _, kind, preset, directory, n, out, *rest = sys.argv
         sizes = [a.split("=", 1)[1] for a in rest if a.startswith("--size=")]

@@ -13,7 +13,14 @@ import pytest
 from fluxtune.cli import main
 from fluxtune.gpus import GpuSpec
 from fluxtune.memory import ModelFacts, transfer_bytes
-from fluxtune.predict import compute_floor, compute_precision, count_work, predict_latency
+from fluxtune.predict import (
+    CONSTANTS,
+    compute_floor,
+    compute_precision,
+    count_work,
+    fastest_gemm_precision,
+    predict_latency,
+)
 from fluxtune.presets import load_profile
 
 
@@ -120,12 +127,35 @@ def test_compute_floor_uses_the_fastest_precision():
     work = count_work("tiny-flux", height=64, width=64)
     gemm = sum(c.gemm_flops * (4 if n == "transformer" else 1) for n, c in work.components.items())
     attn = sum(c.attn_flops * (4 if n == "transformer" else 1) for n, c in work.components.items())
-    ada = card(bf16=100.0, fp8=200.0, int8=400.0)
-    assert compute_floor(ada, "tiny-flux", height=64, width=64, steps=4) == pytest.approx(
-        gemm / 200e12 + attn / 100e12)
+    # A GeForce Ada card: fp8 accumulates in fp32 at half rate, int8 at full rate, so int8 is its fastest.
+    geforce = card(bf16=100.0, fp8=200.0, int8=400.0)
+    assert fastest_gemm_precision(geforce) == "int8"
+    assert compute_floor(geforce, "tiny-flux", height=64, width=64, steps=4) == pytest.approx(
+        gemm / 400e12 + attn / 100e12)
+    datacenter = card(bf16=100.0, fp8=400.0, int8=400.0)  # a tie goes to fp8
+    assert fastest_gemm_precision(datacenter) == "fp8"
+    assert compute_floor(datacenter, "tiny-flux", height=64, width=64, steps=4) == pytest.approx(
+        gemm / 400e12 + attn / 100e12)
     ampere = card(sm="8.6", bf16=100.0, fp8=None, int8=400.0)  # int8 is its fastest
     assert compute_floor(ampere, "tiny-flux", height=64, width=64, steps=4) == pytest.approx(
         gemm / 400e12 + attn / 100e12)
+
+
+def test_int4_weight_only_runs_tinygemm_and_nf4_pays_its_dequantization():
+    """torchao int4 (tinygemm) ran a 3072-wide block's GEMMs 27x slower than bf16 at 4096 rows on the H200;
+    NF4 dequantizes at ~10 bytes per weight, compiled or not (session 15's kernel bench)."""
+    hopper = card(sm="9.0", bf16=1000.0, fp8=2000.0, int8=2000.0)
+    q = {"transformer": {"quantize": {"method": "int4_weight"}}}
+    bf16 = predict_latency(profile(), hopper, model="tiny-flux").phases["transformer"]
+    int4 = predict_latency(profile(**q), hopper, model="tiny-flux").phases["transformer"]
+    assert int4.gemm_s == pytest.approx(bf16.gemm_s * CONSTANTS["gemm_eff_bf16"] / CONSTANTS["gemm_eff_int4_weight"],
+                                        rel=0.05)
+    for mode in ("off", "regional"):
+        plain = predict_latency(profile(compile={"mode": mode}), hopper, model="tiny-flux").phases["transformer"]
+        nf4 = predict_latency(profile(compile={"mode": mode}, transformer={"quantize": {"method": "nf4"}}), hopper,
+                              model="tiny-flux").phases["transformer"]
+        assert nf4.gemm_s == pytest.approx(plain.gemm_s)
+        assert nf4.memory_s > plain.memory_s
 
 
 def test_cli_unknown_gpu_exits_2_with_the_closest_names():

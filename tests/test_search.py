@@ -652,6 +652,21 @@ def test_warm_start_keeps_what_fits_a_narrowed_space():
     assert [label for label, _ in cpu] == ["recipe bf16, no offload", "recipe int8 weight-only"]
 
 
+def test_warm_start_takes_each_presets_variant_for_the_card():
+    """An Ada card's space has no row-wise fp8: the presets' base knobs (row-wise) would not fit it, their
+    ada variants (tensor-wise) do. Seen on the H200 as an emulated RTX 4060 (session 15)."""
+    ada = _hw((8, 9))
+    space = SearchSpace.create(ada, "flux2", load_profile({"name": "base", "family": "flux2", "generation": {"steps": 4}}),
+                               None, transformer_bytes=int(8e9))
+    base = [p for p in map(load_profile, list_presets().values()) if p.family == "flux2"]
+    assert not [label for label, _ in recipes.warm_start(space, base) if label.startswith("preset ")]
+    resolved = recipes.shipped_presets("flux2", ada.capability)
+    assert {p.name for p in resolved} == {p.name for p in base}
+    assert all(p.transformer.quantize is None or p.transformer.quantize.granularity == "tensor" for p in resolved)
+    labels = [label for label, _ in recipes.warm_start(space, resolved)]
+    assert "preset flux2-klein-4b-8gb" in labels
+
+
 GB = int(1e9)
 
 

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from fluxtune.gpus import find_gpu
-    from fluxtune.predict import predict_latency, resolve_for_card
+    from fluxtune.predict import fastest_gemm_precision, predict_latency, resolve_for_card
     from fluxtune.presets import load_profile
 
     gpu = find_gpu(args.gpu)  # ProfileError (exit 2) with the closest names
@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     table.add_row("total (predicted)", f"{r.total_s:.2f} s", "", "", "", "", "", "", style="bold")
     console = Console(width=140)
     console.print(table)
-    console.print(f"compute floor on {gpu.name}: {r.floor_s:.2f} s (all FLOPs at the card's fastest GEMM precision, "
+    console.print(f"compute floor on {gpu.name}: {r.floor_s:.2f} s (GEMMs at the card's fastest precision, "
+                  f"{fastest_gemm_precision(gpu)} at {gpu.rate(fastest_gemm_precision(gpu)) or 0:g} TFLOPS dense, "
                   f"attention at bf16, 100 % efficiency); predicted / floor = {r.total_s / r.floor_s:.2f}x")
     console.print("predicted, not measured. Assumptions:")
     for line in r.assumptions:

@@ -93,6 +93,23 @@ def fits_space(params: dict[str, Any], space: SearchSpace) -> bool:
     return all(k in dims for k in params)
 
 
+def shipped_presets(family: str, capability: str | None) -> list[Profile]:
+    """The shipped presets of a family (and the family-agnostic ones), each as the variant for this capability
+    class: a GeForce Ada card's search starts from the tensor-wise fp8 variant, which its space allows,
+    not the row-wise base, which it does not. Presets that fail to load are left out."""
+    from fluxtune.presets import list_presets, load_profile
+
+    out = []
+    for path in list_presets().values():
+        try:
+            p = load_profile(path).for_class(capability)
+        except Exception:
+            continue
+        if p.family in ("any", family):
+            out.append(p)
+    return out
+
+
 def warm_start(space: SearchSpace, presets: list[Profile]) -> list[tuple[str, dict[str, Any]]]:
     """(label, params) of the presets, then the recipes, that fit this space."""
     out: list[tuple[str, dict[str, Any]]] = []

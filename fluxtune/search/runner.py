@@ -204,7 +204,7 @@ class Search:
         import optuna
 
         from fluxtune.memory import Calibration, ModelFacts
-        from fluxtune.search.recipes import warm_start
+        from fluxtune.search.recipes import shipped_presets, warm_start
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         workers = self._workers()
@@ -247,16 +247,7 @@ class Search:
                                                 transformer_bytes=_block_bytes(self.facts), sensitivity=sensitivity)
             reference = self._reference(workers[0])
             if self.cfg.warm_start and not study.get_trials(deepcopy=False):  # new, or stopped before this point
-                from fluxtune.presets import list_presets, load_profile
-
-                presets = []
-                for path in list_presets().values():
-                    try:
-                        p = load_profile(path)
-                    except Exception:
-                        continue
-                    if p.family in ("any", self.space.family):
-                        presets.append(p)
+                presets = shipped_presets(self.space.family, hw.capability)
                 for label, params in warm_start(self.space, presets):
                     study.enqueue_trial(params, user_attrs={"source": label}, skip_if_exists=True)
             if self.cfg.descent and not [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]:
