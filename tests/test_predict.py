@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -170,6 +171,20 @@ def test_cli_prints_a_predicted_breakdown():
     assert r.code == 0, r.err
     assert "predicted" in r.out and "compute floor" in r.out and "RTX 4060" in r.out
     assert cli("predict", "flux-dev-8gb", "--gpu", "RTX 4060", "--size", "100x7").code == 2
+
+
+def test_cli_predicts_an_emulated_run_with_the_lab_gpus_compute_and_the_cards_link():
+    args = ("predict", "flux-dev-8gb", "--steps", "2", "--json")  # the full-size replica: tiny-flux is launch-bound
+    card = json.loads(cli(*args, "--gpu", "RTX 4060").out)
+    lab = json.loads(cli(*args, "--gpu", "H200").out)
+    emulated = cli(*args, "--gpu", "RTX 4060", "--emulated-on", "H200")
+    assert emulated.code == 0, emulated.err
+    e = json.loads(emulated.out)
+    assert e["predicted"] and e["gpu"] == "RTX 4060" and e["emulated_on"] == "H200" and e["variant"] == "ada"
+    assert e["total_s"] < card["total_s"]  # the H200's compute
+    assert e["total_s"] != lab["total_s"]  # the 4060's variant and link, not the H200's own run
+    refused = cli("predict", "flux-dev-24gb", "--gpu", "RTX 4090", "--emulated-on", "RTX 4060")
+    assert refused.code == 2 and "--emulated-on" in refused.err
 
 
 def test_counts_are_remembered_on_disk_and_recounted_when_unreadable(tmp_path, monkeypatch) -> None:

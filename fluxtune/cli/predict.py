@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fluxtune.gpus import GpuSpec
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -14,6 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="built-in model whose shapes are counted (default: the profile's measured model, else "
                    "the family's full-size replica: flux-dev-replica, flux2-dev-replica, qwen-image-replica, dit-xl-2-256)")
+    p.add_argument("--emulated-on", default=None, metavar="GPU",
+                   help='predict what `--emulate CARD` measures on this bigger GPU (e.g. "H200"): its compute and '
+                   "memory bandwidth, the card's capability class and host->device link")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -26,6 +33,20 @@ def _size(text: str | None) -> tuple[int | None, int | None]:
     if not sep or not w.isdigit() or not h.isdigit() or int(w) % 16 or int(h) % 16 or int(w) < 16 or int(h) < 16:
         raise ProfileError(f"--size={text!r}: use WIDTHxHEIGHT in pixels, multiples of 16, e.g. 1024x1024")
     return int(w), int(h)
+
+
+def _emulation_target(card: GpuSpec, lab: GpuSpec) -> GpuSpec:
+    """The lab GPU as ``--emulate card`` runs it: the lab's compute and memory, the card's host->device rate.
+
+    Raises:
+        ProfileError: the card has more memory than the lab GPU (emulation would refuse it).
+    """
+    from fluxtune.errors import ProfileError
+
+    if card.memory_gib > lab.memory_gib:
+        raise ProfileError(f"--emulated-on={lab.name!r}: {card.name} has {card.memory_gib:g} GiB, more than "
+                           f"{lab.name}'s {lab.memory_gib:g} GiB; pick a GPU with at least the card's memory")
+    return lab.model_copy(update={"h2d_gbs": card.h2d_gbs})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,11 +63,15 @@ def run(args: argparse.Namespace) -> int:
 
         raise ProfileError(f"--steps={args.steps}: use a positive number of steps")
     profile = resolve_for_card(load_profile(args.profile, args.overrides), gpu)
+    card = gpu
+    if args.emulated_on:
+        gpu = _emulation_target(card, find_gpu(args.emulated_on))
     r = predict_latency(profile, gpu, model=args.model, height=height, width=width, steps=args.steps)
     variant = getattr(profile, "variant", None)
     if args.json:
         print(json.dumps({
-            "predicted": True, "gpu": r.gpu, "profile": r.profile, "variant": variant, "model": r.model,
+            "predicted": True, "gpu": card.name, "emulated_on": gpu.name if card is not gpu else None,
+            "profile": r.profile, "variant": variant, "model": r.model,
             "width": r.width, "height": r.height, "steps": r.steps, "total_s": r.total_s,
             "text_encode_s": r.text_encode_s, "step_s": r.step.seconds, "steps_s": r.steps_s, "decode_s": r.decode_s,
             "step_bound": r.step.bound, "compute_floor_s": r.floor_s, "assumptions": list(r.assumptions),
@@ -56,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     name = r.profile + (f" (variant {variant})" if variant and variant != "base" else "")
-    table = Table(title=f"predicted latency: {name} on {gpu.name} ({gpu.capability}), {r.model} "
+    where = (f"{card.name} emulated on {gpu.name} ({gpu.name}'s compute, {card.name}'s {card.h2d_gbs:g} GB/s link)"
+             if card is not gpu else f"{gpu.name} ({gpu.capability})")
+    table = Table(title=f"predicted latency: {name} on {where}, {r.model} "
                         f"{r.width}x{r.height}, {r.steps} steps", title_justify="left")
     for col in ("phase", "predicted", "GEMM", "attention", "memory ops", "CPU launch", "host->device", "bound"):
         table.add_column(col, justify="left" if col in ("phase", "bound") else "right")
