@@ -54,6 +54,7 @@ __all__ = [
     "compute_floor",
     "compute_precision",
     "count_work",
+    "emulated_on",
     "predict_latency",
 ]
 
@@ -816,6 +817,19 @@ class EmulatedCheck:
         return (self.predicted_s - self.measured_s) / self.measured_s
 
 
+def emulated_on(card: GpuSpec, lab: GpuSpec, h2d_gbs: float | None = None) -> GpuSpec:
+    """The lab GPU as ``--emulate card`` runs it: the lab's compute and memory bandwidth, the card's
+    host->device rate (``h2d_gbs`` where a measured block recorded the rate it paced to).
+
+    Raises:
+        ProfileError: the card has more memory than the lab GPU (emulation would refuse it).
+    """
+    if card.memory_gib > lab.memory_gib:
+        raise ProfileError(f"--emulated-on={lab.name!r}: {card.name} has {card.memory_gib:g} GiB, more than "
+                           f"{lab.name}'s {lab.memory_gib:g} GiB; pick a GPU with at least the card's memory")
+    return lab.model_copy(update={"h2d_gbs": float(h2d_gbs or card.h2d_gbs)})
+
+
 def check_against_emulated() -> list[EmulatedCheck]:
     """Predict every emulated measured block of the shipped presets and pair it with its measurement.
 
@@ -834,8 +848,7 @@ def check_against_emulated() -> list[EmulatedCheck]:
             if m is None or m.latency_s is None or not hw or not hw.get("emulated_on"):
                 continue
             card = find_gpu(str(hw["name"]))
-            lab = find_gpu(str(hw["emulated_on"]).removeprefix("NVIDIA "))
-            lab = lab.model_copy(update={"h2d_gbs": float(hw.get("h2d_gbs") or card.h2d_gbs)})
+            lab = emulated_on(card, find_gpu(str(hw["emulated_on"]).removeprefix("NVIDIA ")), hw.get("h2d_gbs"))
             wl = m.workload or {}
             p = predict_latency(resolved, lab, model=m.model, height=wl.get("height"), width=wl.get("width"),
                                 steps=wl.get("steps"))

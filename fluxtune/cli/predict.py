@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from fluxtune.gpus import GpuSpec
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,25 +31,11 @@ def _size(text: str | None) -> tuple[int | None, int | None]:
     return int(w), int(h)
 
 
-def _emulation_target(card: GpuSpec, lab: GpuSpec) -> GpuSpec:
-    """The lab GPU as ``--emulate card`` runs it: the lab's compute and memory, the card's host->device rate.
-
-    Raises:
-        ProfileError: the card has more memory than the lab GPU (emulation would refuse it).
-    """
-    from fluxtune.errors import ProfileError
-
-    if card.memory_gib > lab.memory_gib:
-        raise ProfileError(f"--emulated-on={lab.name!r}: {card.name} has {card.memory_gib:g} GiB, more than "
-                           f"{lab.name}'s {lab.memory_gib:g} GiB; pick a GPU with at least the card's memory")
-    return lab.model_copy(update={"h2d_gbs": card.h2d_gbs})
-
-
 def run(args: argparse.Namespace) -> int:
     import json
 
     from fluxtune.gpus import find_gpu
-    from fluxtune.predict import fastest_gemm_precision, predict_latency, resolve_for_card
+    from fluxtune.predict import emulated_on, fastest_gemm_precision, predict_latency, resolve_for_card
     from fluxtune.presets import load_profile
 
     gpu = find_gpu(args.gpu)  # ProfileError (exit 2) with the closest names
@@ -65,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     profile = resolve_for_card(load_profile(args.profile, args.overrides), gpu)
     card = gpu
     if args.emulated_on:
-        gpu = _emulation_target(card, find_gpu(args.emulated_on))
+        gpu = emulated_on(card, find_gpu(args.emulated_on))
     r = predict_latency(profile, gpu, model=args.model, height=height, width=width, steps=args.steps)
     variant = getattr(profile, "variant", None)
     if args.json:
@@ -105,8 +87,9 @@ def run(args: argparse.Namespace) -> int:
     table.add_row("total (predicted)", f"{r.total_s:.2f} s", "", "", "", "", "", "", style="bold")
     console = Console(width=140)
     console.print(table)
+    fastest = fastest_gemm_precision(gpu)
     console.print(f"compute floor on {gpu.name}: {r.floor_s:.2f} s (GEMMs at the card's fastest precision, "
-                  f"{fastest_gemm_precision(gpu)} at {gpu.rate(fastest_gemm_precision(gpu)) or 0:g} TFLOPS dense, "
+                  f"{fastest} at {gpu.rate(fastest) or 0:g} TFLOPS dense, "
                   f"attention at bf16, 100 % efficiency); predicted / floor = {r.total_s / r.floor_s:.2f}x")
     console.print("predicted, not measured. Assumptions:")
     for line in r.assumptions:
