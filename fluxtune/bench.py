@@ -563,7 +563,9 @@ def write_measured(source: str, profile: Profile, rows: list[BenchRow], *, model
         "status": "measured", "source": "fluxtune bench", "date": dt.date.today().isoformat(),
         "hardware": hardware.fingerprint(), "versions": versions, "model": model,
         "workload": {**workload, "height": profile.generation.height, "width": profile.generation.width,
-                     "steps": profile.generation.steps},
+                     "steps": profile.generation.steps,
+                     **{k: v for k in ("negative_prompt", "true_cfg_scale")
+                        if (v := getattr(profile.generation, k)) is not None}},
         "latency_s": round(row.latency_s or 0.0, 3), "first_call_s": round(row.first_call_s or 0.0, 2),
         "peak_allocated": row.peak_allocated, "peak_reserved": row.peak_reserved, "peak_nvml": row.peak_nvml,
         "peak_host_rss": row.extra.get("host_ram_peak"),

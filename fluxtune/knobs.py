@@ -365,6 +365,11 @@ class Generation(Knob):
     width: int | None = Field(default=None, ge=16, description="pixels, multiple of 16; None = model default")
     max_sequence_length: int = Field(default=512, ge=1, le=512)
     images_per_prompt: int = Field(default=1, ge=1, le=64)
+    negative_prompt: str | None = Field(
+        default=None, description="true CFG's negative prompt (Qwen-Image, FLUX.1): with true_cfg_scale > 1 the "
+        "transformer runs twice a step and the text encoder twice a call; None = no true CFG")
+    true_cfg_scale: float | None = Field(
+        default=None, ge=0.0, description="true CFG's scale; None = the pipeline's default (Qwen-Image 4.0, FLUX.1 1.0)")
 
     @model_validator(mode="after")
     def _sizes(self) -> Generation:

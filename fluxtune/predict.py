@@ -43,6 +43,7 @@ from fluxtune.errors import PipelineError, ProfileError
 
 if TYPE_CHECKING:
     from fluxtune.gpus import GpuSpec
+    from fluxtune.knobs import Generation
     from fluxtune.profile import Profile
 
 __all__ = [
@@ -207,6 +208,8 @@ class Work:
     """Transformer batch rows (DiT with classifier-free guidance runs 2 per image)."""
     components: dict[str, ComponentWork] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    pipeline: str = ""
+    """The diffusers pipeline class (its ``__call__`` decides true CFG)."""
 
     def step(self) -> ComponentWork:
         """The transformer's work for one denoising step."""
@@ -486,7 +489,8 @@ def _count_work(model: str, height: int, width: int, batch: int, max_sequence_le
             conv_flops=c.conv_flops,
         )
     return Work(model=model, family=family, height=height, width=width, batch=batch,
-                max_sequence_length=max_sequence_length, rows=rows, components=comps, notes=tuple(notes))
+                max_sequence_length=max_sequence_length, rows=rows, components=comps, notes=tuple(notes),
+                pipeline=type(pipe).__name__)
 
 
 # ---------------------------------------------------------------------------------------- latency
@@ -554,12 +558,15 @@ class LatencyPrediction:
     phases: dict[str, PhaseTime]
     floor_s: float
     assumptions: tuple[str, ...]
+    passes: int = 1
+    """Transformer passes per step: 2 with true CFG (``generation.negative_prompt``)."""
 
     def describe(self) -> str:
         """One line; always says "predicted"."""
         return (f"predicted {self.total_s:.2f} s on {self.gpu} for {self.profile} ({self.model}, "
                 f"{self.width}x{self.height}, {self.steps} steps): text {self.text_encode_s:.2f} s, "
-                f"{self.steps} x {self.step.seconds:.3f} s/step ({self.step.bound}-bound), decode "
+                f"{self.steps} x {self.step.seconds:.3f} s/step ({self.step.bound}-bound)"
+                + (f" x {self.passes} passes (true CFG)" if self.passes > 1 else "") + ", decode "
                 f"{self.decode_s:.2f} s; compute floor {self.floor_s:.2f} s")
 
 
@@ -652,6 +659,7 @@ def predict_latency(
     b = int(batch or g.images_per_prompt)
     work = count_work(model, height=h, width=w, batch=b, max_sequence_length=g.max_sequence_length,
                       cfg=g.guidance > 1)
+    passes = true_cfg(work, g)
     tiles, tiled_work = _regional(profile, model, h, w, b)
     facts = ModelFacts.for_builtin(model)
     moved = transfer_bytes(profile, facts)
@@ -701,9 +709,10 @@ def predict_latency(
     step = phases["transformer"]
     t_q = profile.component("transformer").quantize
     t_method = t_q.method if t_q is not None else None
-    text = sum(p.seconds for n, p in phases.items() if n.startswith("text_encoder")) + k["call_overhead_s"]
+    # True CFG encodes the negative prompt too and runs the transformer once more a step.
+    text = passes * sum(p.seconds for n, p in phases.items() if n.startswith("text_encoder")) + k["call_overhead_s"]
     decode = phases["vae"].seconds if "vae" in phases else 0.0
-    steps_s = n_steps * step.seconds
+    steps_s = n_steps * passes * step.seconds
     total = text + steps_s + decode + call_transfer
     scale = 1.0 if cls == "hopper" else k["non_hopper_scale"]
     assumptions += [
@@ -725,6 +734,9 @@ def predict_latency(
         assumptions.append(f"no {profile.family} run is in the fit: its blocks are assumed as efficient as "
                            "FLUX.1's; text tokens counted at max_sequence_length "
                            f"({g.max_sequence_length}), an upper bound where the pipeline pads less")
+    if passes > 1:
+        assumptions.append(f"true CFG (generation.negative_prompt set): {passes} transformer passes a step, the text "
+                           "encoder run for the negative prompt too")
     if profile.cache.kind != "none":
         assumptions.append(f"cache.kind={profile.cache.kind} skips steps at run time: not counted here (upper bound)")
     if tiles > 1:
@@ -733,12 +745,32 @@ def predict_latency(
                            "each a full transformer pass at the tile's size (blending not counted); the compute "
                            "floor stays the whole image's")
     floor = compute_floor(gpu, model, height=h, width=w, steps=n_steps, batch=b,
-                          max_sequence_length=g.max_sequence_length, cfg=g.guidance > 1)
+                          max_sequence_length=g.max_sequence_length, cfg=g.guidance > 1, passes=passes)
     return LatencyPrediction(
         gpu=gpu.name, profile=profile.name, model=model, height=work.height, width=work.width, steps=n_steps,
         batch=b, total_s=total, text_encode_s=text, step=step, steps_s=steps_s, decode_s=decode,
-        call_transfer_s=call_transfer, phases=phases, floor_s=floor, assumptions=tuple(assumptions),
+        call_transfer_s=call_transfer, phases=phases, floor_s=floor, assumptions=tuple(assumptions), passes=passes,
     )
+
+
+def true_cfg(work: Work, g: Generation) -> int:
+    """Transformer passes per step of the counted pipeline with the profile's call defaults (1 or 2).
+
+    Raises:
+        ProfileError: the profile sets true-CFG fields the pipeline does not take (``apply`` refuses them too).
+    """
+    import inspect
+
+    import diffusers
+
+    from fluxtune.tuning.generation import true_cfg_passes, true_cfg_problem
+
+    cls = getattr(diffusers, work.pipeline, None)
+    params = inspect.signature(cls.__call__).parameters if cls is not None else {}
+    problem = true_cfg_problem(params, g, work.pipeline or work.model)
+    if problem is not None:
+        raise ProfileError(problem)
+    return true_cfg_passes(params, g)
 
 
 def _regional(profile: Profile, model: str, height: int, width: int, batch: int) -> tuple[int, ComponentWork | None]:
@@ -769,14 +801,14 @@ def fastest_gemm_precision(gpu: GpuSpec) -> str:
 
 
 def compute_floor(gpu: GpuSpec, model: str, *, height: int, width: int, steps: int, batch: int = 1,
-                  max_sequence_length: int = 512, cfg: bool | None = None) -> float:
+                  max_sequence_length: int = 512, cfg: bool | None = None, passes: int = 1) -> float:
     """The compute floor of a generation: no card runs it faster with fluxtune's precisions.
 
     Counted as: every component's GEMM FLOPs (text encoders once, the transformer ``steps`` times,
     the VAE decode once) at the card's fastest GEMM rate (:func:`fastest_gemm_precision`: fp8, int8 or
     bf16, whichever the table lists fastest), plus all attention FLOPs at the bf16 rate, both at 100 %
     efficiency; memory-bound work, launches and transfers count zero. 4-bit (W4A4) is left out: no
-    fluxtune knob computes in it.
+    fluxtune knob computes in it. ``passes`` = 2 counts true CFG (the transformer and text encoders twice).
     """
     work = count_work(model, height=height, width=width, batch=batch, max_sequence_length=max_sequence_length,
                       cfg=cfg)
@@ -784,7 +816,7 @@ def compute_floor(gpu: GpuSpec, model: str, *, height: int, width: int, steps: i
     attn_rate = (gpu.rate("bf16") or 1.0) * 1e12
     total = 0.0
     for name, cw in work.components.items():
-        n = steps if name == "transformer" else 1
+        n = passes * (steps if name == "transformer" else 1) if name != "vae" else 1
         total += n * (cw.gemm_flops / gemm_rate + cw.attn_flops / attn_rate)
     return total
 

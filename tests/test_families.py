@@ -202,3 +202,40 @@ def test_vae_tiles_of_a_given_size_on_the_qwen_image_vae() -> None:
     assert seen and image.shape[-2:] == (128, 128) and torch.isfinite(image).all()
     fluxtune.apply({"family": "qwenimage"}, pipe)
     assert not vae.use_tiling and {a: getattr(vae, a) for a in before} == before
+
+
+def _passes_per_step(pipe, **call) -> int:  # type: ignore[no-untyped-def]
+    calls: list[int] = []
+    handle = pipe.transformer.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        pipe(prompt="a red fox", generator=torch.Generator().manual_seed(0), output_type="pt", **call)
+    finally:
+        handle.remove()
+    return len(calls) // GEN["steps"]
+
+
+def test_true_cfg_from_the_profile_runs_two_transformer_passes_a_step() -> None:
+    """generation.negative_prompt makes Qwen-Image's true CFG the call's default (diffusers' own example
+    passes negative_prompt=" "): twice the transformer's work a step, which predict counts too."""
+    pipe = pipelines.load("tiny-qwen-image")
+    fluxtune.apply({"generation": GEN}, pipe)
+    assert _passes_per_step(pipe) == 1  # no negative prompt: diffusers runs one pass
+    report = fluxtune.apply({"generation": {**GEN, "negative_prompt": " "}}, pipe)
+    assert "true CFG" in str(report) and "negative_prompt=' '" in str(report)
+    assert _passes_per_step(pipe) == 2
+    assert _passes_per_step(pipe, true_cfg_scale=1.0) == 1  # the caller's argument still wins
+    fluxtune.apply({"generation": {**GEN, "negative_prompt": " ", "true_cfg_scale": 2.5}}, pipe)
+    assert _passes_per_step(pipe) == 2
+    with pytest.raises(fluxtune.FluxtuneError, match="true_cfg_scale=1.0 runs no true CFG on QwenImagePipeline"):
+        fluxtune.apply({"generation": {**GEN, "negative_prompt": " ", "true_cfg_scale": 1.0}}, pipe)
+    assert _passes_per_step(pipe) == 2  # the refused profile changed nothing
+
+
+def test_true_cfg_where_the_pipeline_has_none_is_refused_before_anything_changes() -> None:
+    klein = pipelines.load("tiny-flux2-klein")  # step-distilled: no negative_prompt in its call
+    with pytest.raises(fluxtune.FluxtuneError, match="generation.negative_prompt=' '.*Flux2KleinPipeline has no negative_prompt"):
+        fluxtune.apply({"generation": {**GEN, "negative_prompt": " "}, "transformer": {"quantize": "int8_weight"}}, klein)
+    assert type(klein.transformer.transformer_blocks[0].attn.to_q.weight) is torch.nn.Parameter  # not quantized
+    flux = pipelines.load("tiny-flux")  # FluxPipeline's true_cfg_scale defaults to 1.0: a negative prompt alone does nothing
+    with pytest.raises(fluxtune.FluxtuneError, match="true_cfg_scale=1.0 runs no true CFG on FluxPipeline"):
+        fluxtune.apply({"generation": {"height": 64, "width": 64, "steps": 2, "negative_prompt": "blurry"}}, flux)

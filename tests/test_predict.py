@@ -234,3 +234,23 @@ def test_predictions_match_the_shipped_emulated_measurements() -> None:
     assert {"flux-dev-replica", "flux2-klein-4b-replica", "flux2-dev-replica", "qwen-image-replica"} <= families
     assert all(abs(c.error) < 0.35 for c in checks), [(c.preset, c.variant, round(c.error, 2)) for c in checks]
     assert sum(abs(c.error) < 0.10 for c in checks) >= len(checks) - 2
+
+
+def test_true_cfg_doubles_the_denoising_and_the_text_encoding() -> None:
+    """Qwen-Image with a negative prompt runs its transformer twice a step (diffusers' example does); the
+    prediction and the compute floor count both passes, and the VAE decode once."""
+    base = {"name": "q", "family": "qwenimage", "generation": {"height": 64, "width": 64, "steps": 4}}
+    one = predict_latency(load_profile(base), card(), model="tiny-qwen-image")
+    cfg = load_profile({**base, "generation": {**base["generation"], "negative_prompt": " "}})
+    two = predict_latency(cfg, card(), model="tiny-qwen-image")
+    assert (one.passes, two.passes) == (1, 2)
+    assert two.steps_s == pytest.approx(2 * one.steps_s)
+    assert two.decode_s == pytest.approx(one.decode_s)
+    assert two.text_encode_s - CONSTANTS["call_overhead_s"] == pytest.approx(
+        2 * (one.text_encode_s - CONSTANTS["call_overhead_s"]))
+    assert one.floor_s < two.floor_s < 2 * one.floor_s
+    assert any("true CFG" in a for a in two.assumptions) and "2 passes" in two.describe()
+    # A pipeline whose call has no negative prompt: refused as apply refuses it, exit 2 from the CLI.
+    r = cli("predict", "flux2-klein-4b-8gb", "generation.negative_prompt=x", "--gpu", "RTX 4060",
+            "--model", "tiny-flux2-klein")
+    assert r.code == 2 and "has no negative_prompt" in r.err

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
             "predicted": True, "gpu": card.name, "emulated_on": gpu.name if card is not gpu else None,
             "profile": r.profile, "variant": variant, "model": r.model,
             "width": r.width, "height": r.height, "steps": r.steps, "total_s": r.total_s,
-            "text_encode_s": r.text_encode_s, "step_s": r.step.seconds, "steps_s": r.steps_s, "decode_s": r.decode_s,
+            "text_encode_s": r.text_encode_s, "step_s": r.step.seconds, "passes_per_step": r.passes, "steps_s": r.steps_s, "decode_s": r.decode_s,
             "step_bound": r.step.bound, "compute_floor_s": r.floor_s, "assumptions": list(r.assumptions),
         }, indent=2))
         return 0
@@ -75,15 +75,17 @@ def run(args: argparse.Namespace) -> int:
 
     # FLUX.1 has CLIP and T5; FLUX.2 and Qwen-Image one LLM encoder (Qwen3, Mistral-3, Qwen2.5-VL).
     first = "text encoder (CLIP)" if "text_encoder_2" in r.phases else "text encoder (LLM)"
-    for phase_name, label, times in (("text_encoder", first, 1),
-                                     ("text_encoder_2", "text encoder 2 (T5)", 1),
+    enc = ", prompt + negative (per-encode columns)" if r.passes > 1 else ""
+    for phase_name, label, times in (("text_encoder", first + enc, r.passes),
+                                     ("text_encoder_2", "text encoder 2 (T5)" + enc, r.passes),
                                      ("transformer", "one denoising step", 1), ("vae", "VAE decode", 1)):
         p = r.phases.get(phase_name)
         if p is None:
             continue
         table.add_row(label, ms(p.seconds * times), ms(p.gemm_s), ms(p.attn_s), ms(p.memory_s), ms(p.launch_s),
                       ms(p.transfer_s), f"{p.bound} ({p.precision})")
-    table.add_row(f"{r.steps} steps", ms(r.steps_s), "", "", "", "", "", "")
+    steps_label = f"{r.steps} steps" + (f" x {r.passes} passes (true CFG)" if r.passes > 1 else "")
+    table.add_row(steps_label, ms(r.steps_s), "", "", "", "", "", "")
     table.add_row("total (predicted)", f"{r.total_s:.2f} s", "", "", "", "", "", "", style="bold")
     console = Console(width=140)
     console.print(table)

@@ -398,6 +398,7 @@ def save_searched(prof: Any, out: Path, args: argparse.Namespace, dtype: str, fa
     header = (
         f"# {prof.name}: found by `fluxtune search` on {args.model} ({where}), {m.date if m else ''}\n"
         f"# Measured at {size}, {g.steps} steps, {g.images_per_prompt} image(s) per call, {dtype} weights"
+        f"{', true CFG (negative prompt ' + repr(g.negative_prompt) + ')' if g.negative_prompt is not None else ''}"
         f"{', budget ' + args.budget if args.budget else ''}.\n"
         f"# Use: fluxtune generate {out} --model {args.model} --prompt '...'   or in Python:\n"
         f"#      fluxtune.apply('{out}', pipelines.load('{args.model}', dtype='{dtype}'))\n"

@@ -8,11 +8,15 @@ because Python looks ``__call__`` up on the type, never on the instance.
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from fluxtune.errors import BudgetExceededError
 from fluxtune.tuning.base import GENERATION, Context, Handler, register
 from fluxtune.tuning.state import BASE_ATTR, base_class, call_state
+
+if TYPE_CHECKING:
+    from fluxtune.knobs import Generation
 
 _KWARG = {  # profile field -> pipeline __call__ parameter
     "steps": "num_inference_steps",
@@ -21,6 +25,8 @@ _KWARG = {  # profile field -> pipeline __call__ parameter
     "width": "width",
     "max_sequence_length": "max_sequence_length",
     "images_per_prompt": "num_images_per_prompt",
+    "negative_prompt": "negative_prompt",
+    "true_cfg_scale": "true_cfg_scale",
 }
 _TUNED: dict[type, type] = {}
 
@@ -29,6 +35,35 @@ def _count(value: Any) -> int:
     if value is None:
         return 1
     return len(value) if isinstance(value, list | tuple) else 1
+
+
+def true_cfg_problem(params: Mapping[str, inspect.Parameter], g: Generation, pipeline: str) -> str | None:
+    """Why the profile's true-CFG settings cannot work on a pipeline with these ``__call__`` parameters."""
+    for field in ("negative_prompt", "true_cfg_scale"):
+        value = getattr(g, field)
+        if value is not None and field not in params:
+            return (f"generation.{field}={value!r}: {pipeline} has no {field} (its guidance is "
+                    "guidance_scale or distilled); leave it unset")
+    if g.negative_prompt is not None and not true_cfg_passes(params, g) > 1:
+        return (f"generation.negative_prompt is set but true_cfg_scale={_scale(params, g)} runs no true CFG on "
+                f"{pipeline}; set generation.true_cfg_scale above 1 (e.g. 4.0) or leave negative_prompt unset")
+    return None
+
+
+def _scale(params: Mapping[str, inspect.Parameter], g: Generation) -> float:
+    if g.true_cfg_scale is not None:
+        return g.true_cfg_scale
+    default = params["true_cfg_scale"].default if "true_cfg_scale" in params else None
+    return float(default) if isinstance(default, int | float) else 1.0
+
+
+def true_cfg_passes(params: Mapping[str, inspect.Parameter], g: Generation) -> int:
+    """Transformer passes per denoising step of a call with the profile's defaults: 2 where the pipeline
+    runs true CFG (it takes ``negative_prompt``, one is set, and the scale is above 1, as diffusers' Qwen-Image
+    and FLUX.1 pipelines decide), else 1. Each pass is a separate forward at the batch of one call."""
+    if g.negative_prompt is None or "negative_prompt" not in params or "true_cfg_scale" not in params:
+        return 1
+    return 2 if _scale(params, g) > 1 else 1
 
 
 def _tuned_call(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -79,6 +114,9 @@ class GenerationHandler(Handler):
                     return [f"generation.{field}={value}: this DiT draws {native}x{native} only (its sample_size); "
                             f"set generation.{field}={native} or leave it unset"]
         params = inspect.signature(base_class(ctx.pipe).__call__).parameters
+        cfg = true_cfg_problem(params, g, base_class(ctx.pipe).__name__)
+        if cfg is not None:
+            return [cfg]
         if g.max_sequence_length != 512 and "max_sequence_length" not in params:
             return [f"generation.max_sequence_length={g.max_sequence_length}: this pipeline has no text sequence "
                     "length; leave it at 512"]
@@ -93,7 +131,11 @@ class GenerationHandler(Handler):
             if value is not None and kwarg in params:
                 defaults[kwarg] = value
         ctx.pipe.__class__ = tuned_class(type(ctx.pipe))
-        ctx.report.add(self.name, "pipeline", "call defaults: " + ", ".join(f"{k}={v}" for k, v in defaults.items()))
+        summary = "call defaults: " + ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
+                                                for k, v in defaults.items())
+        if true_cfg_passes(params, g) > 1:
+            summary += "; true CFG: two transformer passes a step"
+        ctx.report.add(self.name, "pipeline", summary)
         ctx.call_defaults.update(defaults)
 
 
