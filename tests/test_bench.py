@@ -151,3 +151,29 @@ def test_a_candidate_that_times_out_keeps_what_it_had_measured(tmp_path: Path) -
     said = "\n".join(lines)
     assert "    apply: " in said and "    warm-up 1/1: " in said and "    run 2/4: " in said
     assert "run 3/4:" not in said and row.error in said
+
+
+def test_bench_reference_renders_the_profiles_true_cfg(tmp_path: Path) -> None:
+    """A profile with a negative prompt runs two transformer passes a step: the reference (and the recipes)
+    must render the same call, or the quality column compares different images and the speedup is 2x off."""
+    plain = tmp_path / "q.yaml"
+    plain.write_text("name: q\nfamily: qwenimage\ngeneration: {height: 64, width: 64, steps: 2, max_sequence_length: 64}\n")
+    cfg = tmp_path / "qcfg.yaml"
+    cfg.write_text(plain.read_text().replace("name: q", "name: qcfg").replace("64}", "64, negative_prompt: ' '}"))
+
+    def psnr(*argv: str) -> float:
+        folder = tmp_path / f"b{len(list(tmp_path.iterdir()))}"
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            assert main(["bench", *argv, "--model", "tiny-qwen-image", "--runs", "1", "--out", str(folder)]) == 0
+        rows = json.loads((folder / "bench.json").read_text())["rows"]
+        return next(r["psnr"] for r in rows if r["kind"] == "profile")
+
+    assert psnr(str(cfg)) >= 99  # the reference drew with the same negative prompt: the same image
+    assert psnr(str(plain), "--negative-prompt", " ") >= 99  # --negative-prompt sets it for everyone
+    # A pipeline without true CFG: one line, exit 2, before any model loads or anything is written.
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = main(["bench", "--baselines", "--model", "tiny-flux2-klein", "--negative-prompt", "x",
+                     "--out", str(tmp_path / "refused")])
+    assert code == 2 and "Flux2Pipeline / Flux2KleinPipeline has no negative_prompt" in err.getvalue()
+    assert not (tmp_path / "refused").exists()

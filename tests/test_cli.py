@@ -166,6 +166,17 @@ def test_generate_with_overrides_and_several_prompts(tmp_path, small_profile):
     assert (tmp_path / "many_0.png").exists() and (tmp_path / "many_1.png").exists()
 
 
+def test_generate_negative_prompt_turns_on_true_cfg_verbatim(tmp_path, small_profile):
+    # FluxPipeline runs true CFG only above true_cfg_scale 1; the text is passed as written, not parsed as YAML.
+    out = tmp_path / "cfg.png"
+    res = cli("generate", small_profile, "generation.true_cfg_scale=2", "--model", "tiny-flux", "--prompt", "a red circle",
+              "--negative-prompt", "blurry: 1", "--out", out)
+    assert res.code == 0, res.err
+    assert "negative_prompt='blurry: 1'" in res.out and "true CFG: two transformer passes a step" in res.out
+    refused = cli("generate", small_profile, "--model", "tiny-flux", "--negative-prompt", "blurry", "--out", out)
+    assert refused.code == 2 and "set generation.true_cfg_scale above 1" in refused.err
+
+
 @pytest.mark.parametrize(("preset", "field"), [
     ("flux-dev-12gb", "transformer.offload.mode=partial"),
     ("flux-dev-24gb", "transformer.quantize.method=fp8_dynamic"),

@@ -368,6 +368,7 @@ def test_unreachable_quality_floor_reports_the_best_quality_found(home):
     (["--steps", "1-5000"], "at most 1000 steps"),
     (["--sensitivity", "nofile.json"], "--sensitivity 'nofile.json': no such file"),
     (["--profile", "nofile.yaml"], "neither a file nor a preset"),
+    (["--negative-prompt", "blurry"], "true_cfg_scale=1.0 runs no true CFG on FluxPipeline"),
     (["--storage", "sqlite:////nonexistent/dir/x.db"], "does not exist"),
 ])
 def test_bad_input_is_one_line_and_exit_2(home, extra, needle):

@@ -36,7 +36,8 @@ _USAGE_ERRORS = (ProfileError, IncompatibleKnobsError, PipelineError, Unsupporte
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fluxtune",
-        description="Measured, budget-constrained profiles for diffusion transformer pipelines (FLUX, DiT).",
+        description="Measured, budget-constrained profiles for diffusion transformer pipelines (FLUX.1, FLUX.2, "
+                    "Qwen-Image, DiT).",
     )
     parser.add_argument("--debug", action="store_true",
                         help="show tracebacks and the libraries' own log lines and warnings")

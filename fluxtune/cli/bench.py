@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--write-measured", action="store_true",
                    help="write each profile's measurement into its YAML file's measured block")
     p.add_argument("--prompt", action="append", default=None, help="workload prompt (repeatable)")
+    p.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                   help="true CFG for every candidate, recipes included (Qwen-Image, FLUX.1): two transformer passes "
+                   "a step; default: the first profile's generation.negative_prompt")
     p.add_argument("--out", default=".fluxtune/bench", help="folder for bench.json, the table and the plot")
     p.add_argument("--no-reference", action="store_true", help="skip the bf16 reference run (no quality column)")
     p.add_argument("--samples", type=int, default=0,
@@ -137,6 +140,18 @@ def run(args: argparse.Namespace) -> int:
     if profiles and not (size or args.steps):
         g = profiles[0].generation
         generation = {k: v for k, v in (("height", g.height), ("width", g.width), ("steps", g.steps)) if v is not None}
+    # The recipes and the reference render what the profiles render: true CFG is twice the work.
+    g0 = profiles[0].generation if profiles else None
+    cfg = {k: v for k in ("negative_prompt", "true_cfg_scale") if g0 is not None and (v := getattr(g0, k)) is not None}
+    if args.negative_prompt is not None:
+        cfg["negative_prompt"] = args.negative_prompt
+        profiles = [p.replace(generation={**p.generation.model_dump(), "negative_prompt": args.negative_prompt})
+                    for p in profiles]
+    generation.update(cfg)
+    from fluxtune.knobs import Generation
+
+    for g in [p.generation for p in profiles] or [Generation(**cfg)]:
+        checks.true_cfg(args.model, family, g)
     workload = default_workload(args.model, family, args.prompt, device.startswith("cuda"), args.runs)
     if family == "dit":
         # One workload for all: every candidate renders all the class labels in one call (its batch).

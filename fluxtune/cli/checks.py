@@ -3,6 +3,7 @@ the value and a fix (a ``ProfileError``: exit 2), and nothing is loaded, created
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -121,3 +122,34 @@ def lora_file(path: str) -> None:
 def finite_choice(flag: str, value: Any, allowed: tuple[Any, ...]) -> None:
     if value not in allowed:
         raise ProfileError(f"{flag} {value!r}: use one of {', '.join(map(str, allowed))}")
+
+
+def true_cfg(model_spec: str, family: str, generation: Any) -> None:
+    """The profile's true-CFG settings (``generation.negative_prompt``/``true_cfg_scale``) suit the model's
+    pipeline class, checked from its ``__call__`` signature before any weight loads (apply checks again)."""
+    if generation.negative_prompt is None and generation.true_cfg_scale is None:
+        return
+    import inspect
+    import json
+
+    import diffusers
+
+    from fluxtune.pipelines import FAMILY_PIPELINES
+    from fluxtune.tuning.generation import true_cfg_problem
+
+    names: tuple[str, ...] = FAMILY_PIPELINES.get(family, ())
+    index = Path(os.path.expanduser(model_spec)) / "model_index.json"
+    if index.is_file():
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            names = (str(json.loads(index.read_text()).get("_class_name", "")),)
+    problems = []
+    for name in names:
+        cls = getattr(diffusers, name, None)
+        if cls is None:
+            return  # a class this diffusers lacks: apply reports what is wrong
+        problem = true_cfg_problem(inspect.signature(cls.__call__).parameters, generation, " / ".join(names))
+        if problem is None:
+            return
+        problems.append(problem)
+    if problems:
+        raise ProfileError(problems[0])

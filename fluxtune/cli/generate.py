@@ -12,6 +12,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted profile overrides")
     p.add_argument("--model", default="flux-mini", help="built-in name, local path or hub id (default flux-mini)")
     p.add_argument("--prompt", action="append", help="prompt (FLUX) or class name (DiT); repeat for several")
+    p.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                   help="true CFG's negative prompt (Qwen-Image, FLUX.1; same as generation.negative_prompt=TEXT): "
+                   "two transformer passes a step")
     p.add_argument("--class-label", type=int, action="append", help="DiT class id; repeat for several")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="fluxtune.png", help="output PNG (several images get _0, _1 ... suffixes)")
@@ -32,6 +35,12 @@ def run(args: argparse.Namespace) -> int:
 
     # Everything that can be checked is checked before the model loads and the images are drawn.
     profile = load_profile(args.profile, args.overrides)
+    if args.negative_prompt is not None:  # verbatim: an override's value would be parsed as YAML ("1", "a: b")
+        profile = profile.replace(generation={**profile.generation.model_dump(), "negative_prompt": args.negative_prompt})
+    from fluxtune import pipelines
+
+    spec = pipelines.builtin(args.model)  # a local directory's own class wins inside the check
+    checks.true_cfg(args.model, spec.family if spec is not None else profile.family, profile.generation)
     checks.model(args.model)
     checks.dtype(args.dtype)
     checks.device(args.device)

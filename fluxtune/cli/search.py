@@ -61,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pin", action="append", default=[], metavar="DIM=VALUE",
                    help="pin or narrow a dimension, e.g. --pin transformer.offload=partial or --pin cache=[none,first_block]")
     p.add_argument("--prompt", action="append", default=None, help="workload prompt (repeatable)")
+    p.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                   help="true CFG in every trial and the reference (Qwen-Image, FLUX.1): two transformer passes a step "
+                   "(same as generation.negative_prompt in --profile)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE",
                    help="tune with this LoRA (.safetensors) in place; repeatable; the profile's lora mode is auto")
     p.add_argument("--sensitivity", action="append", default=[], metavar="FILE|auto|off",
@@ -275,12 +278,15 @@ def run(args: argparse.Namespace) -> int:
         steps = parse_steps(args.steps)
         narrow["steps"] = steps
         data["generation"]["steps"] = steps if isinstance(steps, int) else steps["high"]
+    if args.negative_prompt is not None:
+        data["generation"]["negative_prompt"] = args.negative_prompt
     workload = default_workload(args.model, family, args.prompt, on_gpu, args.runs)
     if family == "dit":
         # For DiT, images_per_prompt is the batch: every class label of a call is one image.
         data["generation"]["images_per_prompt"] = max(data["generation"].get("images_per_prompt") or 1,
                                                       len(workload["class_labels"]))
     base = load_profile(data)
+    checks.true_cfg(args.model, family, base.generation)
     if args.objective == "throughput" and "batch" not in narrow:
         b0 = base.generation.images_per_prompt
         narrow["batch"] = sorted({b0, *(b for b in ((4, 8, 16, 32, 64) if family == "dit" else (2, 4)) if b > b0)})

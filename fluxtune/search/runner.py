@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import fluxtune.search.objective as obj
-from fluxtune.errors import ProfileError, SearchError
+from fluxtune.errors import IncompatibleKnobsError, ProfileError, SearchError
 from fluxtune.hardware import HardwareInfo, detect_hardware, library_versions
 from fluxtune.profile import Profile
 from fluxtune.search.space import SearchSpace
@@ -434,7 +434,11 @@ class Search:
             if result.status == Status.OK:
                 profile = w_profile
                 break
+            if result.status == Status.INVALID:
+                break  # the profile itself (e.g. its generation) is refused: offloading would not change that
         assert result is not None
+        if result.status == Status.INVALID:  # bad input (exit 2), not a failed search
+            raise IncompatibleKnobsError(f"the search's base profile is refused by this model: {result.error}")
         if result.status != Status.OK or result.measurement is None:
             raise SearchError(f"the lossless reference could not run here ({result.status}: {result.error}); "
                               "raise --budget or lower --size")
