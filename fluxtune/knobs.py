@@ -370,6 +370,9 @@ class Generation(Knob):
         "transformer runs twice a step and the text encoder twice a call; None = no true CFG")
     true_cfg_scale: float | None = Field(
         default=None, ge=0.0, description="true CFG's scale; None = the pipeline's default (Qwen-Image 4.0, FLUX.1 1.0)")
+    batch_cfg: bool = Field(
+        default=False, description="run true CFG's two passes a step as one batch of two: a streamed transformer "
+        "copies its blocks once a step instead of twice, for twice the activations")
 
     @model_validator(mode="after")
     def _sizes(self) -> Generation:

@@ -560,13 +560,16 @@ class LatencyPrediction:
     assumptions: tuple[str, ...]
     passes: int = 1
     """Transformer passes per step: 2 with true CFG (``generation.negative_prompt``)."""
+    cfg_batched: bool = False
+    """The two passes run as one forward of both rows (``generation.batch_cfg``); ``step`` is that forward."""
 
     def describe(self) -> str:
         """One line; always says "predicted"."""
         return (f"predicted {self.total_s:.2f} s on {self.gpu} for {self.profile} ({self.model}, "
                 f"{self.width}x{self.height}, {self.steps} steps): text {self.text_encode_s:.2f} s, "
                 f"{self.steps} x {self.step.seconds:.3f} s/step ({self.step.bound}-bound)"
-                + (f" x {self.passes} passes (true CFG)" if self.passes > 1 else "") + ", decode "
+                + (" (true CFG, both rows in one forward)" if self.cfg_batched else
+                   f" x {self.passes} passes (true CFG)" if self.passes > 1 else "") + ", decode "
                 f"{self.decode_s:.2f} s; compute floor {self.floor_s:.2f} s")
 
 
@@ -661,6 +664,11 @@ def predict_latency(
                       cfg=g.guidance > 1)
     passes = true_cfg(work, g)
     tiles, tiled_work = _regional(profile, model, h, w, b)
+    # Batched true CFG: one transformer forward of both rows a step (streamed blocks copied once).
+    batched = passes > 1 and g.batch_cfg
+    if batched and tiled_work is None:
+        tiled_work = count_work(model, height=h, width=w, batch=2 * b,
+                                max_sequence_length=g.max_sequence_length).components["transformer"]
     facts = ModelFacts.for_builtin(model)
     moved = transfer_bytes(profile, facts)
     cls = gpu.capability
@@ -712,7 +720,7 @@ def predict_latency(
     # True CFG encodes the negative prompt too and runs the transformer once more a step.
     text = passes * sum(p.seconds for n, p in phases.items() if n.startswith("text_encoder")) + k["call_overhead_s"]
     decode = phases["vae"].seconds if "vae" in phases else 0.0
-    steps_s = n_steps * passes * step.seconds
+    steps_s = n_steps * (1 if batched else passes) * step.seconds
     total = text + steps_s + decode + call_transfer
     scale = 1.0 if cls == "hopper" else k["non_hopper_scale"]
     assumptions += [
@@ -735,8 +743,10 @@ def predict_latency(
                            "FLUX.1's; text tokens counted at max_sequence_length "
                            f"({g.max_sequence_length}), an upper bound where the pipeline pads less")
     if passes > 1:
-        assumptions.append(f"true CFG (generation.negative_prompt set): {passes} transformer passes a step, the text "
-                           "encoder run for the negative prompt too")
+        assumptions.append(f"true CFG (generation.negative_prompt set): {passes} transformer passes a step"
+                           + (" run as one forward of both rows (generation.batch_cfg: streamed blocks copied "
+                              "once a step)" if batched else "")
+                           + ", the text encoder run for the negative prompt too")
     if profile.cache.kind != "none":
         assumptions.append(f"cache.kind={profile.cache.kind} skips steps at run time: not counted here (upper bound)")
     if tiles > 1:
@@ -750,6 +760,7 @@ def predict_latency(
         gpu=gpu.name, profile=profile.name, model=model, height=work.height, width=work.width, steps=n_steps,
         batch=b, total_s=total, text_encode_s=text, step=step, steps_s=steps_s, decode_s=decode,
         call_transfer_s=call_transfer, phases=phases, floor_s=floor, assumptions=tuple(assumptions), passes=passes,
+        cfg_batched=batched,
     )
 
 

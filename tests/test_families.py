@@ -239,3 +239,53 @@ def test_true_cfg_where_the_pipeline_has_none_is_refused_before_anything_changes
     flux = pipelines.load("tiny-flux")  # FluxPipeline's true_cfg_scale defaults to 1.0: a negative prompt alone does nothing
     with pytest.raises(fluxtune.FluxtuneError, match="true_cfg_scale=1.0 runs no true CFG on FluxPipeline"):
         fluxtune.apply({"generation": {"height": 64, "width": 64, "steps": 2, "negative_prompt": "blurry"}}, flux)
+
+
+def _draw_counting_blocks(pipe, **call) -> tuple[torch.Tensor, list[int]]:  # type: ignore[no-untyped-def]
+    rows: list[int] = []
+    block = pipe.transformer.transformer_blocks[0]
+    handle = block.register_forward_pre_hook(lambda m, a, kw: rows.append(int(kw["hidden_states"].shape[0])),
+                                             with_kwargs=True)
+    try:
+        image = pipe(prompt="a red fox", generator=torch.Generator().manual_seed(0), output_type="pt", **call).images
+    finally:
+        handle.remove()
+    return image, rows
+
+
+@pytest.mark.parametrize("model,gen", [
+    ("tiny-qwen-image", {**GEN, "negative_prompt": "blurry"}),
+    ("tiny-flux", {"height": 64, "width": 64, "steps": 2, "negative_prompt": "blurry", "true_cfg_scale": 3.0}),
+])
+def test_batched_true_cfg_draws_the_same_image_with_one_forward_a_step(model: str, gen: dict) -> None:
+    """generation.batch_cfg runs the prompt's and the negative prompt's rows as one forward (a streamed
+    transformer copies its blocks once a step): the blocks see one batch of 2 a step, and the image is the
+    sequential one (Qwen-Image's shorter text padded and masked, FLUX.1's T5 text the same length)."""
+    pipe = pipelines.load(model)
+    fluxtune.apply({"family": pipelines.BUILTINS[model].family, "generation": gen}, pipe)
+    sequential, rows = _draw_counting_blocks(pipe)
+    assert rows == [1, 1] * gen["steps"]
+    report = fluxtune.apply({"family": pipelines.BUILTINS[model].family, "generation": {**gen, "batch_cfg": True}}, pipe)
+    assert "one batch of two" in str(report)
+    batched, rows = _draw_counting_blocks(pipe)
+    assert rows == [2] * gen["steps"]
+    assert (batched - sequential).abs().max() < 2e-3, (batched - sequential).abs().max()
+    # A call that differs from the profile's runs as it is: no negative prompt, one pass a step.
+    _, rows = _draw_counting_blocks(pipe, negative_prompt=None)
+    assert rows == [1] * gen["steps"]
+    # A plain profile takes the wrapper off again.
+    fluxtune.apply({"family": pipelines.BUILTINS[model].family, "generation": gen}, pipe)
+    assert "forward" not in vars(pipe.transformer) and "encode_prompt" not in vars(pipe)
+    assert _draw_counting_blocks(pipe)[1] == [1, 1] * gen["steps"]
+
+
+def test_batched_true_cfg_without_true_cfg_is_refused() -> None:
+    qwen = pipelines.load("tiny-qwen-image")
+    with pytest.raises(fluxtune.FluxtuneError, match="batch_cfg=true batches true CFG's two passes, and true CFG is off"):
+        fluxtune.apply({"generation": {**GEN, "batch_cfg": True}}, qwen)
+    with pytest.raises(fluxtune.FluxtuneError, match="compile.mode=full traces"):
+        fluxtune.apply({"generation": {**GEN, "negative_prompt": " ", "batch_cfg": True}, "compile": {"mode": "full"}},
+                       qwen)
+    klein = pipelines.load("tiny-flux2-klein")
+    with pytest.raises(fluxtune.FluxtuneError, match="flux2 pipelines run no true CFG"):
+        fluxtune.apply({"generation": {**GEN, "batch_cfg": True}}, klein)

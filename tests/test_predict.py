@@ -254,3 +254,27 @@ def test_true_cfg_doubles_the_denoising_and_the_text_encoding() -> None:
     r = cli("predict", "flux2-klein-4b-8gb", "generation.negative_prompt=x", "--gpu", "RTX 4060",
             "--model", "tiny-flux2-klein")
     assert r.code == 2 and "has no negative_prompt" in r.err
+
+
+def test_batched_true_cfg_streams_once_a_step_for_twice_the_rows() -> None:
+    """generation.batch_cfg: one forward of both CFG rows a step. On a slow link with the transformer
+    streamed, the step's copies are paid once instead of twice; the compute is the batch of two's; the
+    memory model counts twice the transformer's activations."""
+    from fluxtune.memory import predict as predict_memory
+
+    gen = {"height": 64, "width": 64, "steps": 4, "negative_prompt": " "}
+    streamed = {"name": "q", "family": "qwenimage", "generation": gen,
+                "transformer": {"offload": {"mode": "partial", "resident": "1KB"}}}
+    slow = card(h2d=0.001)
+    seq = predict_latency(load_profile(streamed), slow, model="tiny-qwen-image")
+    batched_profile = load_profile({**streamed, "generation": {**gen, "batch_cfg": True}})
+    bat = predict_latency(batched_profile, slow, model="tiny-qwen-image")
+    assert seq.step.bound == "transfer" and bat.cfg_batched and not seq.cfg_batched
+    assert bat.step.transfer_s == pytest.approx(seq.step.transfer_s)  # the same blocks, copied once a step
+    assert bat.steps_s == pytest.approx(seq.steps_s / 2, rel=0.05)  # link-bound: half the step time
+    assert "one forward of both rows" in " ".join(bat.assumptions)
+    facts = ModelFacts.for_builtin("tiny-qwen-image")
+    seq_mem, bat_mem = (predict_memory(load_profile({**streamed, "generation": {**gen, "batch_cfg": b}}), facts)
+                        for b in (False, True))
+    assert bat_mem.activations == pytest.approx(2 * seq_mem.activations, rel=0.01)
+    assert bat_mem.phases["transformer"] > seq_mem.phases["transformer"]

@@ -1235,3 +1235,16 @@ def test_descent_moves_from_the_better_quality_trial_within_the_noise_of_the_bes
     assert incumbent(study).number == 0
     add(study, 1.20, [1.18, 1.22], 49.0)   # the cache: 35 % faster, far beyond the spread
     assert incumbent(study).number == 2
+
+
+def test_batched_true_cfg_is_searched_only_where_there_is_true_cfg() -> None:
+    plain = load_profile({"name": "base", "family": "qwenimage", "generation": {"steps": 4}})
+    cfg = load_profile({"name": "base", "family": "qwenimage", "generation": {"steps": 4, "negative_prompt": " "}})
+    for base, family, searched in ((plain, "qwenimage", False), (cfg, "qwenimage", True),
+                                   (load_profile({"name": "b", "family": "flux2"}), "flux2", False)):
+        trials = _sampled(SearchSpace.create(H200, family, base), n=30)
+        seen = {t.params.get("batch_cfg") for t in trials}
+        assert seen == ({False, True} if searched else {None}), (family, seen)
+    space = SearchSpace.create(H200, "qwenimage", cfg)
+    assert space.profile({"batch_cfg": True}).generation.batch_cfg
+    assert not space.profile({"batch_cfg": False}).generation.batch_cfg

@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
             "predicted": True, "gpu": card.name, "emulated_on": gpu.name if card is not gpu else None,
             "profile": r.profile, "variant": variant, "model": r.model,
             "width": r.width, "height": r.height, "steps": r.steps, "total_s": r.total_s,
-            "text_encode_s": r.text_encode_s, "step_s": r.step.seconds, "passes_per_step": r.passes, "steps_s": r.steps_s, "decode_s": r.decode_s,
+            "text_encode_s": r.text_encode_s, "step_s": r.step.seconds, "passes_per_step": r.passes,
+            "cfg_batched": r.cfg_batched, "steps_s": r.steps_s, "decode_s": r.decode_s,
             "step_bound": r.step.bound, "compute_floor_s": r.floor_s, "assumptions": list(r.assumptions),
         }, indent=2))
         return 0
@@ -78,13 +79,14 @@ def run(args: argparse.Namespace) -> int:
     enc = ", prompt + negative (per-encode columns)" if r.passes > 1 else ""
     for phase_name, label, times in (("text_encoder", first + enc, r.passes),
                                      ("text_encoder_2", "text encoder 2 (T5)" + enc, r.passes),
-                                     ("transformer", "one denoising step", 1), ("vae", "VAE decode", 1)):
+                                     ("transformer", "one denoising step" + (" (both CFG rows)" if r.cfg_batched else ""), 1), ("vae", "VAE decode", 1)):
         p = r.phases.get(phase_name)
         if p is None:
             continue
         table.add_row(label, ms(p.seconds * times), ms(p.gemm_s), ms(p.attn_s), ms(p.memory_s), ms(p.launch_s),
                       ms(p.transfer_s), f"{p.bound} ({p.precision})")
-    steps_label = f"{r.steps} steps" + (f" x {r.passes} passes (true CFG)" if r.passes > 1 else "")
+    steps_label = f"{r.steps} steps" + (" (true CFG batched)" if r.cfg_batched else
+                                        f" x {r.passes} passes (true CFG)" if r.passes > 1 else "")
     table.add_row(steps_label, ms(r.steps_s), "", "", "", "", "", "")
     table.add_row("total (predicted)", f"{r.total_s:.2f} s", "", "", "", "", "", "", style="bold")
     console = Console(width=140)

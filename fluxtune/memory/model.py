@@ -384,7 +384,9 @@ def predict(
                 # prediction and its weights (float32, the whole latent) come on top.
                 th, tw = min(h, profile.tiling.tile), min(w, profile.tiling.tile)
             tokens = th * tw / facts.pixels_per_token + (g.max_sequence_length if facts.text_tokens else 0)
-            rows = batch * (2 if facts.cfg_doubles_batch and g.guidance > 1 else 1)
+            # DiT's CFG and batched true CFG (generation.batch_cfg) run both rows in one forward.
+            rows = batch * (2 if (facts.cfg_doubles_batch and g.guidance > 1)
+                            or (g.batch_cfg and g.negative_prompt is not None) else 1)
             per_token = facts.hidden_size * cb
             act = rows * tokens * per_token * (ACT_BASE_TENSORS + ACT_MLP_TENSORS * facts.mlp_ratio)
             if (th, tw) != (h, w):

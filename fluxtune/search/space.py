@@ -82,6 +82,8 @@ TILING_FROM_PX = 1024
 LLM_ENCODED = ("flux2", "qwenimage")
 """Families with one large LLM text encoder (Qwen3, Mistral-3, Qwen2.5-VL) as ``text_encoder``."""
 PROMPTED = ("flux", *LLM_ENCODED)
+CFG_FAMILIES = ("flux", "qwenimage")
+"""Families whose pipelines run true CFG as two transformer passes (``fluxtune.tuning.cfg_batch.FAMILIES``)."""
 """Families drawn from a text prompt through text encoders (DiT draws class labels)."""
 
 
@@ -110,6 +112,8 @@ def default_dims(hardware: HardwareInfo, family: str) -> list[Dim]:
         Dim("steps", low=28, high=28, integer=True, help="denoising steps (pin a range with --steps 20-50)"),
         Dim("size", ("default",), help="WIDTHxHEIGHT choices (--size 768x768,1024x1024)"),
         Dim("batch", (1,), help="images per call (DiT: class labels per call); searched by --objective throughput"),
+        Dim("batch_cfg", (False, True), help="true CFG's two passes as one batch (searched when the base profile "
+            "sets generation.negative_prompt)"),
         Dim("transformer.quantize", tuple(quant)),
         Dim("transformer.granularity", ("row", "tensor") if hardware.supports_fp8_rowwise else ("tensor",),
             when=lambda p: _q(p) == "fp8_dynamic"),
@@ -254,6 +258,8 @@ class SearchSpace:
         if max(sides) <= TILING_FROM_PX and "tiling" not in (narrow or {}):
             for name in ("tiling", "tiling.tile", "tiling.overlap"):
                 by_name[name] = replace(by_name[name], when=lambda p: False)
+        if (base.generation.negative_prompt is None or family not in CFG_FAMILIES) and "batch_cfg" not in (narrow or {}):
+            by_name["batch_cfg"] = replace(by_name["batch_cfg"], when=lambda p: False)  # no true CFG to batch
         if len(by_name["batch"].choices) == 1 and by_name["batch"].choices[0] == base.generation.images_per_prompt:
             by_name["batch"] = replace(by_name["batch"], when=lambda p: False)  # the base's batch: nothing to ask
         return cls([by_name[d.name] for d in dims], base, family, transformer_bytes, sens)
@@ -272,6 +278,7 @@ class SearchSpace:
         g = data["generation"]
         g["steps"] = int(params.get("steps", g["steps"]))
         g["images_per_prompt"] = int(params.get("batch", g["images_per_prompt"]))
+        g["batch_cfg"] = bool(params.get("batch_cfg", g.get("batch_cfg", False)))
         size = str(params.get("size", "default"))
         if size != "default":
             w, _, h = size.partition("x")

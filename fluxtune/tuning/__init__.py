@@ -22,6 +22,7 @@ from fluxtune.tuning import (  # noqa: F401  (importing registers the handlers)
     attention,
     budget,
     cache,
+    cfg_batch,
     compile,
     fuse,
     generation,
