@@ -71,10 +71,14 @@ CONSTANTS: dict[str, float] = {
     # fp8: from the kernel profile of flux-dev-fast (docs/results/2026-12-01/speed-probe-2.jsonl): the fp8
     #   GEMMs of a step take ~48 ms (nvjet fp8 kernels) for 59.5 TFLOP = 1240 TFLOPS = 0.62 of 1979.
     "gemm_eff_fp8": 0.62,
-    # int8 (torchao W8A8 dynamic): fitted on DiT-XL/2-256 int8_dynamic compiled, batch 64, 50 steps on the
-    #   H200 (5.33 s, slower than bf16's 3.52 s; dit_int8.json): 0.18 of 1979 TOPS. Whether int8 does better
-    #   on Ampere's int8 tensor cores (the ampere variants' path) is not measured: the same value is used.
-    "gemm_eff_int8": 0.18,
+    # int8 (torchao W8A8 dynamic, compiled): at a FLUX / Qwen-Image block's shapes (3072 wide, 4096 rows;
+    #   scripts/quant_kernels.py on the H200, docs/results/2026-12-04/session15/kernels.jsonl) it took 1.457 ms
+    #   where fp8_dynamic took 0.887 ms. Both quantize activations alike, so with fp8's GEMMs at 0.62 (0.567 ms)
+    #   the shared rest is 0.320 ms and int8's GEMMs 1.137 ms: 0.31 of 1979 TOPS (scripts/predict_fit.py,
+    #   stage 6). DiT-XL/2-256's narrower GEMMs (1152) do worse: its int8 run (5.33 s) is predicted at 3.61 s
+    #   (-32 %; the fit until 2026-12-04 used it, 0.18). Ampere's and Ada's int8 tensor cores are not measured:
+    #   the same value, with the non-Hopper scale, is used.
+    "gemm_eff_int8": 0.31,
     # Attention at bf16: cuDNN SDPA at FLUX's shape (4608 tokens, 24 heads x 128) took 0.42-0.45 ms per
     #   call (scripts/attention_check.py; 24 ms per step for 57 calls in the kernel profile above):
     #   0.261 TFLOP / 0.42 ms = 620 TFLOPS = 0.63 of 989.
