@@ -87,6 +87,12 @@ class HardwareInfo:
         return capability_class(cc) if cc is not None and cc >= (8, 0) else None
 
     @property
+    def can_compile(self) -> bool:
+        """True when torch.compile can generate kernels here: the CPU needs a C++ compiler (always assumed),
+        a CUDA GPU needs Triton, which pip's CUDA torch brings on Linux and most Windows installs lack."""
+        return not self.has_cuda or triton_available()
+
+    @property
     def supports_fp8(self) -> bool:
         """True on SM 8.9+ (Ada, Hopper, Blackwell): float8 matmuls (tensorwise scales)."""
         return self.compute_capability is not None and self.compute_capability >= (8, 9)
@@ -163,6 +169,14 @@ class HardwareInfo:
 
 
 # --------------------------------------------------------------------------------------------- NVML
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Triton is importable (found, not imported: importing it costs a second)."""
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 @functools.cache

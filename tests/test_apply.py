@@ -346,3 +346,26 @@ def test_a_first_apply_that_fails_after_quantizing_marks_the_components(tiny_flu
     tiny_flux.register_modules(transformer=fresh.transformer, text_encoder_2=fresh.text_encoder_2,
                                text_encoder=fresh.text_encoder, vae=fresh.vae)
     assert fluxtune.apply({"transformer": {"quantize": "int8_weight"}}, tiny_flux).applied
+
+
+def test_compile_without_triton_on_a_gpu_is_a_skip_named_before_anything_changes(tiny_flux, monkeypatch):
+    """pip's CUDA torch on Windows has no Triton, and torch.compile fails on the first call without it
+    (every shipped preset compiles): apply runs such a profile eager with the reason in its report, and
+    strict=True refuses it before any knob is applied; the search does not offer compile there."""
+    from fluxtune import hardware
+    from fluxtune.presets import load_profile
+    from fluxtune.search.space import SearchSpace
+
+    ada = HardwareInfo(gpu_index=0, gpu_name="NVIDIA GeForce RTX 4070", total_memory_bytes=12 * 2**30,
+                       compute_capability=(8, 9), driver="581", cuda_version="12.8", torch_version="2.13",
+                       host_ram_bytes=32 * 10**9, cpu_count=8)
+    monkeypatch.setattr(hardware, "triton_available", lambda: True)
+    assert ada.can_compile
+    monkeypatch.setattr(hardware, "triton_available", lambda: False)
+    assert not ada.can_compile and ada.without_gpu().can_compile  # the CPU's inductor needs no Triton
+    with pytest.raises(IncompatibleKnobsError, match="compile skipped: Triton is not installed"):
+        fluxtune.apply({"transformer": {"quantize": "int8_weight"}, "compile": {"mode": "regional"}}, tiny_flux,
+                       hardware=ada, device="cuda", strict=True)
+    assert not hasattr(tiny_flux, "_fluxtune") and quantized_linear_count(tiny_flux.transformer)[0] == 0
+    space = SearchSpace.create(ada, "flux", load_profile({"name": "b"}))
+    assert next(d for d in space.dims if d.name == "compile").choices == ("off",)

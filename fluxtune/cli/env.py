@@ -31,7 +31,9 @@ def knob_support(hw: object) -> dict[str, str]:
         else f"no (needs SM 9.0, this is {cc_text})",
         "layerwise_casting (fp8 storage)": "yes",
         "cache (first_block/taylorseer/magcache)": "yes",
-        "compile": "yes" + ("" if has_cuda else " (CPU inductor; CUDA-graph modes need a GPU)"),
+        "compile": ("yes" if getattr(hw, "can_compile", True) else
+                    "no (Triton is not installed: pip install triton, or triton-windows on Windows)")
+        + ("" if has_cuda else " (CPU inductor; CUDA-graph modes need a GPU)"),
         "budget enforcement": "yes (process memory cap)" if has_cuda else "no GPU: the budget bounds host memory in search",
     }
 

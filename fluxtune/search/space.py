@@ -146,7 +146,8 @@ def default_dims(hardware: HardwareInfo, family: str) -> list[Dim]:
         Dim("tiling.overlap", (64, 128), when=lambda p: p.get("tiling") == "regional", help="tile overlap, pixels"),
         Dim("attention", ("native", "_native_cudnn", "_native_flash", "_native_efficient")
             if gpu and family in PROMPTED else ("native",), help="diffusers attention backends of torch SDPA"),
-        Dim("compile", ("off", "regional") if gpu else ("off",)),
+        Dim("compile", ("off", "regional") if gpu and hardware.can_compile else ("off",),
+            help="regional torch.compile (on a GPU only where Triton is installed)"),
         Dim("compile.fullgraph", (False, True), when=lambda p: p.get("compile") == "regional" and not hooks(p)),
         Dim("compile.fuse_qkv", (False, True),
             when=lambda p: p.get("compile") == "regional" and not p.get("transformer.layerwise_fp8")),

@@ -233,6 +233,9 @@ def _strict_skips(ctx: Context) -> list[str]:
     if b.vram is not None and b.enforce and not ctx.on_gpu:
         out.append("pipeline: budget skipped: no CUDA device: a VRAM cap has nothing to hold (strict=True); "
                    "run on a GPU or set budget.enforce=false")
+    if ctx.profile.compile.enabled and ctx.on_gpu and not ctx.hardware.can_compile:
+        out.append("transformer: compile skipped: Triton is not installed (strict=True); pip install triton "
+                   "(triton-windows on Windows) or set compile.mode=off")
     return out
 
 

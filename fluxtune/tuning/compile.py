@@ -54,6 +54,15 @@ class CompileHandler(Handler):
         c = ctx.profile.compile
         if not c.enabled:
             return
+        if ctx.on_gpu and not ctx.hardware.can_compile:
+            # Without Triton the first call would fail, minutes after loading; the profile runs eager.
+            q = ctx.profile.transformer.quantize
+            slow = (f"; transformer.quantize={q.method} is slow eager (W8A8 int8 linears ran 5x slower than int8 "
+                    "weights on the H200): consider int8_weight" if q is not None and q.method == "int8_dynamic"
+                    else "")
+            ctx.skip(self.name, "transformer", "Triton is not installed, and torch.compile needs it on a CUDA GPU "
+                     "(Linux: pip install triton; Windows: pip install triton-windows); running eager" + slow)
+            return
         if c.inductor_flags:
             for key, value in INDUCTOR_FLAGS.items():
                 setattr(torch._inductor.config, key, value)
