@@ -38,3 +38,12 @@ def gen(seed: int = 0):
     import torch
 
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(autouse=True)
+def _fake_gpus_have_triton(monkeypatch):
+    """Tests that describe a GPU with a made-up HardwareInfo mean a Linux CUDA torch, which brings Triton;
+    this CPU machine has none. A test of the Triton-less case patches it back to False."""
+    from fluxtune import hardware
+
+    monkeypatch.setattr(hardware, "triton_available", lambda: True)
