@@ -287,5 +287,71 @@ def test_batched_true_cfg_without_true_cfg_is_refused() -> None:
         fluxtune.apply({"generation": {**GEN, "negative_prompt": " ", "batch_cfg": True}, "compile": {"mode": "full"}},
                        qwen)
     klein = pipelines.load("tiny-flux2-klein")
-    with pytest.raises(fluxtune.FluxtuneError, match="flux2 pipelines run no true CFG"):
+    with pytest.raises(fluxtune.FluxtuneError, match="Flux2KleinPipeline runs no true CFG"):
         fluxtune.apply({"generation": {**GEN, "batch_cfg": True}}, klein)
+
+
+def test_a_negative_prompt_for_classic_cfg_is_an_ordinary_default() -> None:
+    """PixArt, SD3 and the like take negative_prompt with guidance_scale (one batched forward) and have no
+    true_cfg_scale: there the profile's negative prompt is a plain call default, not refused."""
+    import inspect
+
+    from fluxtune.knobs import Generation
+    from fluxtune.tuning.generation import true_cfg_passes, true_cfg_problem
+
+    def call(prompt: str, negative_prompt: str | None = None, guidance_scale: float = 4.5) -> None: ...
+
+    params = inspect.signature(call).parameters
+    g = Generation(negative_prompt="blurry")
+    assert true_cfg_problem(params, g, "PixArtSigmaPipeline") is None and true_cfg_passes(params, g) == 1
+    assert "has no true_cfg_scale" in str(true_cfg_problem(params, Generation(true_cfg_scale=4.0), "PixArtSigmaPipeline"))
+
+
+def _tiny_pixart():  # type: ignore[no-untyped-def]
+    """A PixArt-Sigma pipeline (no family of fluxtune's: "any diffusers DiT"), tiny, on tiny-flux's T5."""
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        PixArtSigmaPipeline,
+        PixArtTransformer2DModel,
+    )
+
+    flux = pipelines.load("tiny-flux", dtype="float32")
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, cross_attention_dim=16,
+        caption_channels=flux.text_encoder_2.config.d_model, sample_size=8, patch_size=2, norm_type="ada_norm_single",
+        use_additional_conditions=False)
+    vae = AutoencoderKL(block_out_channels=(8,), latent_channels=4, norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+    pipe = PixArtSigmaPipeline(tokenizer=flux.tokenizer_2, text_encoder=flux.text_encoder_2, vae=vae,
+                               transformer=transformer, scheduler=DPMSolverMultistepScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_a_transformer_pipeline_of_no_known_family_is_tuned_or_refused_by_name(tmp_path: Path) -> None:
+    """Issue 19's "any diffusers DiT": PixArt-Sigma, which fluxtune has no family code for, gets its
+    quantization, regional compile (its repeated blocks found from the module tree), VAE tiling and call
+    defaults, through apply and through fluxtune.load of a save_pretrained directory; what it cannot take
+    (diffusers has no cache hooks for it, true CFG) is refused in one line before anything changes."""
+    pipe = _tiny_pixart()
+    assert pipelines.family(pipe) == "other"
+    call = {"output_type": "pt", "use_resolution_binning": False, "clean_caption": False,
+            "generator": torch.Generator().manual_seed(0)}
+    gen = {"steps": 2, "height": 64, "width": 64, "negative_prompt": "blurry"}
+    for refused, match in (({"cache": "first_block"}, "PixArtTransformer2DModel has no cache support"),
+                           ({"generation": {**gen, "batch_cfg": True}}, "PixArtSigmaPipeline runs no true CFG")):
+        with pytest.raises(fluxtune.FluxtuneError, match=match):
+            fluxtune.apply({"generation": gen, "transformer": {"quantize": "int8_weight"}, **refused}, pipe)
+    plain = pipe("a fox", height=64, width=64, num_inference_steps=2, negative_prompt="blurry", **call).images
+    profile = {"generation": gen, "transformer": {"quantize": "int8_dynamic"}, "text_encoder": {"quantize": "int8_weight"},
+               "vae": {"tiling": True}, "compile": {"mode": "regional"}}
+    report = str(fluxtune.apply(profile, pipe))
+    assert "int8_dynamic: 26/26 Linear layers" in report and "regional: 2 blocks" in report and "tiling" in report
+    tuned = pipe("a fox", **{**call, "generator": torch.Generator().manual_seed(0)}).images
+    assert tuned.shape == plain.shape == (1, 3, 64, 64) and 0 < (tuned - plain).abs().max() < 0.25
+    _tiny_pixart().save_pretrained(tmp_path / "pixart")
+    loaded = fluxtune.load(str(tmp_path / "pixart"), {k: v for k, v in profile.items() if k != "compile"}, dtype="float32")
+    again = loaded("a fox", **{**call, "generator": torch.Generator().manual_seed(0)}).images
+    assert (again - plain).abs().max() < 0.25 and type(loaded.transformer).__name__ == "PixArtTransformer2DModel"

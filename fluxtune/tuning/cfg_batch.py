@@ -132,8 +132,8 @@ class CfgBatchHandler(Handler):
         if not g.batch_cfg:
             return []
         if ctx.family not in FAMILIES:
-            return [f"generation.batch_cfg=true: {ctx.family} pipelines run no true CFG; batching is for "
-                    f"{' and '.join(FAMILIES)} (set it false)"]
+            return [f"generation.batch_cfg=true: {type(ctx.pipe).__name__} runs no true CFG (two passes a step) to "
+                    f"batch; the {' and '.join(FAMILIES)} families do (set it false)"]
         if g.negative_prompt is None:
             return ["generation.batch_cfg=true batches true CFG's two passes, and true CFG is off: set "
                     "generation.negative_prompt (e.g. ' ') or batch_cfg=false"]

@@ -44,7 +44,9 @@ def true_cfg_problem(params: Mapping[str, inspect.Parameter], g: Generation, pip
         if value is not None and field not in params:
             return (f"generation.{field}={value!r}: {pipeline} has no {field} (its guidance is "
                     "guidance_scale or distilled); leave it unset")
-    if g.negative_prompt is not None and not true_cfg_passes(params, g) > 1:
+    # A pipeline with negative_prompt but no true_cfg_scale (PixArt, SD3, ...) batches classic CFG by
+    # guidance_scale: the negative prompt is an ordinary default there.
+    if g.negative_prompt is not None and "true_cfg_scale" in params and not true_cfg_passes(params, g) > 1:
         return (f"generation.negative_prompt is set but true_cfg_scale={_scale(params, g)} runs no true CFG on "
                 f"{pipeline}; set generation.true_cfg_scale above 1 (e.g. 4.0) or leave negative_prompt unset")
     return None
