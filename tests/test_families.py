@@ -307,8 +307,9 @@ def test_a_negative_prompt_for_classic_cfg_is_an_ordinary_default() -> None:
     assert "has no true_cfg_scale" in str(true_cfg_problem(params, Generation(true_cfg_scale=4.0), "PixArtSigmaPipeline"))
 
 
-def _tiny_pixart():  # type: ignore[no-untyped-def]
-    """A PixArt-Sigma pipeline (no family of fluxtune's: "any diffusers DiT"), tiny, on tiny-flux's T5."""
+def _tiny_pixart(sample_size: int = 8, vae_blocks: int = 1):  # type: ignore[no-untyped-def]
+    """A PixArt-Sigma pipeline (no family of fluxtune's: "any diffusers DiT"), tiny, on tiny-flux's T5.
+    ``sample_size=32`` with 4 VAE blocks draws 256x256 by default (PixArt's smallest resolution bins)."""
     from diffusers import (
         AutoencoderKL,
         DPMSolverMultistepScheduler,
@@ -320,10 +321,11 @@ def _tiny_pixart():  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     transformer = PixArtTransformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, cross_attention_dim=16,
-        caption_channels=flux.text_encoder_2.config.d_model, sample_size=8, patch_size=2, norm_type="ada_norm_single",
+        caption_channels=flux.text_encoder_2.config.d_model, sample_size=sample_size, patch_size=2, norm_type="ada_norm_single",
         use_additional_conditions=False)
-    vae = AutoencoderKL(block_out_channels=(8,), latent_channels=4, norm_num_groups=4,
-                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+    vae = AutoencoderKL(block_out_channels=(8,) * vae_blocks, latent_channels=4, norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",) * vae_blocks,
+                        up_block_types=("UpDecoderBlock2D",) * vae_blocks)
     pipe = PixArtSigmaPipeline(tokenizer=flux.tokenizer_2, text_encoder=flux.text_encoder_2, vae=vae,
                                transformer=transformer, scheduler=DPMSolverMultistepScheduler())
     pipe.set_progress_bar_config(disable=True)
@@ -355,3 +357,17 @@ def test_a_transformer_pipeline_of_no_known_family_is_tuned_or_refused_by_name(t
     loaded = fluxtune.load(str(tmp_path / "pixart"), {k: v for k, v in profile.items() if k != "compile"}, dtype="float32")
     again = loaded("a fox", **{**call, "generator": torch.Generator().manual_seed(0)}).images
     assert (again - plain).abs().max() < 0.25 and type(loaded.transformer).__name__ == "PixArtTransformer2DModel"
+
+
+def test_search_on_a_saved_pipeline_of_no_known_family(tmp_path: Path) -> None:
+    """`fluxtune search --model DIR` on a PixArt-Sigma directory: its base profile is family=any (it was
+    flux, which apply then refused as the wrong family), and the search measures and writes a profile."""
+    from fluxtune.cli import main
+
+    _tiny_pixart(sample_size=32, vae_blocks=4).save_pretrained(tmp_path / "pixart")
+    out = tmp_path / "best.yaml"
+    code = main(["search", "--model", str(tmp_path / "pixart"), "--trials", "2", "--size", "256x256", "--steps", "2",
+                 "--runs", "1", "--no-descent", "--home", str(tmp_path / "home"), "--out", str(out)])
+    assert code == 0
+    best = fluxtune.presets.load_profile(out)
+    assert best.family == "any" and best.measured is not None and best.measured.latency_s

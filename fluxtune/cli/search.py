@@ -157,7 +157,8 @@ def _emulate(card: str, budget: int | None) -> int:
                            f"use at most {format_bytes(own)} or leave --budget out")
     return budget or own
 def _local_family(model: str) -> str:
-    """The family of a local save_pretrained directory from its model_index.json (flux when unknown)."""
+    """The family of a local save_pretrained directory from its model_index.json: ``any`` for a pipeline class
+    of no family of fluxtune's (PixArt, SD3, ...), ``flux`` when there is no index to read (a hub id)."""
     import json
 
     from fluxtune.pipelines import family_of_class
@@ -168,7 +169,7 @@ def _local_family(model: str) -> str:
     except (OSError, ValueError, AttributeError):
         return "flux"
     found = family_of_class(cls)
-    return found if found != "other" else "flux"
+    return found if found != "other" else "any"
 
 
 def _local_generation(model: str, on_gpu: bool) -> dict[str, Any]:

@@ -427,16 +427,19 @@ class Search:
                      f"{ref.get('noise_floor', {}).get('psnr', float('nan')):.1f} dB")
             return dict(ref)
         self.say(f"reference: lossless run ({'resident' if fits else 'streamed: the bf16 model exceeds the budget'}) ...")
-        result = None
+        result = first = None
         leaf = reference_profile(self.cfg, False)  # the fallback: diffusers' leaf offload
         for w_profile in [profile] if profile == leaf else [profile, leaf]:
             result = worker.run(RunRequest(w_profile, role="reference"), self.cfg.trial_timeout_s)
+            first = first or result
             if result.status == Status.OK:
                 profile = w_profile
                 break
             if result.status == Status.INVALID:
                 break  # the profile itself (e.g. its generation) is refused: offloading would not change that
-        assert result is not None
+        assert result is not None and first is not None
+        if result.status == Status.INVALID and first is not result:
+            result = first  # the fallback cannot run here (offload on a CPU): what stopped the first run is the news
         if result.status == Status.INVALID:  # bad input (exit 2), not a failed search
             raise IncompatibleKnobsError(f"the search's base profile is refused by this model: {result.error}")
         if result.status != Status.OK or result.measurement is None:
