@@ -359,9 +359,10 @@ def test_a_transformer_pipeline_of_no_known_family_is_tuned_or_refused_by_name(t
     assert (again - plain).abs().max() < 0.25 and type(loaded.transformer).__name__ == "PixArtTransformer2DModel"
 
 
-def test_search_on_a_saved_pipeline_of_no_known_family(tmp_path: Path) -> None:
+def test_search_on_a_saved_pipeline_of_no_known_family(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`fluxtune search --model DIR` on a PixArt-Sigma directory: its base profile is family=any (it was
-    flux, which apply then refused as the wrong family), and the search measures and writes a profile."""
+    flux, which apply then refused as the wrong family), caches are not proposed (diffusers has no hooks
+    for its transformer), and the search measures and writes a profile."""
     from fluxtune.cli import main
 
     _tiny_pixart(sample_size=32, vae_blocks=4).save_pretrained(tmp_path / "pixart")
@@ -369,5 +370,6 @@ def test_search_on_a_saved_pipeline_of_no_known_family(tmp_path: Path) -> None:
     code = main(["search", "--model", str(tmp_path / "pixart"), "--trials", "2", "--size", "256x256", "--steps", "2",
                  "--runs", "1", "--no-descent", "--home", str(tmp_path / "home"), "--out", str(out)])
     assert code == 0
+    assert "cache: none (diffusers has no cache hooks" in capsys.readouterr().out
     best = fluxtune.presets.load_profile(out)
     assert best.family == "any" and best.measured is not None and best.measured.latency_s

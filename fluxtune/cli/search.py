@@ -172,6 +172,21 @@ def _local_family(model: str) -> str:
     return found if found != "other" else "any"
 
 
+def _transformer_caches(model: str) -> bool:
+    """Whether a save_pretrained directory's transformer class takes diffusers' cache hooks (``enable_cache``);
+    True where that cannot be read (the apply check has the last word)."""
+    import json
+
+    import diffusers
+
+    try:
+        entry = json.loads((Path(model).expanduser() / "model_index.json").read_text()).get("transformer")
+        cls = getattr(diffusers, str(entry[1]), None)
+    except (OSError, ValueError, TypeError, IndexError, AttributeError):
+        return True
+    return cls is None or hasattr(cls, "enable_cache")
+
+
 def _local_generation(model: str, on_gpu: bool) -> dict[str, Any]:
     """Call settings for a model that is not a built-in: a local DiT's native size (its transformer's
     sample_size x 8 pixels, the only size it draws); otherwise diffusers' default (FLUX: 1024x1024),
@@ -281,6 +296,9 @@ def run(args: argparse.Namespace) -> int:
         data["generation"]["steps"] = steps if isinstance(steps, int) else steps["high"]
     if args.negative_prompt is not None:
         data["generation"]["negative_prompt"] = args.negative_prompt
+    if family == "any" and "cache" not in narrow and not _transformer_caches(args.model):
+        narrow["cache"] = "none"  # every cache trial would be refused at check time
+        print("cache: none (diffusers has no cache hooks for this model's transformer)")
     workload = default_workload(args.model, family, args.prompt, on_gpu, args.runs)
     if family == "dit":
         # For DiT, images_per_prompt is the batch: every class label of a call is one image.
