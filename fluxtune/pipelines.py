@@ -41,6 +41,7 @@ __all__ = [
     "SD_VAE_FT_EMA_CONFIG",
     "T5_XXL_CONFIG",
     "FAMILY_PIPELINES",
+    "TRUE_CFG_FAMILIES",
     "BuiltinSpec",
     "denoiser",
     "dit_xl_2_config",
@@ -64,6 +65,9 @@ FAMILY_PIPELINES: dict[str, tuple[str, ...]] = {
     "qwenimage": ("QwenImagePipeline",),
 }
 """The diffusers pipeline classes (and their subclasses) of each family fluxtune tunes."""
+
+TRUE_CFG_FAMILIES = ("flux", "qwenimage")
+"""Families whose pipelines run true CFG (a negative prompt) as two transformer passes a step."""
 
 # --------------------------------------------------------------------------------------- configs
 # Full-size component configs (reference/diffusers-knobs.md §9.2, §9.4). Read-only views: the

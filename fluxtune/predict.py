@@ -774,14 +774,9 @@ def true_cfg(work: Work, g: Generation) -> int:
     Raises:
         ProfileError: the profile sets true-CFG fields the pipeline does not take (``apply`` refuses them too).
     """
-    import inspect
+    from fluxtune.tuning.generation import pipeline_call_params, true_cfg_passes, true_cfg_problem
 
-    import diffusers
-
-    from fluxtune.tuning.generation import true_cfg_passes, true_cfg_problem
-
-    cls = getattr(diffusers, work.pipeline, None)
-    params = inspect.signature(cls.__call__).parameters if cls is not None else {}
+    params = pipeline_call_params(work.pipeline) or {}
     problem = true_cfg_problem(params, g, work.pipeline or work.model)
     if problem is not None:
         raise ProfileError(problem)

@@ -129,13 +129,10 @@ def true_cfg(model_spec: str, family: str, generation: Any) -> None:
     pipeline class, checked from its ``__call__`` signature before any weight loads (apply checks again)."""
     if generation.negative_prompt is None and generation.true_cfg_scale is None:
         return
-    import inspect
     import json
 
-    import diffusers
-
     from fluxtune.pipelines import FAMILY_PIPELINES
-    from fluxtune.tuning.generation import true_cfg_problem
+    from fluxtune.tuning.generation import pipeline_call_params, true_cfg_problem
 
     names: tuple[str, ...] = FAMILY_PIPELINES.get(family, ())
     index = Path(os.path.expanduser(model_spec)) / "model_index.json"
@@ -144,10 +141,10 @@ def true_cfg(model_spec: str, family: str, generation: Any) -> None:
             names = (str(json.loads(index.read_text()).get("_class_name", "")),)
     problems = []
     for name in names:
-        cls = getattr(diffusers, name, None)
-        if cls is None:
+        params = pipeline_call_params(name)
+        if params is None:
             return  # a class this diffusers lacks: apply reports what is wrong
-        problem = true_cfg_problem(inspect.signature(cls.__call__).parameters, generation, " / ".join(names))
+        problem = true_cfg_problem(params, generation, " / ".join(names))
         if problem is None:
             return
         problems.append(problem)

@@ -15,6 +15,7 @@ from typing import Any
 
 from fluxtune.errors import ProfileError
 from fluxtune.hardware import HardwareInfo
+from fluxtune.pipelines import TRUE_CFG_FAMILIES
 from fluxtune.profile import Profile, validate_profile
 
 Params = Mapping[str, Any]
@@ -82,8 +83,6 @@ TILING_FROM_PX = 1024
 LLM_ENCODED = ("flux2", "qwenimage")
 """Families with one large LLM text encoder (Qwen3, Mistral-3, Qwen2.5-VL) as ``text_encoder``."""
 PROMPTED = ("flux", *LLM_ENCODED)
-CFG_FAMILIES = ("flux", "qwenimage")
-"""Families whose pipelines run true CFG as two transformer passes (``fluxtune.tuning.cfg_batch.FAMILIES``)."""
 """Families drawn from a text prompt through text encoders (DiT draws class labels)."""
 
 
@@ -259,7 +258,7 @@ class SearchSpace:
         if max(sides) <= TILING_FROM_PX and "tiling" not in (narrow or {}):
             for name in ("tiling", "tiling.tile", "tiling.overlap"):
                 by_name[name] = replace(by_name[name], when=lambda p: False)
-        if (base.generation.negative_prompt is None or family not in CFG_FAMILIES) and "batch_cfg" not in (narrow or {}):
+        if (base.generation.negative_prompt is None or family not in TRUE_CFG_FAMILIES) and "batch_cfg" not in (narrow or {}):
             by_name["batch_cfg"] = replace(by_name["batch_cfg"], when=lambda p: False)  # no true CFG to batch
         if len(by_name["batch"].choices) == 1 and by_name["batch"].choices[0] == base.generation.images_per_prompt:
             by_name["batch"] = replace(by_name["batch"], when=lambda p: False)  # the base's batch: nothing to ask

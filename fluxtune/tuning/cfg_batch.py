@@ -19,10 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from fluxtune.pipelines import TRUE_CFG_FAMILIES
 from fluxtune.tuning.base import GENERATION, Context, Handler, register
-
-FAMILIES = ("flux", "qwenimage")
-"""The families whose pipelines run true CFG as two transformer passes (the keyword names below)."""
 
 _TEXT_KWARGS = {  # encode_prompt's outputs, in order -> the transformer keyword each one feeds
     "flux": ("encoder_hidden_states", "pooled_projections", "txt_ids"),
@@ -131,9 +129,9 @@ class CfgBatchHandler(Handler):
         g = ctx.profile.generation
         if not g.batch_cfg:
             return []
-        if ctx.family not in FAMILIES:
+        if ctx.family not in TRUE_CFG_FAMILIES:
             return [f"generation.batch_cfg=true: {type(ctx.pipe).__name__} runs no true CFG (two passes a step) to "
-                    f"batch; the {' and '.join(FAMILIES)} families do (set it false)"]
+                    f"batch; the {' and '.join(TRUE_CFG_FAMILIES)} families do (set it false)"]
         if g.negative_prompt is None:
             return ["generation.batch_cfg=true batches true CFG's two passes, and true CFG is off: set "
                     "generation.negative_prompt (e.g. ' ') or batch_cfg=false"]

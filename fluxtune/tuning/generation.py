@@ -37,6 +37,15 @@ def _count(value: Any) -> int:
     return len(value) if isinstance(value, list | tuple) else 1
 
 
+def pipeline_call_params(class_name: str) -> Mapping[str, inspect.Parameter] | None:
+    """The ``__call__`` parameters of a diffusers pipeline class named ``class_name``; None where this
+    diffusers has no such class."""
+    import diffusers
+
+    cls = getattr(diffusers, class_name, None)
+    return inspect.signature(cls.__call__).parameters if cls is not None else None
+
+
 def true_cfg_problem(params: Mapping[str, inspect.Parameter], g: Generation, pipeline: str) -> str | None:
     """Why the profile's true-CFG settings cannot work on a pipeline with these ``__call__`` parameters."""
     for field in ("negative_prompt", "true_cfg_scale"):
