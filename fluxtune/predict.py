@@ -667,11 +667,12 @@ def predict_latency(
     work = count_work(model, height=h, width=w, batch=b, max_sequence_length=g.max_sequence_length,
                       cfg=g.guidance > 1)
     passes = true_cfg(work, g)
-    tiles, tiled_work = _regional(profile, model, h, w, b)
     # Batched true CFG: one transformer forward of both rows a step (streamed blocks copied once).
     batched = passes > 1 and g.batch_cfg
+    rows = 2 * b if batched else b
+    tiles, tiled_work = _regional(profile, model, h, w, rows)
     if batched and tiled_work is None:
-        tiled_work = count_work(model, height=h, width=w, batch=2 * b,
+        tiled_work = count_work(model, height=h, width=w, batch=rows,
                                 max_sequence_length=g.max_sequence_length).components["transformer"]
     facts = ModelFacts.for_builtin(model)
     moved = transfer_bytes(profile, facts)

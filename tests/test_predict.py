@@ -278,3 +278,15 @@ def test_batched_true_cfg_streams_once_a_step_for_twice_the_rows() -> None:
                         for b in (False, True))
     assert bat_mem.activations == pytest.approx(2 * seq_mem.activations, rel=0.01)
     assert bat_mem.phases["transformer"] > seq_mem.phases["transformer"]
+
+
+def test_batched_true_cfg_under_regional_denoising_counts_both_rows_per_tile() -> None:
+    """Regional denoising counts one transformer pass per tile: with batch_cfg each tile's pass carries
+    both CFG rows, so on a compute-bound card the steps cost what two sequential passes cost."""
+    gen = {"height": 128, "width": 128, "steps": 2, "negative_prompt": "x", "true_cfg_scale": 3.0}
+    tiled = {"name": "r", "family": "flux", "tiling": {"mode": "regional", "tile": 64, "overlap": 16}}
+    fast_link = card(h2d=1e6)
+    seq = predict_latency(load_profile({**tiled, "generation": gen}), fast_link, model="tiny-flux")
+    bat = predict_latency(load_profile({**tiled, "generation": {**gen, "batch_cfg": True}}), fast_link,
+                          model="tiny-flux")
+    assert bat.cfg_batched and bat.step.gemm_s == pytest.approx(2 * seq.step.gemm_s, rel=0.05)
