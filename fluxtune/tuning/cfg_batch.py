@@ -22,34 +22,26 @@ from typing import Any
 from fluxtune.pipelines import TRUE_CFG_FAMILIES
 from fluxtune.tuning.base import GENERATION, Context, Handler, register
 
-_TEXT_KWARGS = {  # encode_prompt's outputs, in order -> the transformer keyword each one feeds
-    "flux": ("encoder_hidden_states", "pooled_projections", "txt_ids"),
-    "qwenimage": ("encoder_hidden_states", "encoder_hidden_states_mask"),
-}
-
 
 @dataclass
 class _State:
     family: str
     encoded: list[tuple[Any, ...]] = field(default_factory=list)
+    """This call's encode_prompt outputs: the prompt's, then the negative prompt's."""
     stash: tuple[Any, Any] | None = None  # (the latents tensor, the negative rows' output)
-    batched: int = 0
+    same_text_ids: bool | None = None  # FLUX.1: compared once a call (a device sync), not every step
 
     def reset(self) -> None:
         self.encoded.clear()
         self.stash = None
-
-
-def _rows(t: Any, n: int) -> tuple[Any, Any]:
-    return t[:n], t[n:]
+        self.same_text_ids = None
 
 
 def _split(out: Any, n: int) -> tuple[Any, Any]:
     """The transformer's output (a tuple or an output object) cut into its first ``n`` rows and the rest."""
     if isinstance(out, tuple):
-        first, rest = _rows(out[0], n)
-        return (first, *out[1:]), (rest, *out[1:])
-    first, rest = _rows(out.sample, n)
+        return (out[0][:n], *out[1:]), (out[0][n:], *out[1:])
+    first, rest = out.sample[:n], out.sample[n:]
     return type(out)(sample=first), type(out)(sample=rest)
 
 
@@ -69,8 +61,7 @@ def _batched_kwargs(state: _State, kw: dict[str, Any]) -> dict[str, Any] | None:
     """The forward's keywords for both rows, or None where this call cannot be batched."""
     import torch
 
-    pos, neg = state.encoded[0], state.encoded[1]
-    names = _TEXT_KWARGS[state.family]
+    pos, neg = state.encoded[0], state.encoded[1]  # FLUX.1: (embeds, pooled, text ids); Qwen-Image: (embeds, mask)
     if kw.get("joint_attention_kwargs") or kw.get("attention_kwargs") or kw.get("controlnet_block_samples") is not None:
         return None
     out = dict(kw)
@@ -88,10 +79,12 @@ def _batched_kwargs(state: _State, kw: dict[str, Any]) -> dict[str, Any] | None:
             out["img_shapes"] = kw["img_shapes"] * 2
         return out
     # FLUX.1: T5 pads every prompt to max_sequence_length and has no text mask; text ids are per token.
-    if pos[0].shape != neg[0].shape or not torch.equal(pos[2], neg[2]):
+    if state.same_text_ids is None:
+        state.same_text_ids = pos[0].shape == neg[0].shape and bool(torch.equal(pos[2], neg[2]))
+    if not state.same_text_ids:
         return None
-    out[names[0]] = torch.cat([pos[0], neg[0]])
-    out[names[1]] = torch.cat([pos[1], neg[1]])
+    out["encoder_hidden_states"] = torch.cat([pos[0], neg[0]])
+    out["pooled_projections"] = torch.cat([pos[1], neg[1]])
     return out
 
 
@@ -109,7 +102,6 @@ def _forward(state: _State, original: Any, *args: Any, **kw: Any) -> Any:
         return original(*args, **kw)
     first, rest = _split(original(**batched), kw["hidden_states"].shape[0])
     state.stash = (kw["hidden_states"], rest)
-    state.batched += 1
     return first
 
 
