@@ -77,9 +77,10 @@ def run(args: argparse.Namespace) -> int:
     # FLUX.1 has CLIP and T5; FLUX.2 and Qwen-Image one LLM encoder (Qwen3, Mistral-3, Qwen2.5-VL).
     first = "text encoder (CLIP)" if "text_encoder_2" in r.phases else "text encoder (LLM)"
     enc = ", prompt + negative (per-encode columns)" if r.passes > 1 else ""
+    step = "one denoising step" + (" (both CFG rows)" if r.cfg_batched else "")
     for phase_name, label, times in (("text_encoder", first + enc, r.passes),
                                      ("text_encoder_2", "text encoder 2 (T5)" + enc, r.passes),
-                                     ("transformer", "one denoising step" + (" (both CFG rows)" if r.cfg_batched else ""), 1), ("vae", "VAE decode", 1)):
+                                     ("transformer", step, 1), ("vae", "VAE decode", 1)):
         p = r.phases.get(phase_name)
         if p is None:
             continue
