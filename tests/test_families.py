@@ -373,3 +373,40 @@ def test_search_on_a_saved_pipeline_of_no_known_family(tmp_path: Path, capsys: p
     assert "cache: none (diffusers has no cache hooks" in capsys.readouterr().out
     best = fluxtune.presets.load_profile(out)
     assert best.family == "any" and best.measured is not None and best.measured.latency_s
+
+
+def _draw(pipe, family: str) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    if family == "dit":
+        return torch.from_numpy(pipe(class_labels=[1], num_inference_steps=2, output_type="np",
+                                     generator=torch.Generator().manual_seed(0)).images)
+    call = ({"max_sequence_length": 64} if family in ("flux2", "qwenimage")
+            else {"use_resolution_binning": False} if family == "any" else {})
+    return pipe(prompt="a red fox", height=64, width=64, num_inference_steps=2, output_type="pt",
+                generator=torch.Generator().manual_seed(0), **call).images.float()
+
+
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-flux2-klein", "tiny-qwen-image", "tiny-dit", "pixart"])
+@pytest.mark.parametrize("component", ["transformer", "vae", "text_encoder"])
+def test_components_in_two_dtypes_draw_what_one_dtype_draws(model: str, component: str) -> None:
+    """A pipeline hands one component's output to the next as it is (FLUX.1 makes its latents in T5's dtype
+    and decodes them uncast): without casts at the boundaries a transformer in bfloat16 beside float32 text
+    encoders, or a bfloat16 VAE, stopped at the first matmul with a dtype mismatch."""
+    load = _tiny_pixart if model == "pixart" else (lambda: pipelines.load(model, dtype="float32"))
+    family = "any" if model == "pixart" else pipelines.BUILTINS[model].family
+    if component == "text_encoder" and family == "dit":
+        pytest.skip("DiT has no text encoder")
+    name = "text_encoder_2" if component == "text_encoder" and model == "tiny-flux" else component
+    plain = load()
+    fluxtune.apply({}, plain)  # the profile's call defaults (DiT's guidance) for both
+    reference = _draw(plain, family)
+    pipe = load()
+    report = str(fluxtune.apply({name: {"dtype": "bfloat16"}}, pipe))
+    assert "more than one dtype" in report and f"bfloat16: {name}" in report
+    assert getattr(pipe, name).dtype == torch.bfloat16
+    image = _draw(pipe, family)
+    assert image.shape == reference.shape and torch.isfinite(image).all()
+    assert 0 < (image - reference).abs().max() < 0.1  # bfloat16's rounding, not another image
+    # One dtype throughout: no casts are added.
+    same = load()
+    assert "more than one dtype" not in str(fluxtune.apply({name: {"dtype": "float32"}}, same))
+    assert torch.equal(_draw(same, family), reference)
