@@ -123,7 +123,15 @@ class GpuSpec(BaseModel):
         return capability_class(self.sm)
 
     def rate(self, precision: str) -> float | None:
-        """Dense TFLOPS (TOPS for int8) of a precision, None when the card has no such tensor cores."""
+        """Dense TFLOPS (TOPS for int8) of a precision, None when the card has no such tensor cores.
+
+        ``fp16acc`` (float16 inputs, float16 accumulate) is derived, not listed: half the dense int8 rate
+        on every architecture in the table (GA10x, AD10x, GB20x: 1024 of 2048 int8 ops per SM clock; Ampere
+        and Hopper data-center parts: their float32-accumulate rate, also half of int8). So twice ``bf16``
+        on GeForce, L4/L40 and A10G cards, equal to it elsewhere; ``bf16`` where no int8 rate is known."""
+        if precision == "fp16acc":
+            int8 = self.rate("int8")
+            return int8 / 2 if int8 else self.rate("bf16")
         value = self.tflops.get(precision)
         return float(value) if value else None
 

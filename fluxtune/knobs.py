@@ -353,6 +353,17 @@ class Attention(Knob):
         return self
 
 
+class Matmul(Knob):
+    """Process-wide matmul settings (cuBLAS), for the components computing in float16."""
+
+    fp16_accumulation: bool = Field(
+        default=False,
+        description="float16 GEMMs accumulate in float16 (torch.backends.cuda.matmul.allow_fp16_accumulation): "
+        "twice the float32-accumulate rate on GeForce, L4/L40 and A10G cards, the same rate on data-center "
+        "cards; needs a component in float16 (transformer.dtype: float16)",
+    )
+
+
 # ----------------------------------------------------------------------------------- generation
 
 

@@ -79,6 +79,11 @@ CONSTANTS: dict[str, float] = {
     #   (-32 %; the fit until 2026-12-04 used it, 0.18). Ampere's and Ada's int8 tensor cores are not measured:
     #   the same value, with the non-Hopper scale, is used.
     "gemm_eff_int8": 0.31,
+    # float16 with float16 accumulate (matmul.fp16_accumulation), relative to bf16's efficiency: on an RTX 4090,
+    #   a (2x4096, 4096) x (4096, 4096) GEMM ran at 305.8 TFLOP/s with half accumulate (cuBLASLt) against
+    #   167.0 for torch's float32-accumulate matmul (aredden/torch-cublas-hgemm, README): 0.926 of 330.3
+    #   against 1.011 of 165.2, a ratio of 0.916. Published, one card, one shape; the H200 cannot measure it.
+    "fp16acc_vs_bf16": 0.916,
     # Attention at bf16: cuDNN SDPA at FLUX's shape (4608 tokens, 24 heads x 128) took 0.42-0.45 ms per
     #   call (scripts/attention_check.py; 24 ms per step for 57 calls in the kernel profile above):
     #   0.261 TFLOP / 0.42 ms = 620 TFLOPS = 0.63 of 989.
@@ -500,17 +505,18 @@ def _count_work(model: str, height: int, width: int, batch: int, max_sequence_le
 # ---------------------------------------------------------------------------------------- latency
 
 
-def compute_precision(method: str | None, capability: str) -> str:
+def compute_precision(method: str | None, capability: str, *, fp16_accumulate: bool = False) -> str:
     """The precision a quantization method's GEMMs compute in on a capability class.
 
     fp8_dynamic -> fp8 (bf16 on Ampere, which has no fp8 tensor cores); int8_dynamic -> int8;
-    weight-only methods (int8/fp8/int4/NF4 weights), layerwise casting and none -> bf16.
+    weight-only methods (int8/fp8/int4/NF4 weights), layerwise casting and none -> bf16, or fp16acc for a
+    float16 component under ``matmul.fp16_accumulation`` (``fp16_accumulate``).
     """
     if method == "fp8_dynamic":
         return "fp8" if capability in _FP8_CLASSES else "bf16"
     if method == "int8_dynamic":
         return "int8"
-    return "bf16"
+    return "fp16acc" if fp16_accumulate and method != "int4_weight" else "bf16"
 
 
 @dataclass(frozen=True)
@@ -577,9 +583,13 @@ class LatencyPrediction:
                 f"{self.decode_s:.2f} s; compute floor {self.floor_s:.2f} s")
 
 
-def _gemm_eff_key(precision: str, method: str | None) -> str:
-    """The efficiency constant of a phase's GEMMs: int4 weight-only has its own kernel (tinygemm)."""
-    return "gemm_eff_int4_weight" if method == "int4_weight" else f"gemm_eff_{precision}"
+def _gemm_eff(precision: str, method: str | None, scale: float, k: dict[str, float]) -> float:
+    """The efficiency of a phase's GEMMs: int4 weight-only has its own kernel (tinygemm); float16
+    accumulate is a fraction of bf16's (after the cap: the published ratio is of achieved rates)."""
+    if precision == "fp16acc":
+        return min(1.0, scale * k["gemm_eff_bf16"]) * k["fp16acc_vs_bf16"]
+    key = "gemm_eff_int4_weight" if method == "int4_weight" else f"gemm_eff_{precision}"
+    return min(1.0, scale * k.get(key, k["gemm_eff_bf16"]))
 
 
 def _phase(name: str, w: ComponentWork, gpu: GpuSpec, precision: str, *, compiled: bool, method: str | None,
@@ -588,7 +598,7 @@ def _phase(name: str, w: ComponentWork, gpu: GpuSpec, precision: str, *, compile
     bf16 = gpu.rate("bf16") or 1.0
     rate = gpu.rate(precision) or bf16
     scale = 1.0 if gpu.capability == "hopper" else k["non_hopper_scale"]
-    eff = min(1.0, scale * k.get(_gemm_eff_key(precision, method), k["gemm_eff_bf16"]))
+    eff = _gemm_eff(precision, method, scale, k)
     conv_eff = min(1.0, scale * k["conv_eff"])
     gemm = (w.gemm_flops - w.conv_flops) / (rate * 1e12 * eff) + w.conv_flops / (bf16 * 1e12 * conv_eff)
     attn = w.attn_flops / (bf16 * 1e12 * min(1.0, scale * k["attn_eff"]))
@@ -687,7 +697,8 @@ def predict_latency(
         comp = profile.component(name)
         q = comp.quantize
         method = q.method if q is not None else None
-        prec = compute_precision(method, cls)
+        prec = compute_precision(method, cls, fp16_accumulate=profile.matmul.fp16_accumulation
+                                 and comp.dtype == "float16")
         if method == "fp8_dynamic" and cls not in _FP8_CLASSES:
             assumptions.append(f"{name}.quantize=fp8_dynamic does not compute on {cls} (no fp8 tensor cores): "
                                "counted at bf16; apply would refuse it or pick the class's variant")
@@ -730,7 +741,7 @@ def predict_latency(
     scale = 1.0 if cls == "hopper" else k["non_hopper_scale"]
     assumptions += [
         f"GEMMs at {step.precision} ({gpu.rate(step.precision) or gpu.rate('bf16'):g} TFLOPS dense x "
-        f"{min(1.0, scale * k.get(_gemm_eff_key(step.precision, t_method), k['gemm_eff_bf16'])):.2f})"
+        f"{_gemm_eff(step.precision, t_method, scale, k):.2f})"
         + (" (torchao int4 weight-only: tinygemm, made for few rows)" if t_method == "int4_weight" else "")
         + ", attention at bf16 x "
         f"{min(1.0, scale * k['attn_eff']):.2f}, memory-bound ops at {gpu.memory_bandwidth_gbs or 500:g} GB/s x "

@@ -22,6 +22,7 @@ from fluxtune.knobs import (
     GroupOffload,
     Knob,
     LoraSpec,
+    Matmul,
     Measured,
     ModelOffload,
     NoCache,
@@ -93,6 +94,7 @@ class Profile(Knob):
     text_encoder_2: Component = Component()
     vae: Vae = Vae()
     attention: Attention = Attention()
+    matmul: Matmul = Matmul()
     cache: Cache = NoCache()
     tiling: Tiling = Tiling()
     compile: Compile = Compile()

@@ -16,8 +16,8 @@ from typing import Any
 from fluxtune.search.results import best_trial, feasible_trials, objective_of, spread
 from fluxtune.search.space import SearchSpace
 
-ORDER = ("attention", "transformer.quantize", "transformer.granularity", "compile", "batch", "transformer.offload",
-         "transformer.group_level", "transformer.use_stream", "text_encoder_2.quantize", "text_encoders.offload",
+ORDER = ("attention", "transformer.quantize", "transformer.granularity", "transformer.fp16_accumulation", "compile",
+         "batch", "transformer.offload", "transformer.group_level", "transformer.use_stream", "text_encoder_2.quantize", "text_encoders.offload",
          "transformer.layerwise_fp8", "cache", "vae.tiling", "tiling", "tiling.tile", "tiling.overlap", "size",
          "compile.fuse_qkv", "compile.fullgraph", "compile.inductor_flags", "transformer.keep_sensitive")
 """Knobs in the order their moves are tried: the ones that decide speed most on a GPU first (attention

@@ -103,6 +103,10 @@ def default_dims(hardware: HardwareInfo, family: str) -> list[Dim]:
         if hardware.supports_fp8:
             quant += ["fp8_weight", "fp8_dynamic"]
     offloads = ["none", "model", "sequential", "group", "partial"] if gpu else ["none"]
+    spec = hardware.spec()
+    # float16 accumulate is searched where the GPU table says it doubles the GEMM rate (GeForce, A10G):
+    # elsewhere it changes the numerics and nothing else.
+    fp16acc = bool(spec and (spec.rate("fp16acc") or 0) > 1.05 * (spec.rate("bf16") or 0))
     caches = ["none", "first_block", "taylorseer"] + (["magcache"] if family == "flux" else [])
     # Hooks fullgraph compile cannot trace: caches, streamed offloads and layerwise casting.
     hooks = lambda p: (p.get("cache", "none") != "none" or _off(p) in ("group", "partial", "sequential")  # noqa: E731
@@ -119,6 +123,10 @@ def default_dims(hardware: HardwareInfo, family: str) -> list[Dim]:
         Dim("transformer.keep_sensitive", (0, 1, 2, 4, 8, 16, 32), help="how many of the most quantization-sensitive layer groups "
             "(from a sensitivity scan of that method) stay unquantized"),
         Dim("transformer.layerwise_fp8", (False, True), when=lambda p: _q(p) == "none"),
+        Dim("transformer.fp16_accumulation", (False, True) if fp16acc else (False,),
+            when=lambda p: fp16acc and _q(p) not in ("fp8_dynamic", "int8_dynamic", "int4_weight"),
+            help="the transformer in float16 with float16 accumulate: twice the GEMM rate on GeForce cards "
+            "(float16 overflows some models: the quality floor decides)"),
         Dim("transformer.offload", tuple(offloads)),
         Dim("transformer.group_level", ("leaf", "block"), when=lambda p: _off(p) == "group"),
         Dim("transformer.blocks_per_group", low=1, high=4, integer=True,
@@ -301,6 +309,9 @@ class SearchSpace:
                     t["quantize"]["exclude"] = list(ranked[:keep])
         elif params.get("transformer.layerwise_fp8"):
             t["layerwise_casting"] = {"storage": "float8_e4m3fn"}
+        if params.get("transformer.fp16_accumulation"):
+            t["dtype"] = "float16"
+            data["matmul"] = {"fp16_accumulation": True}
         off = _off(params)
         t["offload"] = self._offload(off, params, q)
         if self.family in PROMPTED:

@@ -28,6 +28,7 @@ from fluxtune.tuning import (  # noqa: F401  (importing registers the handlers)
     generation,
     layerwise,
     lora,
+    matmul,
     placement,
     precision,
     quantize,
