@@ -151,10 +151,11 @@ def candidate_key(cand: Candidate, cap: Cap) -> str:
 
 
 def make_candidates(profiles: list[Profile], family: str, budgets: Sequence[Cap] | None, with_recipes: bool,
-                    generation: dict[str, Any], *, reference: bool = True) -> list[Candidate]:
+                    generation: dict[str, Any], *, reference: bool = True, dtype: str = "bfloat16") -> list[Candidate]:
     """The reference first, then the user's profiles, then the recipes.
 
     Args:
+        dtype: the dtype the pipeline loads in, which the reference runs in (named in its label).
         budgets: None: no cap for anyone. One cap: every candidate runs under it. Several: each profile
             under its own ``budget.vram`` (which must be listed; None = no cap), each recipe under the
             smallest listed cap it fits.
@@ -169,7 +170,8 @@ def make_candidates(profiles: list[Profile], family: str, budgets: Sequence[Cap]
 
     out: list[Candidate] = []
     if reference:
-        out.append(Candidate("reference (bf16, no cap)",
+        short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype)
+        out.append(Candidate(f"reference ({short}, no cap)",
                              validate_profile({"name": "reference", "generation": generation}), "reference"))
     ladder: tuple[Cap, ...] = (None,)
     several = budgets is not None and len(budgets) > 1
@@ -463,7 +465,7 @@ def summary(rows: list[BenchRow]) -> list[dict[str, Any]]:
 
 
 ROW_COLUMNS = ("candidate", "cap", "status", "latency (median)", "spread", "runs", "first call", "peak reserved",
-               "PSNR vs bf16", "generations", "apply (quantize, placement)")
+               "PSNR vs reference", "generations", "apply (quantize, placement)")
 SUMMARY_COLUMNS = ("budget", "profile", "latency", "fastest recipe that fits", "its latency", "speedup")
 
 

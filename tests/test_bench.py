@@ -177,3 +177,12 @@ def test_bench_reference_renders_the_profiles_true_cfg(tmp_path: Path) -> None:
                      "--out", str(tmp_path / "refused")])
     assert code == 2 and "Flux2Pipeline / Flux2KleinPipeline has no negative_prompt" in err.getvalue()
     assert not (tmp_path / "refused").exists()
+
+
+def test_the_reference_is_named_for_the_dtype_it_runs_in() -> None:
+    """A bench of the mini models loads them in float32: its reference said "bf16" all the same."""
+    from fluxtune.bench import make_candidates
+
+    generation = {"steps": 1, "height": 64, "width": 64}
+    assert make_candidates([], "flux", None, False, generation)[0].name == "reference (bf16, no cap)"
+    assert make_candidates([], "flux", None, False, generation, dtype="float32")[0].name == "reference (fp32, no cap)"

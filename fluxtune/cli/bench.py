@@ -162,8 +162,9 @@ def run(args: argparse.Namespace) -> int:
     recipe_workload = {**workload, "runs": args.recipe_runs or args.runs}
     if args.recipe_warmup_steps:
         recipe_workload["warmup_steps"] = args.recipe_warmup_steps
+    dtype = args.dtype or (spec.dtype if spec and spec.dtype else "bfloat16")
     candidates = make_candidates(profiles, family, budgets, args.baselines or bool(args.recipes), generation,
-                                 reference=not args.no_reference)
+                                 reference=not args.no_reference, dtype=dtype)
     if args.recipes:
         words = [w.strip().lower() for w in args.recipes.split(",") if w.strip()]
         names = [c.name for c in candidates if c.kind == "recipe"]
@@ -173,7 +174,6 @@ def run(args: argparse.Namespace) -> int:
             raise ProfileError(f"--recipes {args.recipes!r}: {unmatched[0] if unmatched else 'no word'!r} names no "
                                f"recipe; recipes: {', '.join(names)}")
     folder = Path(args.out)
-    dtype = args.dtype or (spec.dtype if spec and spec.dtype else "bfloat16")
     if args.samples and family != "dit":
         raise ProfileError(f"--samples {args.samples}: distribution samples are for class-conditional (DiT) models; "
                            f"{args.model} is {family}")

@@ -12,6 +12,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
+def _fp16acc_support(hw: object) -> str:
+    from fluxtune.tuning.matmul import speedup_note
+
+    return "yes: " + speedup_note(hw)
+
+
 def knob_support(hw: object) -> dict[str, str]:
     """Each knob family -> 'yes' or why not, for this machine."""
     from fluxtune.tuning.nf4 import available as nf4_available
@@ -30,6 +36,7 @@ def knob_support(hw: object) -> dict[str, str]:
         "quantize fp8_dynamic rowwise": "yes" if getattr(hw, "supports_fp8_rowwise", False)
         else f"no (needs SM 9.0, this is {cc_text})",
         "layerwise_casting (fp8 storage)": "yes",
+        "matmul.fp16_accumulation": _fp16acc_support(hw) if has_cuda else "no effect on CPU (a cuBLAS setting)",
         "cache (first_block/taylorseer/magcache)": "yes",
         "compile": ("yes" if getattr(hw, "can_compile", True) else
                     "no (Triton is not installed: pip install triton, or triton-windows on Windows)")
