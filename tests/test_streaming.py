@@ -217,3 +217,47 @@ def test_model_offload_onloads_are_paced_when_the_component_moves(monkeypatch: p
     module._hf_hook.pre_forward(module, torch.ones(4))
     module._hf_hook.pre_forward(module, torch.ones(4))
     assert paced == [(4 * 8 + 8) * 4]
+
+
+@pytest.mark.parametrize("kind", ["first_block", "magcache"])
+def test_blocks_a_cache_skips_are_not_copied(kind: str) -> None:
+    """diffusers' block-level caches return without running a skipped block's own forward, but torch's
+    forward hooks still fire: the streamer copied every streamed block each step, cached or not (16 copies
+    in 4 steps here where 10 are needed). It now loads such a block inside the cache's hook."""
+    from diffusers.hooks import (
+        FirstBlockCacheConfig,
+        MagCacheConfig,
+        apply_first_block_cache,
+        apply_mag_cache,
+    )
+
+    from fluxtune.pipelines import load
+
+    def draw(threshold: float, stream: bool) -> tuple[torch.Tensor, list[int], object]:
+        pipe = load("tiny-flux", dtype="float32")
+        t = pipe.transformer
+        if kind == "first_block":
+            apply_first_block_cache(t, FirstBlockCacheConfig(threshold=threshold))
+        else:  # magcache needs a ratio per step; skips when the accumulated error stays below threshold
+            apply_mag_cache(t, MagCacheConfig(threshold=threshold, max_skip_steps=4, retention_ratio=0.0,
+                                              num_inference_steps=4, mag_ratios=[0.5] * 4))
+        loads: list[int] = []
+        streamer = None
+        if stream:
+            streamer = BlockStreamer(t, torch.device("cpu"), resident_blocks=0)
+            original = streamer._load
+            streamer._load = lambda j: (None if streamer.items[j].loaded else loads.append(j), original(j))[1]  # type: ignore[method-assign, union-attr]
+        image = pipe(prompt="a fox", height=64, width=64, num_inference_steps=4, generator=gen(),
+                     output_type="pt").images
+        return image, loads, (pipe, streamer)
+
+    for threshold, most in ((1e9, 10), (1e-9, 16)):  # every step after the first skips / none does
+        plain, _, _ = draw(threshold, stream=False)
+        streamed, loads, (pipe, streamer) = draw(threshold, stream=True)
+        assert torch.equal(plain, streamed)
+        assert len(loads) <= most
+    assert len(loads) == 16  # a step that computes still loads every block
+    block = streamer.items[1].block  # type: ignore[union-attr]
+    ref = block._diffusers_hook._fn_refs[0]
+    streamer.remove()  # type: ignore[union-attr]
+    assert ref.original_forward.__func__ is type(block).forward  # the block's own forward again

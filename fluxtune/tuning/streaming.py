@@ -202,6 +202,13 @@ class CopyPacer:
         return f"copies paced to {self.gbs:g} GB/s (this link: {self.native_gbs:.1f} GB/s)"
 
 
+def _skippable(block: torch.nn.Module) -> bool:
+    """Whether diffusers hooks sit on the block itself (first_block and magcache caches): they may return
+    without running the block's own forward. TaylorSeer hooks the attention inside a block, which then runs."""
+    registry = getattr(block, "_diffusers_hook", None)
+    return bool(registry is not None and getattr(registry, "_fn_refs", None))
+
+
 @functools.cache
 def _clock_and_link(index: int) -> tuple[float, float]:
     """(cycles per second of ``torch.cuda._sleep``, page-locked host->device GB/s) on GPU ``index``, measured."""
@@ -283,7 +290,11 @@ class BlockStreamer:
         if materializer is not None:  # what was placed, not what was expected
             self.resident_bytes = sum(module_bytes(b) for i, (_, b) in enumerate(blocks) if i not in streamed)
             self.streamed_bytes = sum(item.nbytes for item in self.items)
+        self._unwrap: list[tuple[Any, str, Any]] = []
         for j, item in enumerate(self.items):
+            if _skippable(item.block):
+                self._wrap_innermost(j)
+                continue
             self._handles.append(item.block.register_forward_pre_hook(self._pre_hook(j)))
             self._handles.append(item.block.register_forward_hook(self._post_hook(j)))
         self._handles.append(transformer.register_forward_pre_hook(self._root_pre_hook))
@@ -365,27 +376,53 @@ class BlockStreamer:
         for j in range(min(self.prefetch, len(self.items))):
             self._load(j)
 
+    @torch.compiler.disable
+    def _enter(self, j: int) -> None:
+        """Block ``j`` is about to run: its weights on the device (waited for), the next one's on the way."""
+        self._load(j)  # no-op when prefetched
+        item = self.items[j]
+        if self.stream is not None and item.event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(item.event)
+            for m, name, _ in item.homes:
+                _record(m._parameters[name], current)  # type: ignore[arg-type]
+        if j + self.prefetch < len(self.items):
+            self._load(j + self.prefetch)
+
+    @torch.compiler.disable
+    def _leave(self, j: int) -> None:
+        self._release(j)
+
     def _pre_hook(self, j: int) -> Callable[..., None]:
-        @torch.compiler.disable
         def hook(module: torch.nn.Module, args: Any) -> None:
-            self._load(j)  # no-op when prefetched
-            item = self.items[j]
-            if self.stream is not None and item.event is not None:
-                current = torch.cuda.current_stream(self.device)
-                current.wait_event(item.event)
-                for m, name, _ in item.homes:
-                    _record(m._parameters[name], current)  # type: ignore[arg-type]
-            if j + self.prefetch < len(self.items):
-                self._load(j + self.prefetch)
+            self._enter(j)
 
         return hook
 
     def _post_hook(self, j: int) -> Callable[..., None]:
-        @torch.compiler.disable
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-            self._release(j)
+            self._leave(j)
 
         return hook
+
+    def _wrap_innermost(self, j: int) -> None:
+        """Load block ``j`` inside the cache hook that may skip it: around the block's own ``forward``,
+        which diffusers' block-level cache hooks (first_block, magcache) call only when the block computes.
+        Torch's forward hooks run even for a skipped block, and copied its weights every step for nothing."""
+        ref = self.items[j].block._diffusers_hook._fn_refs[0]
+        attr = "original_forward" if hasattr(ref, "original_forward") else "forward"
+        inner = getattr(ref, attr)
+
+        @functools.wraps(inner)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            self._enter(j)
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self._leave(j)
+
+        setattr(ref, attr, forward)
+        self._unwrap.append((ref, attr, inner))
 
     def remove(self) -> None:
         """Remove the hooks and put every streamed weight back, whole, on the device it came from, so
@@ -393,6 +430,9 @@ class BlockStreamer:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for ref, attr, inner in self._unwrap:
+            setattr(ref, attr, inner)
+        self._unwrap.clear()
         for j, item in enumerate(self.items):
             self._release(j)
             for module, name, home in item.homes:
@@ -415,6 +455,9 @@ class BlockStreamer:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for ref, attr, inner in self._unwrap:
+            setattr(ref, attr, inner)
+        self._unwrap.clear()
         self.items.clear()
         for arena in self.arenas:
             arena.close()
