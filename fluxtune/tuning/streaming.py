@@ -409,7 +409,8 @@ class BlockStreamer:
         """Load block ``j`` inside the cache hook that may skip it: around the block's own ``forward``,
         which diffusers' block-level cache hooks (first_block, magcache) call only when the block computes.
         Torch's forward hooks run even for a skipped block, and copied its weights every step for nothing."""
-        ref = self.items[j].block._diffusers_hook._fn_refs[0]
+        registry: Any = getattr(self.items[j].block, "_diffusers_hook")  # noqa: B009  (set by diffusers)
+        ref = registry._fn_refs[0]
         attr = "original_forward" if hasattr(ref, "original_forward") else "forward"
         inner = getattr(ref, attr)
 
