@@ -410,3 +410,25 @@ def test_components_in_two_dtypes_draw_what_one_dtype_draws(model: str, componen
     same = load()
     assert "more than one dtype" not in str(fluxtune.apply({name: {"dtype": "float32"}}, same))
     assert torch.equal(_draw(same, family), reference)
+
+
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-flux2-klein", "tiny-qwen-image"])
+def test_fp8_storage_of_a_text_encoder_keeps_the_pipeline_in_its_dtype(model: str) -> None:
+    """transformers' ``model.dtype`` is its first floating weight's, and pipelines make the prompt embeddings
+    (FLUX.1: the latents) in ``text_encoder.dtype``: fp8 storage of a T5, CLIP or Qwen3 embedding made them
+    fp8 ("normal_kernel_cpu not implemented for Float8_e4m3fn"); T5's ``wo`` also casts its input to its
+    weight's dtype. Both stay in the compute dtype; the rest is stored in fp8."""
+    family = pipelines.BUILTINS[model].family
+    encoders = ("text_encoder", "text_encoder_2") if model == "tiny-flux" else ("text_encoder",)
+    plain = pipelines.load(model, dtype="float32")
+    fluxtune.apply({}, plain)
+    reference = _draw(plain, family)
+    pipe = pipelines.load(model, dtype="float32")
+    fluxtune.apply({name: {"layerwise_casting": {}} for name in encoders}, pipe)
+    for name in encoders:
+        encoder = getattr(pipe, name)
+        assert encoder.dtype == torch.float32
+        stored = {p.dtype for p in encoder.parameters()}
+        assert torch.float8_e4m3fn in stored
+    image = _draw(pipe, family)
+    assert torch.isfinite(image).all() and 0 < (image - reference).abs().max() < 0.5
