@@ -37,7 +37,7 @@ def _versions() -> str:
     # The code that counts, not only the version number: a change between releases counts again.
     here = Path(__file__).parent
     digest = hashlib.sha1()
-    for name in ("predict.py", "memory/facts.py", "pipelines.py"):
+    for name in ("predict.py", "memory/facts.py", "pipelines.py", "tuning/layerwise.py"):
         with contextlib.suppress(OSError):
             digest.update((here / name).read_bytes())
     out.append(digest.hexdigest()[:10])

@@ -432,3 +432,30 @@ def test_fp8_storage_of_a_text_encoder_keeps_the_pipeline_in_its_dtype(model: st
         assert torch.float8_e4m3fn in stored
     image = _draw(pipe, family)
     assert torch.isfinite(image).all() and 0 < (image - reference).abs().max() < 0.5
+
+
+def test_a_first_block_cache_on_flux2_is_refused_and_never_searched() -> None:
+    """diffusers' first-block cache cannot bridge FLUX.2's double and single blocks: the first cached step
+    raised a TypeError minutes into a run (huggingface/diffusers#14280)."""
+    from fluxtune.hardware import HardwareInfo
+    from fluxtune.presets import load_profile
+    from fluxtune.search.space import SearchSpace
+
+    pipe = pipelines.load("tiny-flux2-klein", dtype="float32")
+    with pytest.raises(fluxtune.FluxtuneError, match=r"cache.kind=first_block does not run on FLUX.2.*use taylorseer"):
+        fluxtune.apply({"cache": {"kind": "first_block", "threshold": 0.1}, "generation": GEN}, pipe)
+    gpu = HardwareInfo(gpu_index=0, gpu_name="test GPU", total_memory_bytes=int(80e9), compute_capability=(9, 0),
+                       driver="570", cuda_version="12.8", torch_version="2.13.0", host_ram_bytes=int(64e9), cpu_count=8)
+    for family, expected in (("flux2", ("none", "taylorseer")), ("qwenimage", ("none", "first_block", "taylorseer")),
+                             ("flux", ("none", "first_block", "taylorseer", "magcache"))):
+        space = SearchSpace.create(gpu, family, load_profile({"family": family}))
+        assert next(d for d in space.dims if d.name == "cache").choices == expected
+
+
+def test_channels_last_on_a_3d_vae_is_refused_before_anything_changes() -> None:
+    """Qwen-Image's VAE convolves in 3-D: ``vae.to(memory_format=torch.channels_last)`` raised a RuntimeError
+    ("required rank 4 tensor") half-way through apply."""
+    pipe = pipelines.load("tiny-qwen-image", dtype="float32")
+    with pytest.raises(fluxtune.FluxtuneError, match="vae.channels_last=true: AutoencoderKLQwenImage has 3-D convolutions"):
+        fluxtune.apply({"vae": {"channels_last": True}, "transformer": {"quantize": "int8_weight"}, "generation": GEN}, pipe)
+    assert type(pipe.transformer.transformer_blocks[0].attn.to_q.weight) is torch.nn.Parameter  # not quantized

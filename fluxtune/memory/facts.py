@@ -320,13 +320,17 @@ def _component_facts(name: str, module: torch.nn.Module) -> ComponentFacts:
 
     lc_default: tuple[str, ...]
     lc_class: tuple[str, ...] = ()
+    from fluxtune.tuning.layerwise import default_skip
+
     try:
         from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
         from diffusers.models.modeling_utils import ModelMixin
     except ImportError:  # pragma: no cover - diffusers is a core dependency
         lc_default, is_diffusers = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$"), False
     else:
-        lc_default, is_diffusers = tuple(DEFAULT_SKIP_MODULES_PATTERN), isinstance(module, ModelMixin)
+        is_diffusers = isinstance(module, ModelMixin)
+        # What LayerwiseCastingHandler skips: another model (a transformers encoder) keeps more (default_skip).
+        lc_default = tuple(DEFAULT_SKIP_MODULES_PATTERN) if is_diffusers else default_skip(module)
     if is_diffusers:
         # enable_layerwise_casting adds these even to user-given patterns (diffusers-knobs.md §2.2).
         lc_class = tuple(getattr(module, "_keep_in_fp32_modules", None) or ()) + tuple(

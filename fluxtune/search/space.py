@@ -107,7 +107,9 @@ def default_dims(hardware: HardwareInfo, family: str) -> list[Dim]:
     # float16 accumulate is searched where the GPU table says it doubles the GEMM rate (GeForce, A10G):
     # elsewhere it changes the numerics and nothing else.
     fp16acc = bool(spec and (spec.rate("fp16acc") or 0) > 1.05 * (spec.rate("bf16") or 0))
-    caches = ["none", "first_block", "taylorseer"] + (["magcache"] if family == "flux" else [])
+    from fluxtune.tuning.cache import family_problem
+
+    caches = ["none", *(c for c in ("first_block", "taylorseer", "magcache") if family_problem(c, family) is None)]
     # Hooks fullgraph compile cannot trace: caches, streamed offloads and layerwise casting.
     hooks = lambda p: (p.get("cache", "none") != "none" or _off(p) in ("group", "partial", "sequential")  # noqa: E731
                        or bool(p.get("transformer.layerwise_fp8")))

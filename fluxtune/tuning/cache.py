@@ -40,6 +40,19 @@ def diffusers_cache_config(ctx: Context) -> Any:
     )
 
 
+def family_problem(kind: str, family: str) -> str | None:
+    """Why a cache kind does not run on a pipeline family, or None (the search offers only those that run)."""
+    if kind == "magcache" and family != "flux":
+        return ("cache.kind=magcache needs magnitude ratios, which diffusers ships for FLUX only; "
+                f"use {'taylorseer' if family == 'flux2' else 'first_block or taylorseer'}")
+    if kind == "first_block" and family == "flux2":
+        # FLUX.2's double blocks return (text, image) and its single blocks one joined tensor, so the head
+        # block's residual cannot be applied at the tail: a TypeError at the first cached step.
+        return ("cache.kind=first_block does not run on FLUX.2 in diffusers (its double and single blocks return "
+                "different outputs; huggingface/diffusers#14280); use taylorseer")
+    return None
+
+
 @register
 class CacheHandler(Handler):
     name = "cache"
@@ -52,9 +65,9 @@ class CacheHandler(Handler):
         t = ctx.components().get("transformer")
         if t is None:
             return [f"cache.kind={kind}: this pipeline has no transformer to cache; use cache.kind=none"]
-        if kind == "magcache" and ctx.family != "flux":
-            return ["cache.kind=magcache needs magnitude ratios, which diffusers ships for FLUX only; "
-                    "use first_block or taylorseer"]
+        problem = family_problem(kind, ctx.family)
+        if problem:
+            return [problem]
         if ctx.family not in ("flux", "dit") and not hasattr(t, "enable_cache"):
             return [f"cache.kind={kind}: {type(t).__name__} has no cache support; use cache.kind=none"]
         return []

@@ -8,7 +8,7 @@ from typing import Any
 from fluxtune.tuning.base import CASTING, Context, Handler, register, torch_dtype
 
 
-def _default_skip(module: Any) -> tuple[str, ...]:
+def default_skip(module: Any) -> tuple[str, ...]:
     """diffusers' default skip patterns, for a model that is not a diffusers model (a transformers text
     encoder), plus two kinds of module whose fp8 storage breaks the pipeline:
 
@@ -51,5 +51,5 @@ class LayerwiseCastingHandler(Handler):
                                                skip_modules_pattern=lc.skip)
             else:
                 apply_layerwise_casting(module, storage, compute,
-                                        skip_modules_pattern=lc.skip if lc.skip is not None else _default_skip(module))
+                                        skip_modules_pattern=lc.skip if lc.skip is not None else default_skip(module))
             ctx.report.add(self.name, name, f"weights stored as {lc.storage}, computed in {compute}".replace("torch.", ""))

@@ -20,6 +20,15 @@ class VaeHandler(Handler):
             return ["vae.* is set but this pipeline has no vae"] if (v.tiling or v.slicing or v.channels_last) else []
         if v.tiling and not hasattr(vae, "enable_tiling"):
             return [f"vae.tiling=true: {type(vae).__name__} has no tiling; set vae.tiling=false"]
+        if v.channels_last:
+            import torch
+
+            ranks = {p.dim() for m in vae.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)
+                     for p in m.parameters(recurse=False) if p.dim() > 1}
+            if ranks - {4}:
+                # channels_last is a 2-D layout: Qwen-Image's and the video VAEs convolve in 3-D.
+                return [f"vae.channels_last=true: {type(vae).__name__} has {max(ranks) - 2}-D convolutions and "
+                        "channels_last is for 2-D ones; set vae.channels_last=false"]
         return []
 
     def apply(self, ctx: Context) -> None:
