@@ -65,12 +65,10 @@ class CacheHandler(Handler):
         t = ctx.components().get("transformer")
         if t is None:
             return [f"cache.kind={kind}: this pipeline has no transformer to cache; use cache.kind=none"]
-        problem = family_problem(kind, ctx.family)
-        if problem:
-            return [problem]
         if ctx.family not in ("flux", "dit") and not hasattr(t, "enable_cache"):
             return [f"cache.kind={kind}: {type(t).__name__} has no cache support; use cache.kind=none"]
-        return []
+        problem = family_problem(kind, ctx.family)
+        return [problem] if problem else []
 
     def apply(self, ctx: Context) -> None:
         kind = ctx.profile.cache.kind
