@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from fluxtune.errors import PipelineError, ProfileError
+from fluxtune.knobs import MagCache
 
 if TYPE_CHECKING:
     from fluxtune.gpus import GpuSpec
@@ -111,6 +112,10 @@ CONSTANTS: dict[str, float] = {
     #   make it the slowest method fluxtune has. Measured on the H200 only: other cards get the non-Hopper
     #   scale like every efficiency.
     "gemm_eff_int4_weight": 0.029,
+    # A step a MagCache skips, relative to a computed one: the time/text embedders, the last norm and
+    #   projection and the residual add run; the blocks do not (FLUX.1-dev: under 1 % of a step's FLOPs; the
+    #   rest is launches). Assumed, not fitted: no cached run is in the fit (replicas' caches mean nothing).
+    "cache_skipped_step": 0.02,
     # Dynamic activation quantization (fp8_dynamic / int8_dynamic): bytes per GEMM input element to
     #   compute the scale and write the quantized copy (read 2 + amax pass 2 + write 1; halved when
     #   compiled). Not fitted separately: the fp8 fit above was made with it in place.
@@ -572,6 +577,8 @@ class LatencyPrediction:
     """Transformer passes per step: 2 with true CFG (``generation.negative_prompt``)."""
     cfg_batched: bool = False
     """The two passes run as one forward of both rows (``generation.batch_cfg``); ``step`` is that forward."""
+    computed_steps: int | None = None
+    """Steps the transformer computes when a cache with a known schedule (magcache) skips the others."""
 
     def describe(self) -> str:
         """One line; always says "predicted"."""
@@ -736,7 +743,14 @@ def predict_latency(
     # True CFG encodes the negative prompt too and runs the transformer once more a step.
     text = passes * sum(p.seconds for n, p in phases.items() if n.startswith("text_encoder")) + k["call_overhead_s"]
     decode = phases["vae"].seconds if "vae" in phases else 0.0
-    steps_s = n_steps * (1 if batched else passes) * step.seconds
+    computed = n_steps
+    if isinstance(profile.cache, MagCache):
+        from fluxtune.tuning.cache import magcache_schedule
+
+        computed = sum(magcache_schedule(profile.cache, n_steps))
+    # A skipped step runs the embedders, the last norm and projection and the cache's residual add.
+    step_work = computed + (n_steps - computed) * k["cache_skipped_step"]
+    steps_s = step_work * (1 if batched else passes) * step.seconds
     total = text + steps_s + decode + call_transfer
     scale = 1.0 if cls == "hopper" else k["non_hopper_scale"]
     assumptions += [
@@ -752,7 +766,7 @@ def predict_latency(
         "efficiencies fitted on an H200 (FLUX.1-dev replica, 1024x1024, 28 steps)"
         + ("" if cls == "hopper" else f", scaled x{k['non_hopper_scale']:.2f} for non-Hopper cards (fitted on one "
            "published L20 figure)"),
-        "the text encoders and VAE run eager; caches (first_block, taylorseer, magcache) are not modelled",
+        "the text encoders and VAE run eager",
     ]
     if profile.family in ("flux2", "qwenimage"):
         assumptions.append(f"no {profile.family} run is in the fit: its blocks are assumed as efficient as "
@@ -763,8 +777,16 @@ def predict_latency(
                            + (" run as one forward of both rows (generation.batch_cfg: streamed blocks copied "
                               "once a step)" if batched else "")
                            + ", the text encoder run for the negative prompt too")
-    if profile.cache.kind != "none":
-        assumptions.append(f"cache.kind={profile.cache.kind} skips steps at run time: not counted here (upper bound)")
+    if isinstance(profile.cache, MagCache):
+        c = profile.cache
+        assumptions.append(f"cache.kind=magcache computes {computed} of {n_steps} steps (diffusers' schedule from "
+                           f"FLUX.1's magnitude ratios, threshold {c.threshold:g}, max_skip_steps "
+                           f"{c.max_skip_steps}, retention_ratio {c.retention_ratio:g}); a skipped step counted at "
+                           f"{k['cache_skipped_step']:.0%} of a computed one (assumed); the compute floor counts "
+                           "every step; what skipping costs in quality is not predicted")
+    elif profile.cache.kind != "none":
+        assumptions.append(f"cache.kind={profile.cache.kind} decides at run time from the run's own values: its "
+                           "skips are not counted here (an upper bound)")
     if tiles > 1:
         t = profile.tiling
         assumptions.append(f"regional denoising: {tiles} tiles of {t.tile}x{t.tile} px (overlap {t.overlap}) a step, "
@@ -776,7 +798,7 @@ def predict_latency(
         gpu=gpu.name, profile=profile.name, model=model, height=work.height, width=work.width, steps=n_steps,
         batch=b, total_s=total, text_encode_s=text, step=step, steps_s=steps_s, decode_s=decode,
         call_transfer_s=call_transfer, phases=phases, floor_s=floor, assumptions=tuple(assumptions), passes=passes,
-        cfg_batched=batched,
+        cfg_batched=batched, computed_steps=computed if computed != n_steps else None,
     )
 
 

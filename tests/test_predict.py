@@ -290,3 +290,35 @@ def test_batched_true_cfg_under_regional_denoising_counts_both_rows_per_tile() -
     bat = predict_latency(load_profile({**tiled, "generation": {**gen, "batch_cfg": True}}), fast_link,
                           model="tiny-flux")
     assert bat.cfg_batched and bat.step.gemm_s == pytest.approx(2 * seq.step.gemm_s, rel=0.05)
+
+
+@pytest.mark.parametrize("cache", [{"kind": "magcache"}, {"kind": "magcache", "threshold": 0.24, "max_skip_steps": 5,
+                                                          "retention_ratio": 0.1}])
+def test_the_magcache_schedule_is_the_one_diffusers_runs(cache: dict) -> None:
+    """MagCache decides from FLUX.1's precomputed magnitude ratios, so predict knows which steps it skips:
+    the schedule is held to diffusers' own hook on tiny-flux (a block's norm runs only when it computes)."""
+    import torch
+
+    import fluxtune
+    from fluxtune.pipelines import load
+    from fluxtune.tuning.cache import magcache_schedule
+
+    steps = 28
+    pipe = load("tiny-flux", dtype="float32")
+    fluxtune.apply({"cache": cache, "generation": {"height": 64, "width": 64, "steps": steps}}, pipe)
+    computed: list[int] = []
+    step = {"i": -1}
+    pipe.transformer.register_forward_pre_hook(lambda *a: step.update(i=step["i"] + 1))
+    pipe.transformer.transformer_blocks[-1].norm1.register_forward_pre_hook(lambda *a: computed.append(step["i"]))
+    pipe(prompt="a fox", generator=torch.Generator().manual_seed(0), output_type="pt")
+    expected = magcache_schedule(load_profile({"cache": cache}).cache, steps)  # type: ignore[arg-type]
+    assert [i in computed for i in range(steps)] == expected
+    assert 8 <= sum(expected) < steps
+    on = predict_latency(load_profile({"name": "m", "family": "flux", "cache": cache,
+                                       "generation": {"height": 1024, "width": 1024, "steps": steps}}),
+                         card(), model="flux-dev-replica")
+    off = predict_latency(load_profile({"name": "m", "family": "flux",
+                                        "generation": {"height": 1024, "width": 1024, "steps": steps}}),
+                          card(), model="flux-dev-replica")
+    assert on.computed_steps == sum(expected) and off.computed_steps is None
+    assert on.steps_s == pytest.approx(off.steps_s * (sum(expected) + 0.02 * (steps - sum(expected))) / steps)

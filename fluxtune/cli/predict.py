@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             "profile": r.profile, "variant": variant, "model": r.model,
             "width": r.width, "height": r.height, "steps": r.steps, "total_s": r.total_s,
             "text_encode_s": r.text_encode_s, "step_s": r.step.seconds, "passes_per_step": r.passes,
-            "cfg_batched": r.cfg_batched, "steps_s": r.steps_s, "decode_s": r.decode_s,
+            "cfg_batched": r.cfg_batched, "computed_steps": r.computed_steps, "steps_s": r.steps_s, "decode_s": r.decode_s,
             "step_bound": r.step.bound, "compute_floor_s": r.floor_s, "assumptions": list(r.assumptions),
         }, indent=2))
         return 0
@@ -86,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
             continue
         table.add_row(label, ms(p.seconds * times), ms(p.gemm_s), ms(p.attn_s), ms(p.memory_s), ms(p.launch_s),
                       ms(p.transfer_s), f"{p.bound} ({p.precision})")
-    steps_label = f"{r.steps} steps" + (" (true CFG batched)" if r.cfg_batched else
-                                        f" x {r.passes} passes (true CFG)" if r.passes > 1 else "")
+    steps_label = f"{r.steps} steps" + (f" ({r.computed_steps} computed)" if r.computed_steps is not None else "") + (
+        " (true CFG batched)" if r.cfg_batched else f" x {r.passes} passes (true CFG)" if r.passes > 1 else "")
     table.add_row(steps_label, ms(r.steps_s), "", "", "", "", "", "")
     table.add_row("total (predicted)", f"{r.total_s:.2f} s", "", "", "", "", "", "", style="bold")
     console = Console(width=140)
@@ -95,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
     fastest = fastest_gemm_precision(gpu)
     console.print(f"compute floor on {gpu.name}: {r.floor_s:.2f} s (GEMMs at the card's fastest precision, "
                   f"{fastest} at {gpu.rate(fastest) or 0:g} TFLOPS dense, "
-                  f"attention at bf16, 100 % efficiency); predicted / floor = {r.total_s / r.floor_s:.2f}x")
+                  f"attention at bf16, 100 % efficiency); predicted / floor = {r.total_s / r.floor_s:.2f}x"
+                  + (f" (the floor counts all {r.steps} steps, the cache computes {r.computed_steps})"
+                     if r.computed_steps is not None else ""))
     console.print("predicted, not measured. Assumptions:")
     for line in r.assumptions:
         console.print(f"  - {line}", highlight=False)

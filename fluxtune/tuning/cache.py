@@ -40,6 +40,36 @@ def diffusers_cache_config(ctx: Context) -> Any:
     )
 
 
+def magcache_schedule(cache: MagCache, steps: int) -> list[bool]:
+    """Which of ``steps`` denoising steps a MagCache profile computes (True) or skips, as diffusers decides.
+
+    MagCache decides from precomputed magnitude ratios (FLUX.1's, interpolated to the step count), not from
+    the run's values, so the schedule is known before the run: diffusers' ``MagCacheHeadHook`` logic, step by
+    step (a test holds it to the real hook's calls)."""
+    from diffusers import MagCacheConfig
+    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+    config = MagCacheConfig(threshold=cache.threshold, max_skip_steps=cache.max_skip_steps,
+                            retention_ratio=cache.retention_ratio, num_inference_steps=steps, mag_ratios=FLUX_MAG_RATIOS)
+    ratios = [float(r) for r in getattr(config, "mag_ratios")]  # noqa: B009  (interpolated to the steps)
+    retention = int(cache.retention_ratio * steps + 0.5)
+    ratio, skipped, err, residual = 1.0, 0, 0.0, False
+    out = []
+    for i in range(steps):
+        compute = True
+        if i >= retention:
+            ratio *= ratios[i] if i < len(ratios) else 1.0
+            skipped += 1
+            err += abs(1.0 - ratio)
+            if residual and err <= cache.threshold and skipped <= cache.max_skip_steps:
+                compute = False
+            else:
+                ratio, skipped, err = 1.0, 0, 0.0
+        residual = residual or compute
+        out.append(compute)
+    return out
+
+
 def family_problem(kind: str, family: str) -> str | None:
     """Why a cache kind does not run on a pipeline family, or None (the search offers only those that run)."""
     if kind == "magcache" and family != "flux":
