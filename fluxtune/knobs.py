@@ -57,8 +57,10 @@ class Budget(Knob):
     margin for the kernels and workspaces the first call loads, less ``display_reserve``.
     """
 
-    vram: ByteSize | None = None
-    enforce: bool = True
+    vram: ByteSize | None = Field(default=None, description="the card's memory: the whole process as NVML sees it "
+                                  "(12GB for a 12 GB card); None = no budget")
+    enforce: bool = Field(default=True, description="cap PyTorch's allocator at the budget less the CUDA context "
+                          "(false: the budget only guides the choices)")
     display_reserve: ByteSize | None = Field(
         default=None, description="memory left to a display on the same GPU (e.g. 1GB on a desktop card)")
     host_ram: ByteSize | None = Field(
@@ -80,6 +82,8 @@ class Budget(Knob):
 
 
 class NoOffload(Knob):
+    """The component stays on the GPU."""
+
     mode: Literal["none"] = "none"
 
 
@@ -99,12 +103,16 @@ class GroupOffload(Knob):
     """diffusers group offloading: groups of blocks (``block``) or single layers (``leaf``) are streamed."""
 
     mode: Literal["group"] = "group"
-    level: Literal["block", "leaf"] = "leaf"
-    blocks_per_group: int = Field(default=1, ge=1)
-    use_stream: bool = True
-    record_stream: bool = False
-    low_cpu_mem_usage: bool = False
-    disk_path: str | None = None
+    level: Literal["block", "leaf"] = Field(default="leaf", description="block: groups of repeated blocks; leaf: "
+                                            "each layer on its own")
+    blocks_per_group: int = Field(default=1, ge=1, description="blocks a group holds (level=block)")
+    use_stream: bool = Field(default=True, description="copy the next group on a side stream during this one's compute")
+    record_stream: bool = Field(default=False, description="record the copies on the compute stream instead of "
+                                "synchronising (needs use_stream)")
+    low_cpu_mem_usage: bool = Field(default=False, description="pin host copies when used, not up front: less host "
+                                    "memory, slower")
+    disk_path: str | None = Field(default=None, description="keep the offloaded weights in files here instead of "
+                                  "host memory")
 
     @model_validator(mode="after")
     def _check(self) -> GroupOffload:
@@ -121,8 +129,8 @@ class PartialResidency(Knob):
     """
 
     mode: Literal["partial"] = "partial"
-    resident: ByteSize | None = None
-    resident_blocks: int | None = Field(default=None, ge=0)
+    resident: ByteSize | None = Field(default=None, description="bytes of blocks kept on the GPU (e.g. 7GB)")
+    resident_blocks: int | None = Field(default=None, ge=0, description="how many blocks stay on the GPU")
     prefetch: int = Field(default=1, ge=1, le=4, description="streamed blocks in flight ahead of compute")
 
     @model_validator(mode="after")
@@ -177,10 +185,14 @@ class Quantize(Knob):
     in the compute dtype, e.g. the sensitive AdaLN modulation (``norm1\\.linear``) or ``proj_out``.
     """
 
-    method: Literal["int8_weight", "int8_dynamic", "fp8_dynamic", "fp8_weight", "int4_weight", "nf4"]
-    granularity: Literal["row", "tensor"] = "row"
+    method: Literal["int8_weight", "int8_dynamic", "fp8_dynamic", "fp8_weight", "int4_weight", "nf4"] = Field(
+        description="*_weight: weights only, computed in the component's dtype; *_dynamic: activations too (fp8 "
+        "needs SM 8.9); nf4: bitsandbytes 4-bit")
+    granularity: Literal["row", "tensor"] = Field(default="row", description="dynamic methods: a scale per row "
+                                                  "(fp8: Hopper only) or one per tensor")
     group_size: int = Field(default=128, ge=16, description="inputs per scale: int4_weight, and int8_weight where it tiles a layer's inputs")
-    exclude: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = Field(default=(), description="regular expressions of layers kept unquantized "
+                                     "(e.g. from fluxtune sensitivity)")
 
     @model_validator(mode="after")
     def _check(self) -> Quantize:
@@ -215,7 +227,8 @@ class Quantize(Knob):
 class LayerwiseCasting(Knob):
     """Store weights in fp8, upcast per layer for compute (memory only; cannot be undone)."""
 
-    storage: Literal["float8_e4m3fn", "float8_e5m2"] = "float8_e4m3fn"
+    storage: Literal["float8_e4m3fn", "float8_e5m2"] = Field(default="float8_e4m3fn",
+                                                             description="the fp8 format weights are stored in")
     skip: tuple[str, ...] | None = Field(
         default=None, description="module patterns kept in the compute dtype; None = diffusers defaults"
     )
@@ -254,10 +267,10 @@ class Component(Knob):
 class Vae(Component):
     """The VAE: component knobs plus tiling, slicing and memory format."""
 
-    tiling: bool = False
+    tiling: bool = Field(default=False, description="decode in overlapping tiles: memory follows the tile")
     tile_size: int | None = Field(default=None, ge=16, description="pixels; None = the VAE's own sample_size")
-    slicing: bool = False
-    channels_last: bool = False
+    slicing: bool = Field(default=False, description="decode one image of a batch at a time")
+    channels_last: bool = Field(default=False, description="NHWC memory format (2-D convolution VAEs only)")
 
     @model_validator(mode="after")
     def _tile(self) -> Vae:
@@ -270,6 +283,8 @@ class Vae(Component):
 
 
 class NoCache(Knob):
+    """Every step computes every block."""
+
     kind: Literal["none"] = "none"
 
 
@@ -277,22 +292,29 @@ class FirstBlockCache(Knob):
     """Skip the remaining blocks when the first block's residual barely changed (ParaAttention FBCache)."""
 
     kind: Literal["first_block"] = "first_block"
-    threshold: float = Field(default=0.08, gt=0.0, le=1.0)
+    threshold: float = Field(default=0.08, gt=0.0, le=1.0, description="skip when the first block's output changed "
+                             "by less than this (relative) since the last computed step")
 
 
 class TaylorSeerCache(Knob):
+    """Compute every ``cache_interval`` steps; between them extrapolate the attention outputs (Taylor series)."""
+
     kind: Literal["taylorseer"] = "taylorseer"
-    cache_interval: int = Field(default=5, ge=2)
-    disable_cache_before_step: int = Field(default=10, ge=0)
-    disable_cache_after_step: int | None = Field(default=None, ge=0)
-    max_order: int = Field(default=1, ge=1, le=4)
+    cache_interval: int = Field(default=5, ge=2, description="steps from one computed step to the next")
+    disable_cache_before_step: int = Field(default=10, ge=0, description="steps computed in full first")
+    disable_cache_after_step: int | None = Field(default=None, ge=0, description="steps from here on computed in full")
+    max_order: int = Field(default=1, ge=1, le=4, description="order of the extrapolation")
 
 
 class MagCache(Knob):
+    """Skip steps while FLUX.1's precomputed residual-magnitude ratios say little changes (a schedule known in
+    advance: fluxtune predict counts it)."""
+
     kind: Literal["magcache"] = "magcache"
-    threshold: float = Field(default=0.06, gt=0.0, le=1.0)
-    max_skip_steps: int = Field(default=3, ge=1)
-    retention_ratio: float = Field(default=0.2, ge=0.0, le=1.0)
+    threshold: float = Field(default=0.06, gt=0.0, le=1.0, description="accumulated magnitude error allowed before a "
+                             "step is computed again")
+    max_skip_steps: int = Field(default=3, ge=1, description="consecutive steps skipped at most")
+    retention_ratio: float = Field(default=0.2, ge=0.0, le=1.0, description="share of the first steps never skipped")
 
 
 Cache = Annotated[
@@ -308,7 +330,8 @@ class Tiling(Knob):
     the latent, whose predictions are blended with weights that ramp down across the overlap; the
     prompt's conditioning is shared. Activation memory then follows the tile, not the image."""
 
-    mode: Literal["none", "regional"] = "none"
+    mode: Literal["none", "regional"] = Field(default="none", description="regional: denoise overlapping tiles of "
+                                              "the latent (FLUX.1), for images larger than fit or than is fast")
     tile: int = Field(default=1024, ge=64, description="tile side in pixels (a multiple of 16)")
     overlap: int = Field(default=128, ge=0, description="pixels two neighbouring tiles share (a multiple of 16)")
 
@@ -327,16 +350,20 @@ class Tiling(Knob):
 class Compile(Knob):
     """torch.compile of the transformer: ``regional`` compiles each repeated block, ``full`` the model."""
 
-    mode: Literal["off", "regional", "full"] = "off"
-    inductor_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
-    fullgraph: bool = False
-    dynamic: bool | None = None
+    mode: Literal["off", "regional", "full"] = Field(default="off", description="regional: each repeated block "
+                                                     "(seconds to compile); full: the whole transformer")
+    inductor_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        default="default", description="torch.compile's mode")
+    fullgraph: bool = Field(default=False, description="fail instead of falling back at a graph break (no hooks "
+                            "inside: no caches or streaming)")
+    dynamic: bool | None = Field(default=None, description="torch.compile's dynamic shapes; None = torch decides")
     inductor_flags: bool = Field(
         default=True, description="conv_1x1_as_mm, coordinate_descent_tuning, epilogue_fusion=False (flux-fast)"
     )
     fuse_qkv: bool = Field(default=False, description="fuse Q/K/V projections (before quantization)")
-    vae_decode: bool = False
-    recompile_limit: int | None = Field(default=None, ge=1)
+    vae_decode: bool = Field(default=False, description="compile the VAE's decode too")
+    recompile_limit: int | None = Field(default=None, ge=1, description="torch._dynamo's recompile limit; None = "
+                                        "torch's")
 
     @property
     def enabled(self) -> bool:
@@ -359,7 +386,7 @@ class Matmul(Knob):
     fp16_accumulation: bool = Field(
         default=False,
         description="float16 GEMMs accumulate in float16 (torch.backends.cuda.matmul.allow_fp16_accumulation): "
-        "twice the float32-accumulate rate on GeForce, L4/L40 and A10G cards, the same rate on data-center "
+        "twice the float32-accumulate rate on GeForce cards and the A10G, the same rate on data-center "
         "cards; needs a component in float16 (transformer.dtype: float16)",
     )
 
@@ -370,12 +397,12 @@ class Matmul(Knob):
 class Generation(Knob):
     """The call the profile was validated for; ``apply`` makes these the pipeline's defaults."""
 
-    steps: int = Field(default=28, ge=1, le=1000)
-    guidance: float = Field(default=3.5, ge=0.0)
+    steps: int = Field(default=28, ge=1, le=1000, description="denoising steps")
+    guidance: float = Field(default=3.5, ge=0.0, description="guidance_scale (FLUX: distilled guidance; DiT: CFG)")
     height: int | None = Field(default=None, ge=16, description="pixels, multiple of 16; None = model default")
     width: int | None = Field(default=None, ge=16, description="pixels, multiple of 16; None = model default")
-    max_sequence_length: int = Field(default=512, ge=1, le=512)
-    images_per_prompt: int = Field(default=1, ge=1, le=64)
+    max_sequence_length: int = Field(default=512, ge=1, le=512, description="text tokens the encoder pads to")
+    images_per_prompt: int = Field(default=1, ge=1, le=64, description="images per call (the batch)")
     negative_prompt: str | None = Field(
         default=None, description="true CFG's negative prompt (Qwen-Image, FLUX.1): with true_cfg_scale > 1 the "
         "transformer runs twice a step and the text encoder twice a call; None = no true CFG")
@@ -449,8 +476,9 @@ class Lora(Knob):
 
     path: str = Field(description="a .safetensors LoRA file (pickle files are never loaded)")
     adapter_name: str = Field(default="lora", description="default: the file stem")
-    scale: float = 1.0
-    mode: Literal["auto", "fuse", "adapter", "hotswap"] = "auto"
+    scale: float = Field(default=1.0, description="the LoRA's strength")
+    mode: Literal["auto", "fuse", "adapter", "hotswap"] = Field(default="auto", description="fuse: baked into the "
+                                                                 "weights; adapter: peft; hotswap: into compiled code")
     max_rank: int | None = Field(default=None, ge=1, description="hotswap only: the largest rank a swap may bring")
 
     @model_validator(mode="after")

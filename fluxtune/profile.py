@@ -84,8 +84,8 @@ class Profile(Knob):
     VAE and the generation call it was validated for, plus what was measured."""
 
     schema_version: Literal[1] = 1
-    name: str = "custom"
-    description: str = ""
+    name: str = Field(default="custom", description="the profile's name (a preset's is its file name)")
+    description: str = Field(default="", description="what it is for, in a line")
     family: Literal["flux", "dit", "flux2", "qwenimage", "any"] = Field(
         default="any", description="pipelines this profile targets (fluxtune.pipelines.FAMILY_PIPELINES)")
     budget: Budget = Budget()
@@ -392,3 +392,76 @@ __all__ = [
     "format_validation_error",
     "validate_profile",
 ]
+
+
+# ------------------------------------------------------------------------------------- reference
+
+_NOT_KNOBS = ("schema_version", "measured", "variants", "variant")
+"""Profile fields that record or select, rather than set, how the pipeline runs."""
+
+
+def knob_reference() -> list[tuple[str, str, str, str]]:
+    """Every key a profile sets, from the models themselves: (dotted key, type or choices, default, what it
+    does). A union (offload modes, cache kinds) lists each member as ``key=value`` and its own keys under
+    ``key[tag=value].``; ``text_encoder`` and ``text_encoder_2`` take the transformer's keys (not repeated)."""
+    rows: list[tuple[str, str, str, str]] = []
+
+    def walk(model: type[Knob], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            if not prefix and name in (*_NOT_KNOBS, "text_encoder", "text_encoder_2"):
+                continue
+            key = f"{prefix}{name}"
+            sub = _knob_of(field.annotation)
+            if isinstance(sub, type):
+                walk(sub, key + ("[]." if _is_sequence(field.annotation) else "."))
+            elif isinstance(sub, tuple):
+                tag = next(t for t in ("mode", "kind", "method") if t in sub[0].model_fields)
+                for member in sub:
+                    value = member.model_fields[tag].default
+                    default = getattr(field.get_default(call_default_factory=True), tag, None) == value
+                    rows.append((f"{key}.{tag}={value}", "", "default" if default else "", _first_line(member.__doc__)))
+                    for sub_name, sub_field in member.model_fields.items():
+                        if sub_name != tag:
+                            rows.append((f"{key}[{tag}={value}].{sub_name}", _type_text(sub_field.annotation),
+                                         _default_text(sub_field), sub_field.description or ""))
+            else:
+                rows.append((key, _type_text(field.annotation), _default_text(field), field.description or ""))
+
+    walk(Profile, "")
+    return rows
+
+
+def _first_line(doc: str | None) -> str:
+    return doc.strip().splitlines()[0] if doc else ""
+
+
+def _is_sequence(annotation: Any) -> bool:
+    import typing
+
+    return typing.get_origin(annotation) in (tuple, list)
+
+
+def _type_text(annotation: Any) -> str:
+    import typing
+
+    args, origin = typing.get_args(annotation), typing.get_origin(annotation)
+    if origin is Literal:
+        return " | ".join(map(str, args))
+    if origin is typing.Annotated:
+        inner = _type_text(args[0])
+        return "bytes (e.g. 12GB)" if inner.startswith("int") and any("bytes" in repr(a) for a in args[1:]) else inner
+    if origin in (tuple, list):
+        return f"list of {_type_text(args[0])}"
+    if args:
+        parts = [_type_text(a) for a in args if a is not type(None)]
+        return " | ".join(parts) + (" | null" if type(None) in args else "")
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _default_text(field: Any) -> str:
+    if field.is_required():
+        return "required"
+    value = field.get_default(call_default_factory=True)
+    if value is None:
+        return "unset"
+    return str(list(value)) if isinstance(value, tuple) else str(value)

@@ -428,3 +428,23 @@ def test_dit_mini_id2label_note_is_silenced(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "id2label" not in res.stderr and "Loading pipeline components" not in res.stderr, res.stderr
     assert (tmp_path / "d.png").exists()
+
+
+def test_knobs_lists_every_key_with_what_it_does() -> None:
+    """The reference is read from the profile's models: a new knob shows up by itself, and one without a
+    description fails here."""
+    r = cli("knobs", "--json")
+    assert r.code == 0
+    rows = {row["key"]: row for row in json.loads(r.out)}
+    for key in ("budget.vram", "transformer.dtype", "transformer.quantize.method", "transformer.offload.mode=partial",
+                "transformer.offload[mode=partial].resident", "cache[kind=magcache].threshold", "matmul.fp16_accumulation",
+                "generation.batch_cfg", "loras[].path", "vae.tiling", "compile.mode"):
+        assert key in rows, key
+    assert not [k for k, row in rows.items() if not row["description"]]
+    assert rows["transformer.offload[mode=partial].resident"]["type"].startswith("bytes")
+    assert rows["compile.mode"]["type"] == "off | regional | full" and rows["compile.mode"]["default"] == "off"
+    assert not any(k.startswith(("measured", "variants", "text_encoder")) for k in rows)
+    r = cli("knobs", "offload")
+    assert r.code == 0 and "transformer.offload[mode=group].level" in r.out and "cache" not in r.out
+    r = cli("knobs", "nothing")
+    assert r.code == 2 and "no key contains 'nothing'; sections: attention, budget" in r.err

@@ -20,12 +20,13 @@ from fluxtune.errors import (
 COMMANDS = {
     "env": "hardware, library versions and which knobs this machine supports",
     "show": "validate a profile (with overrides) and print it resolved",
+    "knobs": "every key a profile sets: choices, default and what it does",
     "presets": "list the shipped profiles",
     "generate": "apply a profile to a model and draw images; prints latency and peak memory",
     "search": "find the best profile for a budget and objective by measuring real runs",
     "bench": "profiles side by side with the plain diffusers recipes, under one memory cap",
     "report": "rebuild the tables and plots of a search study",
-    "sensitivity": "rank a DiT's layer groups by the harm quantization does, for quantize.exclude",
+    "sensitivity": "rank a transformer's layer groups by the harm quantization does, for quantize.exclude",
     "predict": "a profile's predicted latency on a named GPU from the GPU table (not a measurement)",
 }
 
@@ -91,6 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fluxtune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader left (``fluxtune knobs | head``): not an error; stdout is closed, so flush nowhere.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except FluxtuneError as e:
         if args.debug:
             raise

@@ -1,7 +1,7 @@
 """matmul.fp16_accumulation: cuBLAS float16 GEMMs accumulating in float16.
 
-GeForce cards (and the L4, L40 and A10G) run float16/bfloat16 tensor-core GEMMs with float32 accumulation
-at half their float16-accumulate rate: an RTX 4090 peaks at 165 TFLOPS one way and 330 the other (Ada
+GeForce cards (and the A10G) run float16/bfloat16 tensor-core GEMMs with float32 accumulation at half
+their float16-accumulate rate: an RTX 4090 peaks at 165 TFLOPS one way and 330 the other (Ada
 whitepaper), an RTX 3090 at 71 and 142. ``torch.backends.cuda.matmul.allow_fp16_accumulation`` (torch
 >= 2.7) asks cuBLAS for the second; it only reaches components computing in float16 (bfloat16 has no
 float16 accumulate), and only their cuBLAS GEMMs: fp8/int8 dynamic GEMMs and attention are unchanged.
