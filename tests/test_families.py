@@ -459,3 +459,14 @@ def test_channels_last_on_a_3d_vae_is_refused_before_anything_changes() -> None:
     with pytest.raises(fluxtune.FluxtuneError, match="vae.channels_last=true: AutoencoderKLQwenImage has 3-D convolutions"):
         fluxtune.apply({"vae": {"channels_last": True}, "transformer": {"quantize": "int8_weight"}, "generation": GEN}, pipe)
     assert type(pipe.transformer.transformer_blocks[0].attn.to_q.weight) is torch.nn.Parameter  # not quantized
+
+
+def test_a_cast_keeps_the_modules_a_model_keeps_in_float32() -> None:
+    """As from_pretrained(torch_dtype=...) does (Wan keeps its norms and time embedder in float32); a plain
+    module.to() cast them too, with diffusers warning that it might."""
+    pipe = pipelines.load("tiny-flux", dtype="float32")
+    pipe.transformer._keep_in_fp32_modules = ["norm_out"]
+    report = str(fluxtune.apply({"transformer": {"dtype": "bfloat16"}}, pipe))
+    assert "float32 -> bfloat16 (2 parameters of its float32 modules kept in float32)" in report
+    dtypes = {n: p.dtype for n, p in pipe.transformer.named_parameters()}
+    assert all((d == torch.float32) == n.startswith("norm_out.") for n, d in dtypes.items())

@@ -93,6 +93,31 @@ def _cast_vae_entries(vae: Any, dtype: Any) -> None:
         setattr(vae, name, entry)
 
 
+def _cast(module: Any, dtype: Any) -> int:
+    """``module.to(dtype)``, keeping the modules the model lists in ``_keep_in_fp32_modules`` in float32 as
+    ``from_pretrained(torch_dtype=...)`` does; returns how many parameters stayed float32.
+
+    diffusers warns on every such ``to()`` that those modules may be cast, even for a model that lists none
+    ("should be kept in float32: []"): the warning is silenced because the cast here keeps them."""
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        module.to(dtype)
+    finally:
+        diffusers_logging.set_verbosity(level)
+    keep = getattr(module, "_keep_in_fp32_modules", None) or ()
+    kept = 0
+    if keep and dtype in (torch.float16, torch.bfloat16):
+        for name, param in module.named_parameters():
+            if any(k in name.split(".") for k in keep):
+                param.data = param.data.float()
+                kept += 1
+    return kept
+
+
 @register
 class PrecisionHandler(Handler):
     name = "precision"
@@ -120,8 +145,9 @@ class PrecisionHandler(Handler):
             if current == torch_dtype(dtype):
                 ctx.report.add(self.name, name, f"already {dtype}")
                 continue
-            module.to(torch_dtype(dtype))
-            ctx.report.add(self.name, name, f"{current} -> {dtype}".replace("torch.", ""))
+            kept = _cast(module, torch_dtype(dtype))
+            ctx.report.add(self.name, name, f"{current} -> {dtype}".replace("torch.", "")
+                           + (f" ({kept} parameters of its float32 modules kept in float32)" if kept else ""))
         if len({d for d in compute.values() if d is not None}) > 1:
             self._add_boundaries(ctx, compute)
 
