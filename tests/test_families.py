@@ -470,3 +470,17 @@ def test_a_cast_keeps_the_modules_a_model_keeps_in_float32() -> None:
     assert "float32 -> bfloat16 (2 parameters of its float32 modules kept in float32)" in report
     dtypes = {n: p.dtype for n, p in pipe.transformer.named_parameters()}
     assert all((d == torch.float32) == n.startswith("norm_out.") for n, d in dtypes.items())
+
+
+def test_a_transformer_stored_in_fp8_before_apply_is_not_taken_for_an_fp8_compute_dtype() -> None:
+    """A pipeline whose transformer the user gave fp8 storage (diffusers' enable_layerwise_casting) shows fp8
+    weights; the boundary casts must not send it fp8 inputs when another component changes dtype."""
+    plain = pipelines.load("tiny-flux", dtype="float32")
+    plain.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    fluxtune.apply({}, plain)
+    reference = _draw(plain, "flux")
+    pipe = pipelines.load("tiny-flux", dtype="float32")
+    pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    fluxtune.apply({"text_encoder_2": {"dtype": "bfloat16"}}, pipe)
+    image = _draw(pipe, "flux")
+    assert torch.isfinite(image).all() and 0 < (image - reference).abs().max() < 0.1

@@ -21,8 +21,17 @@ _VAE_ENTRIES = ("encode", "decode")
 
 
 def floating_dtype(module: Any) -> Any:
-    """The dtype of a module's first floating-point parameter (None without one)."""
-    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    """The dtype a module computes in: its first floating-point parameter's (None without one), or, when that
+    is fp8 storage, the compute dtype of the layerwise-casting hooks that upcast it (None if there are none)."""
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    if dtype is None or dtype.itemsize > 1:
+        return dtype
+    for sub in module.modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        hook = registry.get_hook("layerwise_casting") if registry is not None else None
+        if hook is not None:
+            return hook.compute_dtype
+    return None
 
 
 def cast_floating(value: Any, dtype: Any) -> Any:
