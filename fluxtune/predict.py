@@ -677,6 +677,11 @@ def predict_latency(
         raise PipelineError(f"predict: {model} is a {spec.family} model and profile {profile.name!r} is for "
                             f"{profile.family}; pass --model with a {profile.family} built-in "
                             f"(e.g. {_FAMILY_MODEL.get(profile.family, 'flux-dev-replica')})")
+    from fluxtune.tuning.cache import family_problem
+
+    refused = family_problem(profile.cache.kind, spec.family if spec is not None else profile.family)
+    if refused:  # apply refuses it on this family: nothing to predict
+        raise ProfileError(f"predict: {refused}")
     h = int(height or g.height or 1024)
     w = int(width or g.width or 1024)
     n_steps = int(steps or g.steps)

@@ -322,3 +322,12 @@ def test_the_magcache_schedule_is_the_one_diffusers_runs(cache: dict) -> None:
                           card(), model="flux-dev-replica")
     assert on.computed_steps == sum(expected) and off.computed_steps is None
     assert on.steps_s == pytest.approx(off.steps_s * (sum(expected) + 0.02 * (steps - sum(expected))) / steps)
+
+
+def test_a_cache_apply_refuses_on_the_family_is_not_predicted() -> None:
+    from fluxtune.errors import ProfileError
+
+    for kind in ("magcache", "first_block"):  # FLUX.2: no magnitude ratios; diffusers' first-block cache fails
+        with pytest.raises(ProfileError, match=f"predict: cache.kind={kind}.*use taylorseer"):
+            predict_latency(load_profile({"name": "k", "family": "flux2", "cache": {"kind": kind}}), card(),
+                            model="flux2-klein-4b-replica")
