@@ -36,11 +36,12 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from fluxtune.errors import PipelineError, ProfileError
-from fluxtune.knobs import MagCache
+from fluxtune.knobs import MagCache, TaylorSeerCache
 
 if TYPE_CHECKING:
     from fluxtune.gpus import GpuSpec
@@ -202,10 +203,24 @@ class ComponentWork:
     weight_params: float = 0.0
     conv_flops: float = 0.0
     """The part of ``gemm_flops`` done by convolutions (the VAE's), which run far below GEMM efficiency."""
+    extrapolated: dict[str, float] = field(default_factory=dict)
+    """The share of the counts above done inside the modules TaylorSeer extrapolates on its predicted steps
+    (the blocks' attention modules: projections and attention), plus their output elements (``out_elems``)."""
 
     @property
     def flops(self) -> float:
         return self.gemm_flops + self.attn_flops
+
+    def without_extrapolated(self, extra_bytes: float) -> ComponentWork:
+        """This work with TaylorSeer's extrapolated modules replaced by ``extra_bytes`` of elementwise work."""
+        x = self.extrapolated
+        if not x:
+            return self
+        return replace(self, gemm_flops=self.gemm_flops - x["gemm_flops"], attn_flops=self.attn_flops - x["attn_flops"],
+                       other_bytes=self.other_bytes - x["other_bytes"] + extra_bytes,
+                       kernels=int(self.kernels - x["kernels"]), gemm_calls=int(self.gemm_calls - x["gemm_calls"]),
+                       attn_calls=int(self.attn_calls - x["attn_calls"]),
+                       gemm_input_elems=self.gemm_input_elems - x["gemm_input_elems"])
 
 
 @dataclass(frozen=True)
@@ -292,14 +307,42 @@ def _gemm_flops(name: str, args: tuple[Any, ...], out: Any) -> tuple[float, int,
     return 2.0 * out.numel() * k, rows, nbytes
 
 
-def _count_forward(fn: Any) -> _Counter:
-    """Run ``fn()`` under the counting modes and return the counts."""
+_COUNTED = ("gemm_flops", "attn_flops", "other_bytes", "kernels", "gemm_calls", "attn_calls", "gemm_input_elems")
+
+
+def _taylorseer_modules(module: Any) -> list[Any]:
+    """The modules diffusers' TaylorSeer extrapolates by default (the blocks' attention modules)."""
+    import re
+
+    try:
+        from diffusers.hooks.taylorseer_cache import _TRANSFORMER_BLOCK_IDENTIFIERS as patterns
+    except ImportError:  # pragma: no cover - a diffusers without TaylorSeer
+        return []
+    return [m for name, m in module.named_modules() if any(re.fullmatch(p, name) for p in patterns)]
+
+
+def _count_forward(fn: Any, tracked: Sequence[Any] = ()) -> tuple[_Counter, dict[str, float]]:
+    """Run ``fn()`` under the counting modes; returns the counts and the part of them done inside the
+    ``tracked`` modules (with ``out_elems``, their outputs' elements)."""
     import torch
     import torch.nn.functional as F
     from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
     c = _Counter()
+    inside: dict[str, float] = dict.fromkeys((*_COUNTED, "out_elems"), 0.0)
+    marks: list[dict[str, float]] = []
+
+    def enter(module: Any, args: Any) -> None:
+        marks.append({k: float(getattr(c, k)) for k in _COUNTED})
+
+    def leave(module: Any, args: Any, output: Any) -> None:
+        start = marks.pop()
+        for k in _COUNTED:
+            inside[k] += float(getattr(c, k)) - start[k]
+        inside["out_elems"] += float(sum(t.numel() for t in _tensors(output)))
+
+    handles = [h for m in tracked for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
 
     class Attention(TorchFunctionMode):
         # SDPA decomposes into bmm + softmax on the meta device (the math path); intercept it first so
@@ -348,9 +391,13 @@ def _count_forward(fn: Any) -> _Counter:
             c.other_bytes += nbytes
             return out
 
-    with torch.no_grad(), Attention(), Ops():
-        fn()
-    return c
+    try:
+        with torch.no_grad(), Attention(), Ops():
+            fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return c, (inside if tracked else {})
 
 
 def _forwards(pipe: Any, family: str, height: int, width: int, batch: int, msl: int, rows: int,
@@ -495,12 +542,12 @@ def _count_work(model: str, height: int, width: int, batch: int, max_sequence_le
     comps: dict[str, ComponentWork] = {}
     for name, fn in _forwards(pipe, family, height, width, batch, max_sequence_length, rows, device).items():
         module = getattr(pipe, name)
-        c = _count_forward(fn)
+        c, extrapolated = _count_forward(fn, _taylorseer_modules(module) if name == "transformer" else ())
         comps[name] = ComponentWork(
             name=name, gemm_flops=c.gemm_flops, attn_flops=c.attn_flops, other_bytes=c.other_bytes,
             kernels=c.kernels, gemm_calls=c.gemm_calls, attn_calls=c.attn_calls,
             gemm_input_elems=c.gemm_input_elems, weight_params=float(sum(p.numel() for p in module.parameters())),
-            conv_flops=c.conv_flops,
+            conv_flops=c.conv_flops, extrapolated=extrapolated,
         )
     return Work(model=model, family=family, height=height, width=width, batch=batch,
                 max_sequence_length=max_sequence_length, rows=rows, components=comps, notes=tuple(notes),
@@ -730,32 +777,49 @@ def predict_latency(
         per_phase = nbytes if (unit == "step" or name != "transformer") else 0.0
         if name == "transformer" and unit == "call":
             call_transfer += nbytes / rate if nbytes else 0.0
-        phases[name] = _phase(
-            name, tiled_work if (name == "transformer" and tiled_work is not None) else cw, gpu, prec,
-            compiled=compiled and name == "transformer",
-            method=method,
+        phase = functools.partial(
+            _phase, name, gpu=gpu, precision=prec, compiled=compiled and name == "transformer", method=method,
             dynamic=method in ("fp8_dynamic", "int8_dynamic") and prec != "bf16",
             transfer_bytes=per_phase, transfer_rate=rate, overlapped=overlapped, k=k)
-        if name == "transformer" and tiles > 1:
+        if name != "transformer":
+            phases[name] = phase(cw)
+            continue
+        step_work = tiled_work if tiled_work is not None else cw
+
+        def transformer_phase(w: ComponentWork, phase: Any = phase) -> PhaseTime:
             # Regional denoising runs every block once per tile (streamed blocks are copied once per tile).
-            p = phases[name]
-            phases[name] = replace(p, seconds=p.seconds * tiles, gemm_s=p.gemm_s * tiles, attn_s=p.attn_s * tiles,
-                                   memory_s=p.memory_s * tiles, launch_s=p.launch_s * tiles,
-                                   transfer_s=p.transfer_s * tiles)
+            p = phase(w)
+            return p if tiles == 1 else replace(
+                p, seconds=p.seconds * tiles, gemm_s=p.gemm_s * tiles, attn_s=p.attn_s * tiles,
+                memory_s=p.memory_s * tiles, launch_s=p.launch_s * tiles, transfer_s=p.transfer_s * tiles)
+
+        phases[name] = transformer_phase(step_work)
     step = phases["transformer"]
     t_q = profile.component("transformer").quantize
     t_method = t_q.method if t_q is not None else None
     # True CFG encodes the negative prompt too and runs the transformer once more a step.
     text = passes * sum(p.seconds for n, p in phases.items() if n.startswith("text_encoder")) + k["call_overhead_s"]
     decode = phases["vae"].seconds if "vae" in phases else 0.0
-    computed = n_steps
+    computed, computed_s, skipped_s = n_steps, step.seconds, 0.0
     if isinstance(profile.cache, MagCache):
         from fluxtune.tuning.cache import magcache_schedule
 
         computed = sum(magcache_schedule(profile.cache, n_steps))
-    # A skipped step runs the embedders, the last norm and projection and the cache's residual add.
-    step_work = computed + (n_steps - computed) * k["cache_skipped_step"]
-    steps_s = step_work * (1 if batched else passes) * step.seconds
+        # A skipped step runs the embedders, the last norm and projection and the cache's residual add.
+        skipped_s = k["cache_skipped_step"] * step.seconds
+    elif isinstance(profile.cache, TaylorSeerCache) and step_work.extrapolated:
+        from fluxtune.tuning.cache import taylorseer_schedule
+
+        computed = sum(taylorseer_schedule(profile.cache, n_steps))
+        # An extrapolated step runs all but the attention modules, whose outputs come from the Taylor factors
+        # (float32, max_order + 1 of them): about 16 bytes per output element and order, elementwise.
+        orders = profile.cache.max_order + 1
+        out_elems = step_work.extrapolated["out_elems"]
+        skipped_s = transformer_phase(step_work.without_extrapolated(out_elems * 16.0 * orders)).seconds
+        # A computed step also updates the factors: reads the outputs, writes max_order + 1 float32 differences.
+        computed_s = transformer_phase(replace(step_work, other_bytes=step_work.other_bytes
+                                               + out_elems * (2.0 + 8.0 * orders))).seconds
+    steps_s = (computed * computed_s + (n_steps - computed) * skipped_s) * (1 if batched else passes)
     total = text + steps_s + decode + call_transfer
     scale = 1.0 if cls == "hopper" else k["non_hopper_scale"]
     assumptions += [
@@ -782,6 +846,12 @@ def predict_latency(
                            + (" run as one forward of both rows (generation.batch_cfg: streamed blocks copied "
                               "once a step)" if batched else "")
                            + ", the text encoder run for the negative prompt too")
+    if isinstance(profile.cache, TaylorSeerCache) and computed != n_steps:
+        c2 = profile.cache
+        assumptions.append(f"cache.kind=taylorseer computes {computed} of {n_steps} steps (diffusers' schedule: "
+                           f"{c2.disable_cache_before_step} warm-up steps, then one in {c2.cache_interval}); the "
+                           f"others extrapolate the blocks' attention modules (order {c2.max_order}) and run the "
+                           "rest, streamed blocks included; what extrapolating costs in quality is not predicted")
     if isinstance(profile.cache, MagCache):
         c = profile.cache
         assumptions.append(f"cache.kind=magcache computes {computed} of {n_steps} steps (diffusers' schedule from "
@@ -789,7 +859,7 @@ def predict_latency(
                            f"{c.max_skip_steps}, retention_ratio {c.retention_ratio:g}); a skipped step counted at "
                            f"{k['cache_skipped_step']:.0%} of a computed one (assumed); the compute floor counts "
                            "every step; what skipping costs in quality is not predicted")
-    elif profile.cache.kind != "none":
+    elif profile.cache.kind not in ("none", "taylorseer"):
         assumptions.append(f"cache.kind={profile.cache.kind} decides at run time from the run's own values: its "
                            "skips are not counted here (an upper bound)")
     if tiles > 1:

@@ -331,3 +331,39 @@ def test_a_cache_apply_refuses_on_the_family_is_not_predicted() -> None:
         with pytest.raises(ProfileError, match=f"predict: cache.kind={kind}.*use taylorseer"):
             predict_latency(load_profile({"name": "k", "family": "flux2", "cache": {"kind": kind}}), card(),
                             model="flux2-klein-4b-replica")
+
+
+@pytest.mark.parametrize("cache", [{"kind": "taylorseer"}, {"kind": "taylorseer", "cache_interval": 3,
+                                                             "disable_cache_before_step": 4, "disable_cache_after_step": 20}])
+def test_the_taylorseer_schedule_is_the_one_diffusers_runs_and_only_attention_is_saved(cache: dict) -> None:
+    """TaylorSeer computes on a fixed schedule and, between, extrapolates the blocks' attention modules
+    (projections and attention); the rest of each block runs. The schedule is held to diffusers' own hook on
+    tiny-flux (an attention projection runs only on computed steps)."""
+    import torch
+
+    import fluxtune
+    from fluxtune.pipelines import load
+    from fluxtune.tuning.cache import taylorseer_schedule
+
+    steps = 28
+    pipe = load("tiny-flux", dtype="float32")
+    fluxtune.apply({"cache": cache, "generation": {"height": 64, "width": 64, "steps": steps}}, pipe)
+    computed: list[int] = []
+    step = {"i": -1}
+    pipe.transformer.register_forward_pre_hook(lambda *a: step.update(i=step["i"] + 1))
+    pipe.transformer.transformer_blocks[0].attn.to_q.register_forward_pre_hook(lambda *a: computed.append(step["i"]))
+    pipe(prompt="a fox", generator=torch.Generator().manual_seed(0), output_type="pt")
+    expected = taylorseer_schedule(load_profile({"cache": cache}).cache, steps)  # type: ignore[arg-type]
+    assert [i in computed for i in range(steps)] == expected
+    assert 8 <= sum(expected) < steps
+
+    work = count_work("flux-dev-replica", height=1024, width=1024).step()
+    assert work.extrapolated["attn_flops"] == work.attn_flops  # every attention call is inside an attn module
+    assert 0.2 * work.gemm_flops < work.extrapolated["gemm_flops"] < 0.4 * work.gemm_flops  # projections, not MLPs
+    gen = {"height": 1024, "width": 1024, "steps": steps}
+    on = predict_latency(load_profile({"name": "t", "family": "flux", "cache": cache, "generation": gen}), card(),
+                         model="flux-dev-replica")
+    off = predict_latency(load_profile({"name": "t", "family": "flux", "generation": gen}), card(),
+                          model="flux-dev-replica")
+    assert on.computed_steps == sum(expected)
+    assert off.steps_s * sum(expected) / steps < on.steps_s < off.steps_s

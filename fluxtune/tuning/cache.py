@@ -70,6 +70,19 @@ def magcache_schedule(cache: MagCache, steps: int) -> list[bool]:
     return out
 
 
+def taylorseer_schedule(cache: TaylorSeerCache, steps: int) -> list[bool]:
+    """Which steps a TaylorSeer profile computes (True) or extrapolates, as diffusers' ``TaylorSeerCacheHook``
+    decides: every step before ``disable_cache_before_step``, then one in ``cache_interval`` (counted from the
+    step after the warm-up), and every step from ``disable_cache_after_step`` on."""
+    out = []
+    for i in range(steps):
+        warmup = i < cache.disable_cache_before_step
+        interval = (i - cache.disable_cache_before_step - 1) % cache.cache_interval == 0
+        cooldown = cache.disable_cache_after_step is not None and i >= cache.disable_cache_after_step
+        out.append(warmup or interval or cooldown)
+    return out
+
+
 def family_problem(kind: str, family: str) -> str | None:
     """Why a cache kind does not run on a pipeline family, or None (the search offers only those that run)."""
     if kind == "magcache" and family != "flux":
