@@ -292,27 +292,34 @@ def test_batched_true_cfg_under_regional_denoising_counts_both_rows_per_tile() -
     assert bat.cfg_batched and bat.step.gemm_s == pytest.approx(2 * seq.step.gemm_s, rel=0.05)
 
 
+def _steps_that_ran(cache: dict, probe: Any, steps: int = 28) -> list[bool]:
+    """Draw tiny-flux with the cache under diffusers' own hooks; which steps ran ``probe(transformer)``'s
+    module (a module inside what the cache skips runs only on the steps it computes)."""
+    import torch
+
+    import fluxtune
+    from fluxtune.pipelines import load
+
+    pipe = load("tiny-flux", dtype="float32")
+    fluxtune.apply({"cache": cache, "generation": {"height": 64, "width": 64, "steps": steps}}, pipe)
+    ran: list[int] = []
+    step = {"i": -1}
+    pipe.transformer.register_forward_pre_hook(lambda *a: step.update(i=step["i"] + 1))
+    probe(pipe.transformer).register_forward_pre_hook(lambda *a: ran.append(step["i"]))
+    pipe(prompt="a fox", generator=torch.Generator().manual_seed(0), output_type="pt")
+    return [i in ran for i in range(steps)]
+
+
 @pytest.mark.parametrize("cache", [{"kind": "magcache"}, {"kind": "magcache", "threshold": 0.24, "max_skip_steps": 5,
                                                           "retention_ratio": 0.1}])
 def test_the_magcache_schedule_is_the_one_diffusers_runs(cache: dict) -> None:
     """MagCache decides from FLUX.1's precomputed magnitude ratios, so predict knows which steps it skips:
     the schedule is held to diffusers' own hook on tiny-flux (a block's norm runs only when it computes)."""
-    import torch
-
-    import fluxtune
-    from fluxtune.pipelines import load
     from fluxtune.tuning.cache import magcache_schedule
 
     steps = 28
-    pipe = load("tiny-flux", dtype="float32")
-    fluxtune.apply({"cache": cache, "generation": {"height": 64, "width": 64, "steps": steps}}, pipe)
-    computed: list[int] = []
-    step = {"i": -1}
-    pipe.transformer.register_forward_pre_hook(lambda *a: step.update(i=step["i"] + 1))
-    pipe.transformer.transformer_blocks[-1].norm1.register_forward_pre_hook(lambda *a: computed.append(step["i"]))
-    pipe(prompt="a fox", generator=torch.Generator().manual_seed(0), output_type="pt")
     expected = magcache_schedule(load_profile({"cache": cache}).cache, steps)  # type: ignore[arg-type]
-    assert [i in computed for i in range(steps)] == expected
+    assert _steps_that_ran(cache, lambda t: t.transformer_blocks[-1].norm1, steps) == expected
     assert 8 <= sum(expected) < steps
     on = predict_latency(load_profile({"name": "m", "family": "flux", "cache": cache,
                                        "generation": {"height": 1024, "width": 1024, "steps": steps}}),
@@ -339,22 +346,11 @@ def test_the_taylorseer_schedule_is_the_one_diffusers_runs_and_only_attention_is
     """TaylorSeer computes on a fixed schedule and, between, extrapolates the blocks' attention modules
     (projections and attention); the rest of each block runs. The schedule is held to diffusers' own hook on
     tiny-flux (an attention projection runs only on computed steps)."""
-    import torch
-
-    import fluxtune
-    from fluxtune.pipelines import load
     from fluxtune.tuning.cache import taylorseer_schedule
 
     steps = 28
-    pipe = load("tiny-flux", dtype="float32")
-    fluxtune.apply({"cache": cache, "generation": {"height": 64, "width": 64, "steps": steps}}, pipe)
-    computed: list[int] = []
-    step = {"i": -1}
-    pipe.transformer.register_forward_pre_hook(lambda *a: step.update(i=step["i"] + 1))
-    pipe.transformer.transformer_blocks[0].attn.to_q.register_forward_pre_hook(lambda *a: computed.append(step["i"]))
-    pipe(prompt="a fox", generator=torch.Generator().manual_seed(0), output_type="pt")
     expected = taylorseer_schedule(load_profile({"cache": cache}).cache, steps)  # type: ignore[arg-type]
-    assert [i in computed for i in range(steps)] == expected
+    assert _steps_that_ran(cache, lambda t: t.transformer_blocks[0].attn.to_q, steps) == expected
     assert 8 <= sum(expected) < steps
 
     work = count_work("flux-dev-replica", height=1024, width=1024).step()
