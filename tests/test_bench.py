@@ -186,3 +186,16 @@ def test_the_reference_is_named_for_the_dtype_it_runs_in() -> None:
     generation = {"steps": 1, "height": 64, "width": 64}
     assert make_candidates([], "flux", None, False, generation)[0].name == "reference (bf16, no cap)"
     assert make_candidates([], "flux", None, False, generation, dtype="float32")[0].name == "reference (fp32, no cap)"
+
+
+def test_size_and_steps_are_every_candidates(tmp_path: Path) -> None:
+    """--size and --steps reached the reference and the recipes but not the profiles, which ran their own
+    (a 1920x1088 preset benched with --size 1024x1024 ran at 1920x1088 beside a 1024x1024 reference)."""
+    prof = tmp_path / "plain.yaml"
+    prof.write_text("name: plain\ngeneration: {height: 96, width: 96, steps: 3}\n")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        code = main(["bench", str(prof), "--model", "tiny-flux", "--size", "64x64", "--steps", "2", "--runs", "1",
+                     "--out", str(tmp_path / "b"), "--device", "cpu"])
+    assert code == 0
+    row = next(r for r in json.loads((tmp_path / "b" / "bench.json").read_text())["rows"] if r["name"] == "plain")
+    assert row["status"] == "ok" and row["psnr"] is not None and row["psnr"] >= 99  # the reference's own image

@@ -127,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
             if Path(src).exists():
                 checks.writable("--write-measured", src)
     hw = detect_hardware()
-    device = args.device or ("cuda:0" if hw.has_cuda else "cpu")
+    # A worker process needs the GPU's index: "cuda" alone failed there ("a torch.device with a specified index").
+    device = {"cuda": "cuda:0"}.get(args.device or "", args.device) or ("cuda:0" if hw.has_cuda else "cpu")
     spec = pipelines.builtin(args.model)
     family = spec.family if spec else "flux"
     sources = list(args.profiles)
@@ -140,6 +141,11 @@ def run(args: argparse.Namespace) -> int:
     if profiles and not (size or args.steps):
         g = profiles[0].generation
         generation = {k: v for k, v in (("height", g.height), ("width", g.width), ("steps", g.steps)) if v is not None}
+    elif profiles:
+        # --size / --steps are every candidate's: the profiles ran their own size and steps while the reference
+        # and the recipes ran the flags' (a 1920x1088 preset measured as if at 1024x1024).
+        forced = {k: v for k, v in generation.items() if k in ("height", "width", "steps")}
+        profiles = [p.replace(generation={**p.generation.model_dump(), **forced}) for p in profiles]
     # The recipes and the reference render what the profiles render: true CFG is twice the work.
     g0 = profiles[0].generation if profiles else None
     cfg = {k: v for k in ("negative_prompt", "true_cfg_scale") if g0 is not None and (v := getattr(g0, k)) is not None}
