@@ -35,6 +35,9 @@ DESCRIPTIONS = {
                       "Mistral-Small-3.1 encoder int8 and streamed; regional compile",
     "qwen-image-24gb": "Qwen-Image on 24 GB cards (RTX 4090, 3090): fp8 transformer 18 GB resident, the rest "
                        "streamed; Qwen2.5-VL-7B encoder int8 and streamed; VAE tiled; regional compile",
+    "qwen-image-16gb": "Qwen-Image on 16 GB cards (RTX 4080, 4070 Ti Super, 4060 Ti 16GB, 5060 Ti 16GB): fp8 "
+                       "transformer 10.5 GB resident, the rest streamed; Qwen2.5-VL-7B encoder int8 and streamed; "
+                       "VAE tiled; regional compile",
 }
 
 
