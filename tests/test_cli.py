@@ -18,7 +18,7 @@ from fluxtune.presets import list_presets, load_profile, preset_dir
 
 FLUX1_PRESETS = {"flux-dev-8gb", "flux-dev-12gb", "flux-dev-24gb", "flux-dev-fast"}
 PRESETS = FLUX1_PRESETS | {"dit-xl-2-8gb", "flux2-klein-4b-8gb", "flux2-klein-9b-12gb", "flux2-dev-24gb", "flux2-dev-32gb",
-                           "qwen-image-24gb"}
+                           "qwen-image-16gb", "qwen-image-24gb"}
 
 
 def cli(*argv: object) -> SimpleNamespace:
