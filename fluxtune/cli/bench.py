@@ -127,8 +127,7 @@ def run(args: argparse.Namespace) -> int:
             if Path(src).exists():
                 checks.writable("--write-measured", src)
     hw = detect_hardware()
-    # A worker process needs the GPU's index: "cuda" alone failed there ("a torch.device with a specified index").
-    device = {"cuda": "cuda:0"}.get(args.device or "", args.device) or ("cuda:0" if hw.has_cuda else "cpu")
+    device = checks.device_index(args.device, "cuda:0" if hw.has_cuda else "cpu")
     spec = pipelines.builtin(args.model)
     family = spec.family if spec else "flux"
     sources = list(args.profiles)

@@ -62,6 +62,11 @@ def dtype(value: str | None) -> None:
         raise ProfileError(f"--dtype {value!r}: use bfloat16 (bf16), float16 (fp16) or float32 (fp32)")
 
 
+def device_index(value: str | None, default: str) -> str:
+    """``--device`` as a worker takes it: ``cuda`` means ``cuda:0`` (a worker needs the index); None = ``default``."""
+    return {"cuda": "cuda:0"}.get(value or "", value) or default
+
+
 def device(value: str | None) -> None:
     """``--device``: cpu, cuda or cuda:N, and a GPU that exists here."""
     if value is None:

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     checks.device(args.device)
     out = Path(args.out or f".fluxtune/sensitivity-{Path(args.model).name}-{args.method}.json")
     check_writable(out, "--out")  # before the scan, which takes minutes
-    device = {"cuda": "cuda:0"}.get(args.device or "", args.device) or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = checks.device_index(args.device, "cuda:0" if torch.cuda.is_available() else "cpu")
     check_method(args.method, torch.device(device))  # fp8 on a CPU: one line before loading anything
     spec = pipelines.builtin(args.model)
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else (spec.dtype if spec and spec.dtype else "float32"))

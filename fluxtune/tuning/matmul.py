@@ -25,14 +25,18 @@ def _flag() -> Any:
     return torch.backends.cuda.matmul
 
 
+def _dtypes(ctx: Context) -> dict[str, str]:
+    """Each component's compute dtype under the profile: its ``dtype`` knob, else what its weights say."""
+    return {name: ctx.profile.component(name).dtype or str(floating_dtype(module)).replace("torch.", "")
+            for name, module in ctx.components().items()}
+
+
 def fp16_components(ctx: Context) -> list[str]:
     """The components that will compute in float16 under the profile, with GEMMs the flag reaches."""
     out = []
-    for name, module in ctx.components().items():
-        comp = ctx.profile.component(name)
-        dtype = comp.dtype or str(floating_dtype(module)).replace("torch.", "")
-        method = comp.quantize.method if comp.quantize is not None else None
-        if dtype == "float16" and method not in _DYNAMIC:
+    for name, dtype in _dtypes(ctx).items():
+        q = ctx.profile.component(name).quantize
+        if dtype == "float16" and (q is None or q.method not in _DYNAMIC):
             out.append(name)
     return out
 
@@ -62,8 +66,7 @@ class MatmulHandler(Handler):
             return [f"matmul.fp16_accumulation=true needs torch >= 2.7 (torch.backends.cuda.matmul."
                     f"allow_fp16_accumulation); this is torch {torch.__version__}: upgrade torch or drop it"]
         if not fp16_components(ctx):
-            dtypes = ", ".join(f"{n} {ctx.profile.component(n).dtype or str(floating_dtype(m)).replace('torch.', '')}"
-                               for n, m in ctx.components().items())
+            dtypes = ", ".join(f"{n} {d}" for n, d in _dtypes(ctx).items())
             return [f"matmul.fp16_accumulation=true: no component runs float16 GEMMs ({dtypes}); set "
                     "transformer.dtype: float16 (keep T5 and LLM text encoders in bfloat16: they overflow in "
                     "float16), and no fp8_dynamic/int8_dynamic on it"]
