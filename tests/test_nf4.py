@@ -94,3 +94,23 @@ def test_nf4_on_the_llm_families(model: str, family: str) -> None:
         assert head.weight is pipe.text_encoder.get_input_embeddings().weight
     image = pipe(prompt="a red circle", generator=gen(0), output_type="pt").images
     assert image.shape[-2:] == (64, 64) and torch.isfinite(image).all()
+
+
+def test_nf4_under_regional_compile_compiles_each_block_class_once() -> None:
+    """A per-layer forward made TorchDynamo recompile the block for every block (on the Qwen-Image replica
+    it hit the recompile limit and ran the rest eager); the NF4 layers now share their class's forward."""
+    from fluxtune.measure.dynamo import DynamoWatch
+
+    pipe = pipelines.load("tiny-qwen-image", dtype="float32")
+    prof = {"name": "n", "family": "qwenimage", "generation": {"height": 64, "width": 64, "steps": 2},
+            "transformer": {"quantize": "nf4"}, "compile": {"mode": "regional"}}
+    fluxtune.apply(prof, pipe)
+    blocks = pipe.transformer.transformer_blocks
+    assert len(blocks) >= 2
+    with DynamoWatch() as first:
+        pipe(prompt="a red circle", generator=gen(0), output_type="pt")
+    with DynamoWatch() as again:
+        image = pipe(prompt="a red circle", generator=gen(0), output_type="pt").images
+    assert (first.frames, first.recompiles) == (1, 0)
+    assert (again.frames, again.recompiles) == (0, 0)
+    assert torch.isfinite(image).all()
