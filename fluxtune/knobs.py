@@ -391,6 +391,17 @@ class Matmul(Knob):
     )
 
 
+class Modulation(Knob):
+    """The transformer's per-block adaptive-norm modulation (adaLN: shift, scale and gate from the timestep)."""
+
+    cache: bool = Field(
+        default=False,
+        description="compute each block's modulation once per timestep, keep it in host memory and drop "
+        "those weights from the GPU (Qwen-Image: a third of the transformer's weights); exact; a new step "
+        "schedule computes it again, in one pass at the first step",
+    )
+
+
 # ----------------------------------------------------------------------------------- generation
 
 

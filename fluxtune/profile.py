@@ -25,6 +25,7 @@ from fluxtune.knobs import (
     Matmul,
     Measured,
     ModelOffload,
+    Modulation,
     NoCache,
     NoOffload,
     PartialResidency,
@@ -95,6 +96,7 @@ class Profile(Knob):
     vae: Vae = Vae()
     attention: Attention = Attention()
     matmul: Matmul = Matmul()
+    modulation: Modulation = Modulation()
     cache: Cache = NoCache()
     tiling: Tiling = Tiling()
     compile: Compile = Compile()

@@ -6,6 +6,7 @@ Writes one JSON object per line to --out (and prints it), so a run cut short kee
 
     python scripts/speed_probe.py --out probe.jsonl [--model flux-dev-replica] [--size 1024x1024]
         [--steps 28] [--runs 3] [--parts apply,variants] [--variants native,cudnn,...]
+        [--profile PROFILE]    # the variants' base (default profiles/flux-dev-fast.yaml; any family's)
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def _cudnn_only() -> None:
     torch.backends.cuda.enable_mem_efficient_sdp(False)
 
 
-# name -> (profile overrides on flux-dev-fast, global setup before apply)
+# name -> (profile overrides on the base profile, global setup before apply)
 VARIANTS: dict[str, tuple[list[str], Callable[[], None] | None]] = {
     "native": (["attention.backend=native"], None),
     "cudnn": ([], None),
@@ -102,7 +103,7 @@ def run_variant(name: str, args: argparse.Namespace, workload: Workload) -> dict
         if setup is not None:
             setup()
         t0 = time.perf_counter()
-        report = fluxtune.apply("profiles/flux-dev-fast.yaml", pipe, overrides=overrides)
+        report = fluxtune.apply(args.profile, pipe, overrides=overrides)
         apply_s = time.perf_counter() - t0
         m = measure(pipe, workload, keep_images=False)
         row: dict[str, Any] = {"part": "variant", "variant": name, "overrides": overrides, "status": m.status,
@@ -146,6 +147,7 @@ def main() -> None:
     ap.add_argument("--presets", default="profiles/flux-dev-8gb.yaml,profiles/flux-dev-12gb.yaml,profiles/flux-dev-fast.yaml",
                     help="presets whose apply is broken down (the first pays the imports)")
     ap.add_argument("--parts", default="apply,variants")
+    ap.add_argument("--profile", default="profiles/flux-dev-fast.yaml", help="the variants' base profile")
     ap.add_argument("--variants", default="native,cudnn,cudnn-vae,full-cudagraphs")
     ap.add_argument("--deadline", type=float, default=540.0, help="seconds; no variant starts after 80%% of it")
     args = ap.parse_args()

@@ -1248,3 +1248,13 @@ def test_batched_true_cfg_is_searched_only_where_there_is_true_cfg() -> None:
     space = SearchSpace.create(H200, "qwenimage", cfg)
     assert space.profile({"batch_cfg": True}).generation.batch_cfg
     assert not space.profile({"batch_cfg": False}).generation.batch_cfg
+
+
+def test_the_modulation_cache_is_searched_on_qwen_image_only() -> None:
+    for family, searched in (("qwenimage", True), ("flux", False), ("flux2", False)):
+        base = load_profile({"name": "b", "family": family, "generation": {"steps": 4}})
+        seen = {t.params.get("modulation.cache") for t in _sampled(SearchSpace.create(H200, family, base), n=30)}
+        assert seen == ({False, True} if searched else {None}), (family, seen)
+    space = SearchSpace.create(H200, "qwenimage", load_profile({"name": "b", "family": "qwenimage"}))
+    assert space.profile({"modulation.cache": True}).modulation.cache
+    assert not space.profile({"modulation.cache": False}).modulation.cache

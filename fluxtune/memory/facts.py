@@ -21,6 +21,10 @@ QKV_RE = re.compile(r"(^|\.)(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj)$")
 
 
 
+MODULATION_RE = r"\.(img_mod|txt_mod)\.1$"
+"""The leaves ``modulation.cache`` takes out of the transformer (fluxtune.tuning.modcache.PAIRS)."""
+
+
 @dataclass(frozen=True)
 class Leaf:
     """One Linear / Conv / Embedding layer: what quantization, casting and leaf offload act on."""
@@ -106,6 +110,31 @@ class ComponentFacts:
     def qkv_params(self) -> int:
         """Parameters of the q/k/v projections: fusing them adds a fused copy (the originals stay)."""
         return sum(leaf.params for leaf in self.leaves if QKV_RE.search(leaf.name))
+
+    def without_modulation(self) -> tuple[ComponentFacts, int]:
+        """These facts with the per-block modulation layers taken out (``modulation.cache``), and the
+        parameters taken out (they stay in host memory in the component's dtype)."""
+        import dataclasses
+
+        rx = re.compile(MODULATION_RE)
+        gone = [leaf for leaf in self.leaves if rx.search(leaf.name)]
+        if not gone:
+            return self, 0
+
+        def trim(rows: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+            out = {k: list(v) for k, v in rows.items()}
+            for leaf in gone:
+                for k, sizes in out.items():
+                    m = re.match(re.escape(k) + r"\.(\d+)\.", leaf.name)
+                    if m and int(m.group(1)) < len(sizes):
+                        sizes[int(m.group(1))] -= leaf.params
+            return {k: tuple(v) for k, v in out.items()}
+
+        removed = sum(leaf.params for leaf in gone)
+        kept = tuple(leaf for leaf in self.leaves if not rx.search(leaf.name))
+        stream = None if self.stream_blocks is None else trim(self.stream_blocks)
+        return dataclasses.replace(self, params=self.params - removed, leaves=kept, blocks=trim(self.blocks),
+                                   stream_blocks=stream), removed
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

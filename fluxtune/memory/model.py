@@ -204,6 +204,19 @@ def _block_rows(lists: dict[str, tuple[int, ...]], leaves: tuple[Leaf, ...], per
             for k, sizes in lists.items()}
 
 
+def _profile_facts(profile: Profile, facts: ModelFacts) -> tuple[dict[str, ComponentFacts], float]:
+    """Each component's facts as the profile leaves it on the pipeline, and the bytes it moves to host
+    memory besides offloading (``modulation.cache``: the transformer's modulation weights, in its dtype)."""
+    out = dict(facts.components)
+    t = out.get("transformer")
+    if t is None or not profile.modulation.cache:
+        return out, 0.0
+    out["transformer"], removed = t.without_modulation()
+    # float8 with a scale per row where the transformer is quantized (fluxtune.tuning.modcache.HostLinear)
+    per = 1 if profile.transformer.quantize is not None else _compute_bytes(profile.component("transformer"), t)
+    return out, float(removed * per)
+
+
 def _component_weights(comp: Component, facts: ComponentFacts, fuse_qkv: bool) -> _Weights:
     cb = _compute_bytes(comp, facts)
     per_leaf = _leaf_bytes(comp, facts)
@@ -363,8 +376,9 @@ def predict(
         h = int(height or g.height or facts.default_height)
         w = int(width or g.width or facts.default_width)
     present = [n for n in _PHASE_ORDER if n in facts.components]
+    comp_facts, host_extra = _profile_facts(profile, facts)
     weights = {
-        n: _component_weights(profile.component(n), facts.components[n],
+        n: _component_weights(profile.component(n), comp_facts[n],
                               fuse_qkv=profile.compile.fuse_qkv and n in ("transformer", "vae"))
         for n in present
     }
@@ -420,7 +434,7 @@ def predict(
 
     allocated = raw_peak * ratio
     reserved = allocated * fragmentation
-    host = HOST_PROCESS + sum(_host_bytes(profile.component(n).offload, weights[n]) for n in present)
+    host = HOST_PROCESS + host_extra + sum(_host_bytes(profile.component(n).offload, weights[n]) for n in present)
     if profile.compile.enabled:
         host += COMPILE_WORKER * compile_workers()
     peak_terms = terms.get(peak_phase, {})
@@ -507,7 +521,7 @@ def transfer_bytes(profile: Profile, facts: ModelFacts) -> dict[str, tuple[float
         if n not in facts.components:
             continue
         offload = profile.component(n).offload
-        w = _component_weights(profile.component(n), facts.components[n],
+        w = _component_weights(profile.component(n), _profile_facts(profile, facts)[0][n],
                                 fuse_qkv=profile.compile.fuse_qkv and n in ("transformer", "vae"))
         per_run = "step" if n == "transformer" else "call"
         if isinstance(offload, NoOffload):

@@ -120,6 +120,8 @@ def default_dims(hardware: HardwareInfo, family: str) -> list[Dim]:
         Dim("batch_cfg", (False, True), help="true CFG's two passes as one batch (searched when the base profile "
             "sets generation.negative_prompt)"),
         Dim("transformer.quantize", tuple(quant)),
+        Dim("modulation.cache", (False, True), when=lambda p: family == "qwenimage",
+            help="the blocks' modulation computed once per timestep, its weights off the GPU (Qwen-Image)"),
         Dim("transformer.granularity", ("row", "tensor") if hardware.supports_fp8_rowwise else ("tensor",),
             when=lambda p: _q(p) == "fp8_dynamic"),
         Dim("transformer.keep_sensitive", (0, 1, 2, 4, 8, 16, 32), help="how many of the most quantization-sensitive layer groups "
@@ -311,6 +313,8 @@ class SearchSpace:
                     t["quantize"]["exclude"] = list(ranked[:keep])
         elif params.get("transformer.layerwise_fp8"):
             t["layerwise_casting"] = {"storage": "float8_e4m3fn"}
+        if params.get("modulation.cache"):
+            data["modulation"] = {"cache": True}
         if params.get("transformer.fp16_accumulation"):
             t["dtype"] = "float16"
             data["matmul"] = {"fp16_accumulation": True}

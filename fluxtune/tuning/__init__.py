@@ -29,6 +29,7 @@ from fluxtune.tuning import (  # noqa: F401  (importing registers the handlers)
     layerwise,
     lora,
     matmul,
+    modcache,
     placement,
     precision,
     quantize,
@@ -109,6 +110,7 @@ def irreversible_signature(profile: Profile) -> dict[str, Any]:
         sig[f"{name}.dtype"] = c.dtype
         sig[f"{name}.quantize"] = c.quantize.model_dump() if c.quantize else None
         sig[f"{name}.layerwise_casting"] = c.layerwise_casting.model_dump() if c.layerwise_casting else None
+    sig["modulation"] = profile.modulation.model_dump()
     sig["compile"] = profile.compile.model_dump()
     return sig
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 ALLOCATOR = 5  # process-wide allocator settings, before any weight is cast, quantized or moved
 PRECISION = 10  # cast before quantizing
 FUSE = 20  # fuse QKV before quantizing (quantize_ then fuse raises)
+MODULATION = 22  # modulation weights leave the transformer before LoRA, quantization and placement
 LORA = 25  # load LoRAs; fused ones go into the base weights before quantization
 QUANTIZE = 30
 CASTING = 35  # layerwise fp8 storage (never together with quantize on one component)
@@ -34,7 +35,7 @@ BUDGET = 75  # cap once weights are placed (a pipeline built on the GPU may hold
 COMPILE = 80  # last change to the modules
 GENERATION = 90  # call defaults and guards
 
-IRREVERSIBLE = ("precision", "fuse_qkv", "quantize", "layerwise", "compile")
+IRREVERSIBLE = ("precision", "fuse_qkv", "modulation", "quantize", "layerwise", "compile")
 """Knobs that change weights or traced code in place: a second profile must agree on them."""
 
 
