@@ -42,6 +42,17 @@ def test_modulation_cache_draws_the_same_images_from_one_fill_per_schedule() -> 
     assert (cache.misses, cache.filled) == (2, 8)
 
 
+def test_modulation_cache_in_bfloat16_fills_each_schedule_once() -> None:
+    """The pipeline passes ``t.to(bfloat16) / 1000``: the schedule's embeddings must be made the same way,
+    or every step would miss and fill again."""
+    pipe = pipelines.load("tiny-qwen-image", dtype="bfloat16")
+    fluxtune.apply(CACHED, pipe)
+    cache = pipe.transformer._fluxtune_modulation_cache
+    _draw(pipe)
+    _draw(pipe, 1)
+    assert (cache.misses, cache.filled) == (1, 3)
+
+
 def test_modulation_cache_with_true_cfg_and_quantized_weights() -> None:
     """Both CFG passes of a step read one entry; with the transformer quantized the host copy is float8."""
     prof = {**CACHED, "generation": {**BASE["generation"], "negative_prompt": " "},

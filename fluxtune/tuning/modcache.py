@@ -122,24 +122,25 @@ class ModulationCache:
     def _schedule_embeddings(self, module: Any, temb: torch.Tensor) -> list[torch.Tensor]:
         """The embeddings of the scheduler's other timesteps, through the same embedder and arguments.
 
-        Qwen-Image's pipeline calls the transformer with ``timestep = t / 1000``; where the captured
-        timestep is not one of the scheduler's so divided, only the current embedding is computed."""
+        Qwen-Image's pipeline passes ``t.expand(batch).to(latents.dtype) / 1000``: the candidates are made
+        the same way, so that their embeddings are bit for bit the ones the pipeline will ask for. Where the
+        captured timestep is none of them, only the current embedding is computed."""
         ts = getattr(self.scheduler, "timesteps", None)
-        if ts is None or not self._args or not torch.is_tensor(self._args[0]):
+        current = self._args[0] if self._args else None
+        if ts is None or not torch.is_tensor(current) or current.dim() != 1:
             return []
-        current = self._args[0]
-        schedule = [float(t) / 1000.0 for t in ts.flatten().tolist()]
-        now = float(current.flatten()[0])
-        if not any(abs(now - t) <= 1e-6 * max(1.0, abs(t)) for t in schedule):
+        cands = ts.flatten().to(current.device, torch.float32)[:, None].expand(-1, current.shape[0])
+        cands = cands.to(current.dtype) / 1000
+        same = (cands == current[None]).all(dim=1).tolist()
+        if not any(same):
             return []
         out = []
         self._filling = True
         try:
             with torch.no_grad():
-                for t in schedule:
-                    if abs(t - now) <= 1e-6 * max(1.0, abs(t)):
-                        continue
-                    out.append(module(torch.full_like(current, t), *self._args[1:], **self._kwargs))
+                for row, hit in zip(cands, same, strict=True):
+                    if not hit:
+                        out.append(module(row.clone(), *self._args[1:], **self._kwargs))
         finally:
             self._filling = False
         return [e for e in out if e.shape == temb.shape and e.dtype == temb.dtype]
