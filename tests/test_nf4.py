@@ -101,6 +101,7 @@ def test_nf4_under_regional_compile_compiles_each_block_class_once() -> None:
     it hit the recompile limit and ran the rest eager); the NF4 layers now share their class's forward."""
     from fluxtune.measure.dynamo import DynamoWatch
 
+    torch.compiler.reset()  # another test's compiled Qwen-Image block would count here as a recompile
     pipe = pipelines.load("tiny-qwen-image", dtype="float32")
     prof = {"name": "n", "family": "qwenimage", "generation": {"height": 64, "width": 64, "steps": 2},
             "transformer": {"quantize": "nf4"}, "compile": {"mode": "regional"}}
