@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -46,6 +47,7 @@ from fluxtune.knobs import MagCache, TaylorSeerCache
 if TYPE_CHECKING:
     from fluxtune.gpus import GpuSpec
     from fluxtune.knobs import Generation
+    from fluxtune.memory import ModelFacts
     from fluxtune.profile import Profile
 
 __all__ = [
@@ -557,6 +559,21 @@ def _count_work(model: str, height: int, width: int, batch: int, max_sequence_le
 # ---------------------------------------------------------------------------------------- latency
 
 
+def _without_modulation(w: ComponentWork, facts: ModelFacts) -> ComponentWork:
+    """A step's work with ``modulation.cache`` on: the modulation layers' GEMMs (one row each, counted as
+    reads of their bf16 weights) and their weights' share of any dequantization are gone."""
+    from fluxtune.memory.facts import MODULATION_RE
+
+    t = facts.components.get("transformer")
+    if t is None:
+        return w
+    gone = [leaf for leaf in t.leaves if re.search(MODULATION_RE, leaf.name)]
+    params = float(sum(leaf.params for leaf in gone))
+    return replace(w, other_bytes=max(0.0, w.other_bytes - 2.0 * params),
+                   weight_params=max(0.0, w.weight_params - params), kernels=max(0, w.kernels - len(gone)),
+                   gemm_calls=max(0, w.gemm_calls - len(gone)))
+
+
 def compute_precision(method: str | None, capability: str, *, fp16_accumulate: bool = False) -> str:
     """The precision a quantization method's GEMMs compute in on a capability class.
 
@@ -785,6 +802,8 @@ def predict_latency(
             phases[name] = phase(cw)
             continue
         step_work = tiled_work if tiled_work is not None else cw
+        if profile.modulation.cache:
+            step_work = _without_modulation(step_work, facts)
 
         def transformer_phase(w: ComponentWork, phase: Any = phase) -> PhaseTime:
             # Regional denoising runs every block once per tile (streamed blocks are copied once per tile).
