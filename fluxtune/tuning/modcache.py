@@ -63,15 +63,19 @@ class HostLinear:
     """A Linear layer's weights in host memory: as they are, or float8 with a scale per output row."""
 
     def __init__(self, lin: torch.nn.Linear, fp8: bool) -> None:
-        w = lin.weight.detach().to("cpu")
+        # Quantized where the weight is, then moved: a model built on the GPU takes milliseconds per layer
+        # there, against seconds for float32 passes over 6.8 B weights on the host.
+        w = lin.weight.detach()
         self.dtype, self.out_features = w.dtype, w.shape[0]
         self.bias = None if lin.bias is None else lin.bias.detach().to("cpu")
         self.scale: torch.Tensor | None = None
         if fp8:
-            amax = w.float().abs().amax(dim=1).clamp(min=1e-12)
-            self.scale = amax / torch.finfo(torch.float8_e4m3fn).max
-            w = (w.float() / self.scale[:, None]).to(torch.float8_e4m3fn)
-        self.weight = w
+            # Out of place: a float32 weight's .float() is the layer's own tensor.
+            wf = w.float()
+            scale = wf.abs().amax(dim=1).clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
+            w = (wf / scale[:, None]).to(torch.float8_e4m3fn)
+            self.scale = scale.to("cpu")
+        self.weight = w.to("cpu")
 
     @property
     def nbytes(self) -> int:
