@@ -40,6 +40,26 @@ def test_modulation_cache_draws_the_same_images_from_one_fill_per_schedule() -> 
     # Another step count is another schedule: one more fill, of its 5 steps.
     assert (_draw(plain, num_inference_steps=5) - _draw(pipe, num_inference_steps=5)).abs().max() < 1e-5
     assert (cache.misses, cache.filled) == (2, 8)
+    assert cache.fallbacks == 0
+
+
+def test_a_block_fed_another_embedding_computes_it_and_says_so_once() -> None:
+    """A caller that hands a block some other embedding gets that embedding's modulation (from the host copy),
+    with one warning for the run, not a stale cached row."""
+    from fluxtune.errors import FluxtuneWarning
+
+    pipe = pipelines.load("tiny-qwen-image", dtype="float32")
+    original = pipe.transformer.transformer_blocks[0].img_mod
+    fluxtune.apply(CACHED, pipe)
+    _draw(pipe)
+    cached = pipe.transformer.transformer_blocks[0].img_mod
+    temb = torch.randn(1, original[1].in_features)
+    with pytest.warns(FluxtuneWarning, match="modulation.cache: a block was fed"):
+        out = cached(temb)
+    assert (out - original(temb)).abs().max() < 1e-5
+    cached(temb)
+    cache = pipe.transformer._fluxtune_modulation_cache
+    assert cache.fallbacks == 2
 
 
 def test_modulation_cache_in_bfloat16_fills_each_schedule_once() -> None:

@@ -17,10 +17,12 @@ those layers had on the GPU. Otherwise exact up to the GEMM's rounding.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 
+from fluxtune.errors import FluxtuneWarning
 from fluxtune.tuning.base import MODULATION, Context, Handler, register
 from fluxtune.units import format_bytes
 
@@ -102,7 +104,7 @@ class ModulationCache:
         self.current: torch.Tensor | None = None
         """This step's outputs on the device, [layers, batch, features]."""
         self.temb: torch.Tensor | None = None
-        self.misses = self.filled = 0
+        self.misses = self.filled = self.fallbacks = 0
         self._args: tuple[Any, ...] = ()
         self._kwargs: dict[str, Any] = {}
         self._filling = False
@@ -182,7 +184,13 @@ class CachedModulation(torch.nn.Module):
         if cur is None or cache.temb is None or temb.data_ptr() != cache.temb.data_ptr() or \
                 temb.shape != cache.temb.shape:
             # Fed something other than this step's embedding (a pipeline this was not built for):
-            # compute it here, with the layer's weights copied over.
+            # compute it here, with the layer's weights copied over, and say so once: every step then
+            # copies the layer's weights, slower than keeping them on the GPU.
+            if cache.fallbacks == 0:
+                warnings.warn("modulation.cache: a block was fed an embedding other than this step's timestep "
+                              "embedding; its modulation is computed from the host copy at every call (slow). "
+                              "Drop modulation.cache for this pipeline", FluxtuneWarning, stacklevel=2)
+            cache.fallbacks += 1
             return cache.layers[self.index](temb)
         return cur[self.index]
 
