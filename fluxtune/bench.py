@@ -242,6 +242,7 @@ def run_bench(
     host_ram_budget: int | None = None,
     say: Callable[[str], None] = print,
     session: str | None = None,
+    machine: dict[str, str] | None = None,
 ) -> list[BenchRow]:
     """Run every candidate in a fresh worker process; the first is the quality reference.
 
@@ -262,11 +263,14 @@ def run_bench(
             weights); one the memory model puts above it is not run (status ``no_fit``).
         say: where progress lines go; a profile's also says each warm-up and timed call as it ends.
         session: the workers' session class (``module:Class``); tests swap in one that misbehaves.
+        machine: what the rows were measured on (GPU, emulated card, library versions); a bench.json of
+            another machine is not resumed: its rows would be compared with these as if in one bench.
     """
     from fluxtune.worker import DEFAULT_SESSION, RunOutcome, RunRequest, Worker, WorkerDied, WorkerSpec
 
     folder.mkdir(parents=True, exist_ok=True)
-    meta = {"model": model, "workload": workload, "recipe_workload": recipe_workload or workload, "samples": samples}
+    meta = {"model": model, "workload": workload, "recipe_workload": recipe_workload or workload, "samples": samples,
+            "machine": machine or {}}
     previous = _previous_rows(folder, meta) if resume else {}
     if previous:
         say(f"resuming: {len(previous)} row(s) from {folder / 'bench.json'} kept")
@@ -363,6 +367,13 @@ def run_bench(
 
 
 def _previous_rows(folder: Path, meta: dict[str, Any]) -> dict[str, BenchRow]:
+    """The rows of ``folder``'s bench.json, if it is a bench of the same model, workload and machine.
+
+    Raises:
+        ProfileError: it holds another bench's rows (resuming would mix them in; writing would lose them).
+    """
+    from fluxtune.errors import ProfileError
+
     path = folder / "bench.json"
     if not path.exists():
         return {}
@@ -370,14 +381,27 @@ def _previous_rows(folder: Path, meta: dict[str, Any]) -> dict[str, BenchRow]:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
-    if not isinstance(data, dict) or data.get("meta") != json.loads(json.dumps(meta, default=str)):
+    if not isinstance(data, dict):
         return {}
+    want, have = json.loads(json.dumps(meta, default=str)), data.get("meta") or {}
+    if have != want:
+        if not data.get("rows") and not data.get("earlier_rows"):
+            return {}
+        field = next(k for k in want if have.get(k) != want[k])
+        raise ProfileError(f"--out {folder}: its bench.json holds rows of another bench ({field}: "
+                           f"{_short(have.get(field))} there, {_short(want[field])} here); give another --out, "
+                           "or --fresh to replace them")
     out: dict[str, BenchRow] = {}
     for raw in [*data.get("earlier_rows", []), *data.get("rows", [])]:
         r = BenchRow.from_dict(raw)
         if r.key:  # all of them: a timed-out row is run again, but what it had measured stays until then
             out[r.key] = r
     return out
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str, sort_keys=True)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _write(folder: Path, meta: dict[str, Any], rows: list[BenchRow], previous: dict[str, BenchRow],

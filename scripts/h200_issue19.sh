@@ -25,6 +25,9 @@ emu=(); [ "$card" != none ] && emu=(--emulate "$card")
 # resuming that bench so the preset and the recipe keep their rows (copy docs/results/2026-12-05/session18/
 # qwen-image-16gb-nf4/bench.json to OUTDIR/qwen-image-16gb/ first; predicted 7.43 s emulated, against 22.45 s):
 #   EXTRA="name=qwen-image-16gb-modcache modulation.cache=true" RECIPES=bf16,model
+# ONLY_EXTRA=1 benches the EXTRA profile alone beside the recipes (the candidate's row measured elsewhere), e.g. the
+# modulation.cache run on a fresh machine, its recipe re-timed in the same call (RECIPE_RUNS=3: its spread is wide):
+#   ONLY_EXTRA=1 RECIPE_RUNS=3 EXTRA="name=qwen-image-16gb-modcache modulation.cache=true" RECIPES=bf16,model
 # RUNS=2 times a candidate twice instead of ten times: a speed probe, not a preset's run. (torchao int4 needs no
 # probe any more: scripts/quant_kernels.py measured its kernel at 27x bf16 at a DiT's rows.)
 profiles=("$cand")
@@ -32,7 +35,8 @@ if [ -n "${EXTRA:-}" ]; then
     # shellcheck disable=SC2086
     python3 -m fluxtune show "$cand" $EXTRA > "$out/candidates/$name-extra.yaml" || exit 2
     profiles+=("$out/candidates/$name-extra.yaml")
+    [ "${ONLY_EXTRA:-0}" = 1 ] && profiles=("$out/candidates/$name-extra.yaml")
 fi
 python3 -m fluxtune bench --model "$model" --budget "$budget" "${emu[@]}" --recipes "${RECIPES:-bf16,leaf,block,model}" \
-    --runs "${RUNS:-10}" --recipe-runs 2 --recipe-warmup-steps 2 --recipe-time-box 90 --no-reference --timeout "$limit" \
+    --runs "${RUNS:-10}" --recipe-runs "${RECIPE_RUNS:-2}" --recipe-warmup-steps 2 --recipe-time-box 90 --no-reference --timeout "$limit" \
     --out "$out/$name" "${profiles[@]}" 2>&1 | grep --line-buffered -v -e Warning -e warnings.warn | tee -a "$out/$name.log"

@@ -92,6 +92,16 @@ def test_bench_several_budgets_climbs_caps_skips_certain_misfits_and_resumes(tmp
     again = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert [r["name"] for r in again["earlier_rows"]] == ["int8"]
     assert "int8" not in {r["name"] for r in again["rows"]} and [s["profile"] for s in again["summary"]] == ["int8-b"]
+    # Rows measured on another GPU (or under another card's emulation) are not resumed as this bench's, nor
+    # overwritten: one line, exit 2, the file untouched; --fresh replaces them.
+    assert again["meta"]["machine"]["gpu"] == "cpu" and again["meta"]["machine"]["torch"]
+    again["meta"]["machine"]["gpu"] = "NVIDIA H200"
+    (tmp_path / "b" / "bench.json").write_text(json.dumps(again))
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        assert main(args) == 2
+    assert "holds rows of another bench (machine:" in err.getvalue() and "--fresh" in err.getvalue()
+    assert json.loads((tmp_path / "b" / "bench.json").read_text()) == again
 
 
 def test_bench_rejects_a_profile_budget_outside_the_list_in_one_line(tmp_path: Path) -> None:

@@ -76,6 +76,17 @@ def _positive(name: str, value: int | None) -> None:
         raise ProfileError(f"{name} {value}: must be at least 1")
 
 
+def _machine(hw: Any) -> dict[str, str]:
+    """What a bench's rows are measured on: a resumed bench must be on the same GPU (or emulated card) and
+    library versions."""
+    from fluxtune.hardware import library_versions
+
+    out = {"gpu": hw.gpu_name or "cpu", "emulated_on": hw.emulated_on or ""}
+    versions = library_versions()
+    out.update({k: versions.get(k) or "" for k in ("torch", "diffusers", "torchao")})
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -186,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
         raise ProfileError(f"--samples {args.samples}: use 0 (off) or at least 2, typically a few hundred")
     rows = run_bench(candidates, model=args.model, device=device, workload=workload, folder=folder, dtype=dtype,
                      recipe_workload=recipe_workload, total_timeout_s=total, time_box_s=args.recipe_time_box,
-                     samples=args.samples, resume=not args.fresh,
+                     samples=args.samples, resume=not args.fresh, machine=_machine(hw),
                      host_ram_budget=default_host_budget(hw.host_ram_bytes) if hw.host_ram_bytes else None)
     console = Console(width=200)
     title = f"{args.model}, {device}, {hw.gpu_name or 'cpu'}" + (f" EMULATED on {hw.emulated_on}" if hw.emulated_on else "")
