@@ -4,7 +4,9 @@
 
 BENCHDIR holds ``candidates/NAME.yaml`` and ``NAME/bench.json`` for each candidate. ``NAME=PATH`` reads the
 profile's row from another bench.json (a re-run of the candidate alone, e.g. with less resident, given as
-``--set NAME:KEY=VALUE`` overrides of the candidate) and the recipes' rows still from ``NAME/bench.json``.
+``--set NAME:KEY=VALUE`` overrides of the candidate) and the recipes' rows still from ``NAME/bench.json``;
+``--row NAME:ROW`` takes the profile row named ROW (an A/B profile beside the candidate in one bench). The GPU the
+bench ran on (the H200 or the H100) is read from its bench.json.
 The preset is written to ``profiles/NAME.yaml`` (blocks built as scripts/tier_measured.py builds them): the
 candidate's knobs, a description, and the measurement in the variant the emulated card runs (the base for
 an unemulated run), with the fastest diffusers recipe that fitted the same cap in the same bench. A row
@@ -36,8 +38,9 @@ DESCRIPTIONS = {
     "qwen-image-24gb": "Qwen-Image on 24 GB cards (RTX 4090, 3090): fp8 transformer 18 GB resident, the rest "
                        "streamed; Qwen2.5-VL-7B encoder int8 and streamed; VAE tiled; regional compile",
     "qwen-image-16gb": "Qwen-Image on 16 GB cards (RTX 4080, 4070 Ti Super, 4060 Ti 16GB, 5060 Ti 16GB): fp8 "
-                       "transformer 10.5 GB resident, the rest streamed; Qwen2.5-VL-7B encoder int8 and streamed; "
-                       "VAE tiled; regional compile",
+                       "transformer 10.5 GB resident, the rest streamed; its 120 modulation layers (6.8 B weights) "
+                       "in host memory, their outputs cached per timestep (modulation.cache); Qwen2.5-VL-7B encoder "
+                       "int8 and streamed; VAE tiled; regional compile",
 }
 
 
@@ -62,7 +65,7 @@ def main() -> None:
 
     sys.path.insert(0, str(Path(__file__).parent))
     from family_candidates import CANDIDATES
-    from tier_measured import measured_block, store_block
+    from tier_measured import H200, LAB, measured_block, store_block
 
     from fluxtune.presets import apply_overrides
 
@@ -71,6 +74,7 @@ def main() -> None:
     ap.add_argument("versions", type=Path)
     ap.add_argument("names", nargs="+")
     ap.add_argument("--set", action="append", default=[], metavar="NAME:KEY=VALUE")
+    ap.add_argument("--row", action="append", default=[], metavar="NAME:ROW", help="NAME's measurement is row ROW")
     ap.add_argument("--note", action="append", default=[], metavar="NAME:TEXT", help="appended to NAME's notes")
     ap.add_argument("--date", default=dt.date.today().isoformat())
     ap.add_argument("--out", type=Path, default=Path("profiles"))
@@ -87,13 +91,22 @@ def main() -> None:
         recipes = [r for r in bench_rows if r["kind"] == "recipe"]
         # The candidate's own row (a bench may hold an A/B profile beside it), else its first profile row.
         profiles = [r for r in rows if r["kind"] == "profile"]
-        row = next((r for r in profiles if r["name"] == name), profiles[0])
+        want = next((r.split(":", 1)[1] for r in args.row if r.split(":", 1)[0] == name), name)
+        row = next((r for r in profiles if r["name"] == want), None)
+        if row is None and want != name:
+            raise SystemExit(f"--row {name}:{want}: no profile row {want!r} in {row_path or 'the bench'}; rows: "
+                             f"{', '.join(r['name'] for r in profiles)}")
+        row = row or profiles[0]
+        machine = (json.loads(Path(row_path or args.benchdir / name / "bench.json").read_text()).get("meta") or {}).get(
+            "machine") or {}
+        host = LAB.get(machine.get("emulated_on") or machine.get("gpu") or "", H200)  # benches before 'machine': H200
         gen = cand.get("generation", {})
         block = measured_block(
             row, card=card, model=replica, source="fluxtune bench --baselines", versions=versions, date=args.date,
             workload={k: gen.get(k) for k in ("height", "width", "steps")}, host_rss=True,
             notes="; host RSS is the bench worker's, on the replica built on the GPU (not a save_pretrained load)"
-            + _versus(row, recipes) + "".join(f"; {n.split(':', 1)[1]}" for n in args.note if n.split(":", 1)[0] == name))
+            + _versus(row, recipes) + "".join(f"; {n.split(':', 1)[1]}" for n in args.note if n.split(":", 1)[0] == name),
+            host=host)
         profile = load_profile(cand)
         variant = profile.for_class(find_gpu(card).capability if card != "none" else "hopper").variant
         data = profile.to_dict(exclude_defaults=True)

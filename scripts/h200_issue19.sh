@@ -21,12 +21,9 @@ emu=(); [ "$card" != none ] && emu=(--emulate "$card")
 # Qwen-Image 16 GB's A/B (fp8 streamed, right for a real RTX 4080, against NF4 kept whole, which only the H200's
 # compute favours; README "Qwen-Image at 16 GB"):
 #   EXTRA="name=qwen-image-16gb-nf4 transformer.quantize.method=nf4 transformer.offload=none variants=[]" RECIPES=bf16,model
-# modulation.cache on the same candidate (its resident 10.5 GB unchanged: the peak is in the text encoder's phase),
-# resuming that bench so the preset and the recipe keep their rows (copy docs/results/2026-12-05/session18/
-# qwen-image-16gb-nf4/bench.json to OUTDIR/qwen-image-16gb/ first; predicted 7.43 s emulated, against 22.45 s):
-#   EXTRA="name=qwen-image-16gb-modcache modulation.cache=true" RECIPES=bf16,model
-# ONLY_EXTRA=1 benches the EXTRA profile alone beside the recipes (the candidate's row measured elsewhere), e.g. the
-# modulation.cache run on a fresh machine, its recipe re-timed in the same call (RECIPE_RUNS=3: its spread is wide):
+# modulation.cache (the shipped qwen-image-16gb sets it; docs/results/2026-12-05/session20): ONLY_EXTRA=1 benches
+# the EXTRA profile alone beside the recipes (RECIPE_RUNS=3: the recipe's spread is wide); the same command without
+# ONLY_EXTRA then adds the candidate without the cache to that bench:
 #   ONLY_EXTRA=1 RECIPE_RUNS=3 EXTRA="name=qwen-image-16gb-modcache modulation.cache=true" RECIPES=bf16,model
 # RUNS=2 times a candidate twice instead of ten times: a speed probe, not a preset's run. (torchao int4 needs no
 # probe any more: scripts/quant_kernels.py measured its kernel at 27x bf16 at a DiT's rows.)

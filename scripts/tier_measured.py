@@ -22,14 +22,21 @@ from fluxtune.presets import list_presets, load_profile, save_profile
 
 H200 = HardwareInfo(gpu_index=0, gpu_name="NVIDIA H200", total_memory_bytes=150754820096, compute_capability=(9, 0),
                     driver="580.159.04", cuda_version="13.0", torch_version="2.11.0", host_ram_bytes=0, cpu_count=16)
+H100 = HardwareInfo(gpu_index=0, gpu_name="NVIDIA H100 80GB HBM3", total_memory_bytes=85520809984,
+                    compute_capability=(9, 0), driver="580.159.04", cuda_version="13.0", torch_version="2.11.0",
+                    host_ram_bytes=0, cpu_count=16)
+LAB = {hw.gpu_name: hw for hw in (H200, H100)}
+"""The lent GPUs a bench may have run on, by name (a bench.json's ``meta.machine``)."""
 
 
 def measured_block(row: dict[str, Any], *, card: str, model: str, source: str, versions: dict[str, str], date: str,
-                   workload: dict[str, Any], host_rss: bool = False, notes: str = "") -> dict[str, Any]:
-    """A preset's measured block from one bench row run under ``card``'s emulation ("none": the H200 as it is).
+                   workload: dict[str, Any], host_rss: bool = False, notes: str = "",
+                   host: HardwareInfo = H200) -> dict[str, Any]:
+    """A preset's measured block from one bench row run on ``host`` under ``card``'s emulation ("none": the
+    host as it is).
 
     ``host_rss`` also records the row's peak host RSS; ``notes`` is appended to the generated notes."""
-    hw = H200 if card == "none" else emulated(H200, card)
+    hw = host if card == "none" else emulated(host, card)
     ok = row.get("status") == "ok"
     block: dict[str, Any] = {
         "status": "measured", "source": source + (f' --emulate "{card}"' if card != "none" else ""),
@@ -46,7 +53,8 @@ def measured_block(row: dict[str, Any], *, card: str, model: str, source: str, v
     if host_rss:
         block["peak_host_rss"] = (row.get("extra") or {}).get("host_ram_peak")
     where = (f"the {card} budget" if card != "none" else
-             f"a {row['cap'] / 1e9:g} GB cap on the H200 (no card emulated)" if row.get("cap") else "the H200's memory")
+             f"a {row['cap'] / 1e9:g} GB cap on the {host.gpu_name} (no card emulated)" if row.get("cap") else
+             f"the {host.gpu_name}'s memory")
     block["notes"] = (f"{row.get('generations', 0)} generations back to back under {where}, status {row.get('status')}" + (f": {row.get('error')}" if row.get("error") else "")
                       + (f"; apply {row['apply_s']:.2f} s" if row.get("apply_s") else "") + notes)
     block["emulation"] = emulation_note(hw)
