@@ -82,12 +82,18 @@ def parse_image_size(value: str, *, field: str = "size") -> tuple[int, int]:
 
 
 def parse_duration(text: str, *, field: str = "--timeout") -> float:
-    """'30m' -> 1800.0; '90s', '1.5h', or plain seconds.
+    """'30m' -> 1800.0; '90s', '1.5h', '1h30m', '7m40s', or plain seconds.
 
     Raises:
         ProfileError: with the field, the value and the accepted forms.
     """
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", text or "")
-    if not m:
-        raise ProfileError(f"{field} {text!r} is not a duration; use e.g. 30m, 1h, 90s")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+    unit = {"": 1, "s": 1, "m": 60, "h": 3600}
+    plain = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", text or "")
+    if plain:
+        return float(plain.group(1)) * unit[plain.group(2)]
+    # Compound, largest unit first, each at most once: 1h30m, 7m40s, 1h5m30s.
+    parts = re.fullmatch(r"\s*(?:([0-9]*\.?[0-9]+)h)?\s*(?:([0-9]*\.?[0-9]+)m)?\s*(?:([0-9]*\.?[0-9]+)s)?\s*",
+                         text or "")
+    if not parts or not any(parts.groups()):
+        raise ProfileError(f"{field} {text!r} is not a duration; use e.g. 30m, 1h, 90s, 7m30s")
+    return sum(float(v) * f for v, f in zip(parts.groups(), (3600, 60, 1), strict=True) if v)

@@ -9,7 +9,7 @@ import pytest
 
 from fluxtune.errors import ProfileError
 from fluxtune.profile import Profile, validate_profile
-from fluxtune.units import format_bytes, parse_bytes
+from fluxtune.units import format_bytes, parse_bytes, parse_duration
 
 
 @pytest.mark.parametrize(
@@ -24,6 +24,18 @@ def test_parse_bytes(text, expected):
 def test_parse_bytes_rejects(bad):
     with pytest.raises(ValueError, match="size"):
         parse_bytes(bad)
+
+
+@pytest.mark.parametrize(("text", "expected"), [("30m", 1800), ("90", 90), ("1.5h", 5400), ("7m40s", 460),
+                                              ("1h30m", 5400), ("1h5m30s", 3930)])
+def test_parse_duration(text, expected):
+    assert parse_duration(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "m", "7s40m", "1h1h", "ten minutes", "-5m"])
+def test_parse_duration_rejects_in_one_line_naming_the_field(bad):
+    with pytest.raises(ProfileError, match=r"--timeout .* is not a duration; use e.g. 30m"):
+        parse_duration(bad)
 
 
 def test_format_round_trips_exact_sizes():
