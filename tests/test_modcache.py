@@ -154,3 +154,19 @@ def test_predict_counts_the_modulation_cache() -> None:
     assert after.phases["transformer"].memory_s < before.phases["transformer"].memory_s
     on_card = [predict_latency(p, card, model="qwen-image-replica").total_s for p in (base, cached)]
     assert 0.85 * on_card[0] < on_card[1] < on_card[0]
+
+
+def test_modulation_cache_on_the_user_path_from_a_saved_directory(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``fluxtune.load`` reads a save_pretrained directory straight into the profile's form (the transformer
+    starts on the meta device): the cache's host copy must hold the checkpoint's weights, not meta tensors."""
+    pipelines.load("tiny-qwen-image", dtype="float32").save_pretrained(tmp_path)
+    prof = {**CACHED, "transformer": {"quantize": "int8_weight"}}
+    plain = pipelines.load(str(tmp_path), dtype="float32")
+    fluxtune.apply(prof, plain)
+    loaded = fluxtune.load(str(tmp_path), prof, dtype="float32")
+    cache = loaded.transformer._fluxtune_modulation_cache
+    assert not any(layer.weight.is_meta for layer in cache.layers)
+    mine = plain.transformer._fluxtune_modulation_cache
+    assert all(torch.equal(a.weight.float(), b.weight.float()) for a, b in zip(mine.layers, cache.layers, strict=True))
+    assert (_draw(plain) - _draw(loaded)).abs().max() <= 1e-5
+    assert (cache.misses, cache.fallbacks) == (1, 0)

@@ -64,12 +64,12 @@ def _key(t: torch.Tensor) -> tuple[Any, ...]:
 class HostLinear:
     """A Linear layer's weights in host memory: as they are, or float8 with a scale per output row."""
 
-    def __init__(self, lin: torch.nn.Linear, fp8: bool) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, fp8: bool) -> None:
         # Quantized where the weight is, then moved: a model built on the GPU takes milliseconds per layer
         # there, against seconds for float32 passes over 6.8 B weights on the host.
-        w = lin.weight.detach()
+        w = weight.detach()
         self.dtype, self.out_features = w.dtype, w.shape[0]
-        self.bias = None if lin.bias is None else lin.bias.detach().to("cpu")
+        self.bias = None if bias is None else bias.detach().to("cpu")
         self.scale: torch.Tensor | None = None
         if fp8:
             # Out of place: a float32 weight's .float() is the layer's own tensor.
@@ -195,6 +195,24 @@ class CachedModulation(torch.nn.Module):
         return cur[self.index]
 
 
+def _weights(transformer: Any, name: str, lin: torch.nn.Linear,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A modulation layer's weight and bias; read from the checkpoint where ``fluxtune.load`` left them on the
+    meta device (placement, which reads the rest, never sees these layers), onto ``device`` if it is a GPU."""
+    from fluxtune.tuning.state import weight_plan
+
+    if not lin.weight.is_meta:
+        return lin.weight, lin.bias
+    plan = weight_plan(transformer)
+    assert plan is not None and plan.source is not None, "a meta transformer without a checkpoint to read"
+    from fluxtune.loading.checkpoint import read_tensor
+
+    dev = device if device.type == "cuda" else torch.device("cpu")
+    weight = read_tensor(plan.source, f"{name}.weight", dev).to(lin.weight.dtype)
+    bias = None if lin.bias is None else read_tensor(plan.source, f"{name}.bias", dev).to(lin.bias.dtype)
+    return weight, bias
+
+
 @register
 class ModulationHandler(Handler):
     name = "modulation"
@@ -223,7 +241,8 @@ class ModulationHandler(Handler):
         assert not isinstance(found, str)
         fp8 = ctx.profile.transformer.quantize is not None
         originals = [getattr(block, attr) for block, attr in found]
-        layers = [HostLinear(seq[1], fp8) for seq in originals]
+        names = {id(m): n for n, m in t.named_modules()}
+        layers = [HostLinear(*_weights(t, names[id(seq[1])], seq[1], ctx.device), fp8) for seq in originals]
         params = sum(p.numel() for seq in originals for p in seq.parameters())
         cache = ModulationCache(layers, ctx.device, getattr(ctx.pipe, "scheduler", None))
         for i, (block, attr) in enumerate(found):
