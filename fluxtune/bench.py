@@ -387,9 +387,9 @@ def _previous_rows(folder: Path, meta: dict[str, Any]) -> dict[str, BenchRow]:
     if have != want:
         if not data.get("rows") and not data.get("earlier_rows"):
             return {}
-        field = next(k for k in want if have.get(k) != want[k])
+        field = next(k for k in [*want, *have] if have.get(k) != want.get(k))
         raise ProfileError(f"--out {folder}: its bench.json holds rows of another bench ({field}: "
-                           f"{_short(have.get(field))} there, {_short(want[field])} here); give another --out, "
+                           f"{_short(have.get(field))} there, {_short(want.get(field))} here); give another --out, "
                            "or --fresh to replace them")
     out: dict[str, BenchRow] = {}
     for raw in [*data.get("earlier_rows", []), *data.get("rows", [])]:

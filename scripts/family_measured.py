@@ -44,9 +44,12 @@ DESCRIPTIONS = {
 }
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
+def _bench(path: Path) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """A bench.json's rows and the machine they ran on (empty for benches before it was recorded)."""
     data = json.loads(path.read_text())
-    return list(data["rows"] if isinstance(data, dict) else data)
+    if not isinstance(data, dict):
+        return list(data), {}
+    return list(data["rows"]), (data.get("meta") or {}).get("machine") or {}
 
 
 def _versus(row: dict[str, Any], recipes: list[dict[str, Any]]) -> str:
@@ -86,8 +89,8 @@ def main() -> None:
         cand = yaml.safe_load((args.benchdir / "candidates" / f"{name}.yaml").read_text())
         cand = apply_overrides(cand, [s.split(":", 1)[1] for s in args.set if s.split(":", 1)[0] == name])
         cand["description"] = DESCRIPTIONS[name]
-        bench_rows = _rows(args.benchdir / name / "bench.json")
-        rows = _rows(Path(row_path)) if row_path else bench_rows
+        bench_rows, machine = _bench(args.benchdir / name / "bench.json")
+        rows, machine = _bench(Path(row_path)) if row_path else (bench_rows, machine)
         recipes = [r for r in bench_rows if r["kind"] == "recipe"]
         # The candidate's own row (a bench may hold an A/B profile beside it), else its first profile row.
         profiles = [r for r in rows if r["kind"] == "profile"]
@@ -97,8 +100,6 @@ def main() -> None:
             raise SystemExit(f"--row {name}:{want}: no profile row {want!r} in {row_path or 'the bench'}; rows: "
                              f"{', '.join(r['name'] for r in profiles)}")
         row = row or profiles[0]
-        machine = (json.loads(Path(row_path or args.benchdir / name / "bench.json").read_text()).get("meta") or {}).get(
-            "machine") or {}
         host = LAB.get(machine.get("emulated_on") or machine.get("gpu") or "", H200)  # benches before 'machine': H200
         gen = cand.get("generation", {})
         block = measured_block(

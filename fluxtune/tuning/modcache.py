@@ -199,14 +199,13 @@ def _weights(transformer: Any, name: str, lin: torch.nn.Linear,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A modulation layer's weight and bias; read from the checkpoint where ``fluxtune.load`` left them on the
     meta device (placement, which reads the rest, never sees these layers), onto ``device`` if it is a GPU."""
+    from fluxtune.loading.checkpoint import read_tensor
     from fluxtune.tuning.state import weight_plan
 
     if not lin.weight.is_meta:
         return lin.weight, lin.bias
     plan = weight_plan(transformer)
     assert plan is not None and plan.source is not None, "a meta transformer without a checkpoint to read"
-    from fluxtune.loading.checkpoint import read_tensor
-
     dev = device if device.type == "cuda" else torch.device("cpu")
     weight = read_tensor(plan.source, f"{name}.weight", dev).to(lin.weight.dtype)
     bias = None if lin.bias is None else read_tensor(plan.source, f"{name}.bias", dev).to(lin.bias.dtype)
