@@ -1,6 +1,7 @@
 """modulation.cache on a CUDA device, before a long bench: the tiny Qwen-Image with the 16 GB preset's other
 knobs (fp8, partial residency, regional compile) draws what it draws without the cache, fills once per schedule,
-never falls back, and does not recompile on the second generation.
+never falls back, and does not recompile on the second generation; and on the user's path (``fluxtune.load`` of a
+save_pretrained directory, the layers read from the checkpoint onto the GPU) draws the same images.
 
     python scripts/modcache_gpu_check.py            # prints MODCACHE ok / exits 1
 """
@@ -8,6 +9,7 @@ never falls back, and does not recompile on the second generation.
 from __future__ import annotations
 
 import sys
+import tempfile
 
 import torch
 
@@ -38,6 +40,17 @@ def main() -> int:
     print(f"MODCACHE mean |diff| {diff:.4f}; misses {cache.misses} filled {cache.filled} "
           f"fallbacks {cache.fallbacks}; second call frames {again.frames} recompiles {again.recompiles}")
     ok = diff < 0.05 and (cache.misses, cache.filled, cache.fallbacks) == (1, 4, 0) and again.recompiles == 0
+    with tempfile.TemporaryDirectory() as d:
+        pipelines.load("tiny-qwen-image", dtype="bfloat16").save_pretrained(d)
+        prof = {**BASE, "modulation": {"cache": True}}
+        applied = pipelines.load(d, dtype="bfloat16")
+        fluxtune.apply(prof, applied)
+        loaded = fluxtune.load(d, prof, dtype="bfloat16")
+        user = (draw(applied, 0) - draw(loaded, 0)).abs().mean().item()
+        lc = loaded.transformer._fluxtune_modulation_cache
+        print(f"MODCACHE user path (fluxtune.load): mean |diff| against from_pretrained + apply {user:.4f}; "
+              f"misses {lc.misses} fallbacks {lc.fallbacks}")
+        ok = ok and user < 0.01 and (lc.misses, lc.fallbacks) == (1, 0)
     print("MODCACHE ok" if ok else "MODCACHE FAILED")
     return 0 if ok else 1
 
